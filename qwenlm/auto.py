@@ -1,0 +1,126 @@
+"""Loading a model: resolve the path, choose dtype and device, build, fill with weights.
+
+`AutoModelForCausalLM` / `AutoTokenizer` mirror transformers' names so the original README's
+snippets run with only the import changed; `load()` is the plain API for new code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .generation.config import GenerationConfig
+from .hub import resolve_model
+from .models import QwenCausalLM, build_model
+from .tokenizer import QwenTokenizer
+from .weights.loader import checkpoint_files, load_weights
+
+log = logging.getLogger("qwenlm")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32,
+           "float": torch.float32}
+# transformers-only arguments: accepted and ignored
+_IGNORED = {"trust_remote_code", "resume_download", "revision", "low_cpu_mem_usage", "use_flash_attn",
+            "attn_implementation", "cache_dir", "local_files_only", "token", "use_safetensors",
+            "offload_folder", "max_memory", "use_cache_quantization", "use_cache_kernel"}
+
+
+def resolve_device(device_map: Any = None, device: str | None = None) -> torch.device:
+    """'auto' (or None) -> cuda when available, else cpu; also 'cpu', 'cuda[:N]', {'': dev}."""
+    choice = device if device is not None else device_map
+    if isinstance(choice, dict):
+        values = set(choice.values())
+        if len(values) != 1:
+            raise ValueError("a device_map spreading layers over several devices is not supported; "
+                             "use device_map='auto', 'cpu' or 'cuda'")
+        choice = values.pop()
+    if isinstance(choice, int):
+        choice = f"cuda:{choice}"
+    if choice in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(choice)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available here: use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: Any, device: torch.device, config: ModelConfig) -> torch.dtype:
+    """'auto' follows the original (spec §2.8): a Qwen v1 bf16/fp16/fp32 flag if set, else bf16 on
+    CUDA with bf16 support, fp16 on other CUDA (compute capability >= 7), fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        try:
+            return _DTYPES[str(dtype).replace("torch.", "")]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32") from None
+    flags = [k for k, v in config.precision_flags.items() if v]
+    if len(flags) > 1:
+        raise ValueError(f"config.json sets more than one of bf16/fp16/fp32: {flags}")
+    if flags:
+        wanted = _DTYPES[flags[0]]
+        if device.type == "cpu" and wanted == torch.float16:
+            return torch.float32  # fp16 matmuls on CPU are slow and imprecise
+        return wanted
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    return torch.float32
+
+
+def load_model(path: str, dtype: Any = "auto", device: Any = None) -> QwenCausalLM:
+    """Build the model of a checkpoint directory and load its weights (strictly)."""
+    start = time.perf_counter()
+    config = ModelConfig.from_pretrained(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, config)
+    with torch.device("meta"):
+        model = build_model(config)
+    load_weights(model, checkpoint_files(path), dt, dev)
+    model.generation_config = GenerationConfig.from_pretrained(path)
+    model.name_or_path = path
+    model.eval()
+    log.info("loaded %s (%s, %s on %s) in %.1fs", path, config.arch, dt, dev, time.perf_counter() - start)
+    return model
+
+
+def load(path: str | None = None, dtype: Any = "auto", device: Any = None
+         ) -> tuple[QwenCausalLM, QwenTokenizer]:
+    """`model, tokenizer = qwenlm.load()` — the offline default model when `path` is None;
+    otherwise a checkpoint directory, a .gguf file or a hub id."""
+    local = resolve_model(path)
+    return load_model(local, dtype, device), QwenTokenizer.from_pretrained(local)
+
+
+class AutoModelForCausalLM:
+    """transformers-compatible entry point: `AutoModelForCausalLM.from_pretrained(path, ...)`."""
+
+    @staticmethod
+    def from_pretrained(path: str | None = None, *args: Any, device_map: Any = None,
+                        torch_dtype: Any = None, dtype: Any = None, bf16: bool = False, fp16: bool = False,
+                        fp32: bool = False, device: str | None = None, **kwargs: Any) -> QwenCausalLM:
+        for k in _IGNORED & kwargs.keys():
+            kwargs.pop(k)
+        if kwargs:
+            raise TypeError(f"unexpected argument(s): {', '.join(sorted(kwargs))}")
+        flags = [name for name, on in (("bfloat16", bf16), ("float16", fp16), ("float32", fp32)) if on]
+        if len(flags) > 1:
+            raise ValueError("pass at most one of bf16=True, fp16=True, fp32=True")
+        chosen = dtype if dtype is not None else torch_dtype
+        if flags:
+            chosen = flags[0]
+        return load_model(resolve_model(path), chosen, device if device is not None else device_map)
+
+
+class AutoTokenizer:
+    """transformers-compatible entry point: `AutoTokenizer.from_pretrained(path, ...)`."""
+
+    @staticmethod
+    def from_pretrained(path: str | None = None, *args: Any, **kwargs: Any) -> QwenTokenizer:
+        return QwenTokenizer.from_pretrained(resolve_model(path), **kwargs)

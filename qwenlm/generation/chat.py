@@ -1,0 +1,120 @@
+"""`chat()` / `chat_stream()` / `generate()` with the original's signatures, over the reference
+generation loop. The nn.Module only forwards to these (see `GenerationMixin`)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator
+
+import torch
+
+from ..tokenizer.chatml import BAD_CHAT_FORMAT, History, make_context, reply_ids
+from .config import GenerationConfig
+from .generate import StopChecker, generate, prompts_from_tensor, stream_text
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def _config(model, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+    cfg = generation_config or getattr(model, "generation_config", None) or GenerationConfig()
+    kwargs = {k: v for k, v in kwargs.items() if k not in _IGNORED}
+    return cfg.update(**kwargs)
+
+
+# transformers `generate` arguments that have no meaning here
+_IGNORED = {"return_dict_in_generate", "output_scores", "logits_processor", "streamer", "use_cache",
+            "num_beams", "early_stopping"}
+
+
+def _chat_setup(model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs):
+    cfg = _config(model, generation_config, kwargs)
+    if cfg.chat_format != "chatml":
+        raise ValueError(BAD_CHAT_FORMAT)
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a str, not {type(query).__name__}")
+    raw_text, context = make_context(tokenizer, query, history=history, system=system,
+                                     max_window_size=cfg.max_window_size, chat_format="chatml")
+    # the caller's list is copied, never extended (the original mutated it)
+    cfg.stop_words_ids = list(cfg.stop_words_ids or []) + list(stop_words_ids or [])
+    control = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
+    return cfg, context, control
+
+
+def chat(model, tokenizer, query: str, history: History | None = None,
+         system: str = DEFAULT_SYSTEM, stop_words_ids: list[list[int]] | None = None,
+         generation_config: GenerationConfig | None = None, **kwargs: Any) -> tuple[str, History]:
+    """One chat turn: returns `(response, history + [(query, response)])`; history is copied."""
+    if "stream" in kwargs:
+        raise ValueError("chat(stream=...) is not supported: use model.chat_stream(...) instead")
+    cfg, context, control = _chat_setup(model, tokenizer, query, history, system, stop_words_ids,
+                                        generation_config, kwargs)
+    stop = StopChecker(cfg, control, tokenizer)
+    new = generate(model, [context], cfg, stop, vocab_limit=tokenizer.id_limit)[0]
+    text = tokenizer.decode(reply_ids(new, set(control) | set(cfg.eos_ids())), errors="replace")
+    response = _cut_stop_strings(text, cfg.stop).strip()
+    history = copy.deepcopy(history) if history else []
+    history.append((query, response))
+    return response, history
+
+
+def chat_stream(model, tokenizer, query: str, history: History | None = None,
+                system: str = DEFAULT_SYSTEM, stop_words_ids: list[list[int]] | None = None,
+                generation_config: GenerationConfig | None = None, **kwargs: Any) -> Iterator[str]:
+    """Yield the cumulative response text, like the original; history is neither copied nor
+    appended (the caller appends)."""
+    kwargs.pop("logits_processor", None)
+    cfg, context, control = _chat_setup(model, tokenizer, query, history, system, stop_words_ids,
+                                        generation_config, kwargs)
+    text = ""
+    for delta in stream_text(model, tokenizer, context, cfg, control):
+        text += delta
+        yield text
+
+
+def _cut_stop_strings(text: str, stops: list[str] | None) -> str:
+    cut = min((i for i in (text.find(s) for s in (stops or []) if s) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def hf_generate(model, input_ids, attention_mask=None, generation_config: GenerationConfig | None = None,
+                stop_words_ids: list[list[int]] | None = None, tokenizer=None, **kwargs: Any) -> torch.Tensor:
+    """transformers-style `generate`: (B, T) prompt -> (B, T + new) with pad after a row ends.
+    Rows are re-padded on the left (the prompt part keeps the input's width)."""
+    if kwargs.pop("max_length", None) is not None and "max_new_tokens" not in kwargs:
+        raise ValueError("max_length is not supported: pass max_new_tokens")
+    cfg = _config(model, generation_config, kwargs)
+    if stop_words_ids:
+        cfg.stop_words_ids = list(cfg.stop_words_ids or []) + list(stop_words_ids)
+    prompts = prompts_from_tensor(input_ids, attention_mask)
+    stop = StopChecker(cfg, (), tokenizer)
+    limit = tokenizer.id_limit if tokenizer is not None else None
+    rows = generate(model, prompts, cfg, stop, vocab_limit=limit)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    width = max(len(p) for p in prompts)
+    new_w = max(len(r) for r in rows)
+    out = torch.full((len(prompts), width + new_w), pad, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        out[i, width - len(p):width] = torch.tensor(p)
+        if r:
+            out[i, width:width + len(r)] = torch.tensor(r)
+    device = input_ids.device if isinstance(input_ids, torch.Tensor) else model.device
+    return out.to(device)
+
+
+class GenerationMixin:
+    """The original's methods on the model object, forwarding to the functions above."""
+
+    generation_config: GenerationConfig
+
+    def chat(self, tokenizer, query: str, history: History | None = None,
+             system: str = DEFAULT_SYSTEM, **kwargs: Any) -> tuple[str, History]:
+        return chat(self, tokenizer, query, history, system, **kwargs)
+
+    def chat_stream(self, tokenizer, query: str, history: History | None = None,
+                    system: str = DEFAULT_SYSTEM, **kwargs: Any) -> Iterator[str]:
+        return chat_stream(self, tokenizer, query, history, system, **kwargs)
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs: Any) -> torch.Tensor:
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs")
+        return hf_generate(self, input_ids, attention_mask, **kwargs)

@@ -1,0 +1,178 @@
+"""The reference generation loop: token ids in, token ids out, one step at a time.
+
+Kept simple on purpose: it is the oracle that faster engines must match token for token.
+Layers: `generate_steps` (ids per step, batched, left-padded) -> `generate` (a tensor like
+transformers' `generate`) and `stream_text` (text deltas that never split a character and never
+show a stop string).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator, Sequence
+
+import torch
+
+from ..tokenizer.stream import StreamDecoder
+from .config import GenerationConfig
+from .sampling import next_tokens
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def prompts_from_tensor(input_ids, attention_mask=None) -> list[list[int]]:
+    """Rows of a (B, T) tensor or nested list, dropping masked (padding) positions."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        rows = input_ids.tolist()
+    else:
+        rows = [list(input_ids)] if input_ids and isinstance(input_ids[0], int) else [list(r) for r in input_ids]
+    if attention_mask is not None:
+        masks = attention_mask.tolist() if isinstance(attention_mask, torch.Tensor) else attention_mask
+        if masks and isinstance(masks[0], int):
+            masks = [masks]
+        rows = [[t for t, m in zip(r, mk) if m] for r, mk in zip(rows, masks)]
+    return rows
+
+
+class StopChecker:
+    """Decides when a row is done: stop token ids, stop token sequences, stop strings."""
+
+    def __init__(self, cfg: GenerationConfig, extra_stop_ids: Sequence[int] = (), tokenizer=None):
+        self.ids = set(cfg.eos_ids()) | set(extra_stop_ids)
+        self.sequences = [list(s) for s in (cfg.stop_words_ids or []) if s]
+        self.strings = [s.encode("utf-8") for s in (cfg.stop or []) if s]
+        if self.strings and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.tokenizer = tokenizer
+
+    def done(self, generated: list[int]) -> bool:
+        last = generated[-1]
+        if last in self.ids:
+            return True
+        for seq in self.sequences:
+            if generated[-len(seq):] == seq:
+                return True
+        if self.strings:
+            # every token is >= 1 byte, so the last len(s)+1 tokens hold any match ending now
+            n = max(len(s) for s in self.strings) + 1
+            tail = b"".join(self.tokenizer.decode_bytes(t) for t in generated[-n:])
+            return any(s in tail for s in self.strings)
+        return False
+
+
+def make_generator(seed: int | None, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed if seed is not None else random.randrange(2**63))
+    return g
+
+
+@torch.inference_mode()
+def generate_steps(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+                   stop: StopChecker | None = None, vocab_limit: int | None = None
+                   ) -> Iterator[list[int | None]]:
+    """Yield, per decoding step, each row's new token (None once that row has finished)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    stop = stop or StopChecker(cfg)
+    device = model.device
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    ids, mask = left_pad(prompts, pad, device)
+    b = len(prompts)
+    vocab = model.config.vocab_size
+    seen = torch.zeros((b, vocab), dtype=torch.bool, device=device)
+    if cfg.repetition_penalty != 1.0:
+        seen.scatter_(1, ids, mask.bool())
+    generator = make_generator(cfg.seed, device)
+    generated: list[list[int]] = [[] for _ in range(b)]
+    finished = [False] * b
+    out = model(ids, attention_mask=mask, use_cache=True)
+    for _ in range(cfg.max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if vocab_limit is not None and vocab_limit < vocab:
+            logits[:, vocab_limit:] = float("-inf")
+        tokens = next_tokens(logits, seen, cfg, generator).tolist()
+        step: list[int | None] = []
+        for i, t in enumerate(tokens):
+            if finished[i]:
+                step.append(None)
+                continue
+            generated[i].append(t)
+            step.append(t)
+            finished[i] = stop.done(generated[i])
+        yield step
+        if all(finished):
+            return
+        nxt = torch.tensor([t if t is not None else pad for t in step], device=device)
+        seen[torch.arange(b, device=device), nxt] = True
+        mask = torch.cat((mask, torch.ones((b, 1), dtype=mask.dtype, device=device)), dim=1)
+        out = model(nxt[:, None], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+
+
+def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+             stop: StopChecker | None = None, vocab_limit: int | None = None) -> list[list[int]]:
+    """New token ids of each row (stop token included, like transformers)."""
+    rows: list[list[int]] = [[] for _ in prompts]
+    for step in generate_steps(model, prompts, cfg, stop, vocab_limit):
+        for i, t in enumerate(step):
+            if t is not None:
+                rows[i].append(t)
+    return rows
+
+
+def stream_text(model, tokenizer, prompt: Sequence[int], cfg: GenerationConfig,
+                extra_stop_ids: Sequence[int] = (), skip_special_tokens: bool = True,
+                on_token=None) -> Iterator[str]:
+    """Text deltas of one completion. Control/stop tokens end the text; a stop string is cut off
+    and never shown, even in part (text that might start one is held back until it cannot)."""
+    stop = StopChecker(cfg, extra_stop_ids, tokenizer)
+    end_ids = stop.ids
+    dec = StreamDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
+    strings = [s for s in (cfg.stop or []) if s]
+    pending = ""
+    for step in generate_steps(model, [prompt], cfg, stop, vocab_limit=tokenizer.id_limit):
+        t = step[0]
+        if t is None:
+            break
+        if on_token is not None:
+            on_token(t)
+        if t in end_ids:
+            break
+        pending += dec.put(t)
+        pending, emit, hit = _split_on_stop(pending, strings)
+        if emit:
+            yield emit
+        if hit:
+            return
+    pending += dec.flush()
+    pending, emit, _ = _split_on_stop(pending, strings, final=True)
+    if emit:
+        yield emit
+
+
+def _split_on_stop(text: str, strings: list[str], final: bool = False) -> tuple[str, str, bool]:
+    """-> (kept back, safe to emit, stop string found)."""
+    if not strings:
+        return "", text, False
+    cut = min((i for i in (text.find(s) for s in strings) if i >= 0), default=-1)
+    if cut >= 0:
+        return "", text[:cut], True
+    if final:
+        return "", text, False
+    hold = 0
+    for s in strings:  # longest suffix of text that is a prefix of a stop string
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return text[len(text) - hold:], text[:len(text) - hold], False

@@ -1,0 +1,116 @@
+"""The forward skeleton shared by the architecture files: positions, masks, NTK/LogN, logits.
+
+An architecture subclass builds its modules with the checkpoint's own names and provides
+`embed`, `blocks`, `final_norm` and `lm_head`; this class owns everything around the blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..generation.chat import GenerationMixin
+from ..generation.config import GenerationConfig
+from .layers import ForwardContext, KVCache, attention_mask_4d, logn_scale, ntk_alpha, rotary_cos_sin
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    past_key_values: KVCache | None = None
+    loss: torch.Tensor | None = None
+
+    def __getitem__(self, i):
+        return (self.logits, self.past_key_values)[i] if self.loss is None else (
+            self.loss, self.logits, self.past_key_values)[i]
+
+
+class QwenCausalLM(GenerationMixin, nn.Module):
+    """Base of the architecture classes. `forward(input_ids, attention_mask=None, ...)`."""
+
+    config: ModelConfig
+
+    def __init__(self, config: ModelConfig, use_dynamic_ntk: bool, use_logn_attn: bool):
+        super().__init__()
+        self.config = config
+        self.use_dynamic_ntk = use_dynamic_ntk
+        self.use_logn_attn = use_logn_attn
+        self.generation_config = GenerationConfig()
+
+    # provided by subclasses
+    embed: nn.Embedding
+    blocks: nn.ModuleList
+    final_norm: nn.Module
+    lm_head: nn.Linear
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.blocks))
+
+    def _context(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                 b: int, t: int, cache: KVCache | None, device) -> ForwardContext:
+        cfg = self.config
+        past = cache.seq_len if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape[1] != past + t:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, "
+                             f"expected past ({past}) + new ({t})")
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if position_ids is None:
+            if padded:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + t, device=device).expand(b, -1)
+        alphas = None
+        if self.use_dynamic_ntk and not self.training:
+            if cache is not None and cache.ntk_alphas is not None and past > 0:
+                alphas = cache.ntk_alphas  # frozen at prefill, like the original
+            else:
+                lengths = attention_mask.sum(-1).tolist() if attention_mask is not None else [past + t] * b
+                alphas = torch.tensor([float(ntk_alpha(n, cfg.seq_length)) if n > cfg.seq_length else 1.0
+                                       for n in lengths])
+                if cache is not None:
+                    cache.ntk_alphas = alphas
+            if bool((alphas == 1).all()):
+                alphas = None
+        cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, alphas)
+        logn = None
+        if self.use_logn_attn and not self.training and int(position_ids.max()) + 1 > cfg.seq_length:
+            logn = logn_scale(position_ids, cfg.seq_length)
+        mask = None
+        if padded or (past > 0 and t > 1):
+            valid = attention_mask if attention_mask is not None else torch.ones(b, past + t, device=device)
+            mask = attention_mask_4d(valid.to(device), t)
+        return ForwardContext(cos=cos, sin=sin, logn=logn, mask=mask, cache=cache)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                **ignored) -> CausalLMOutput:
+        """input_ids (B, T); attention_mask (B, past+T) of 1/0; returns logits (B, T, V)."""
+        b, t = input_ids.shape
+        cache = past_key_values if past_key_values is not None else (self.new_cache() if use_cache else None)
+        ctx = self._context(attention_mask, position_ids, b, t, cache, input_ids.device)
+        h = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            h = block(h, ctx, i)
+        logits = self.lm_head(self.final_norm(h))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        return CausalLMOutput(logits=logits, past_key_values=cache, loss=loss)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype

@@ -1,0 +1,135 @@
+"""The math shared by every Qwen architecture: RMSNorm, rotary embedding with dynamic NTK, LogN
+query scaling, the attention call, the KV cache and the per-forward context.
+
+Nothing here reads a config flag at run time: the architecture files decide what to pass.
+
+Deliberate choices about the original's quirks (spec §7), documented in docs/behaviour.md:
+* positions come from the attention mask (pad tokens take no position), so a left-padded row
+  computes exactly what it computes alone — the original used the index in the padded batch;
+* the dynamic-NTK alpha is chosen at prefill from each row's true length and kept for the rest
+  of the generation, as the original does (the cached keys were rotated with it);
+* LogN is computed from its formula, so there is no 32,767-position limit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, cast back *before* the gain, like both originals
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def ntk_alpha(length: int, seq_length: int) -> float:
+    """Qwen's dynamic-NTK alpha: 2**ceil(log2(L/S) + 1) - 1, at least 1."""
+    context_value = math.log(length / seq_length, 2) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """LogN factor for the query at 0-based position p: log_S(p+1) beyond S, else 1."""
+    p1 = (positions + 1).double()
+    return torch.where(p1 > seq_length, torch.log(p1) / math.log(seq_length), torch.ones_like(p1)).float()
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float,
+                   alphas: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, T, D) in fp32 for integer positions (B, T); `alphas` (B,) scale the base."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
+    if alphas is None:
+        inv_freq = (1.0 / base ** exponent).expand(positions.shape[0], -1)  # (B, D/2)
+    else:
+        bases = base * alphas.double() ** (head_dim / (head_dim - 2))
+        inv_freq = torch.stack([1.0 / float(b) ** exponent for b in bases.tolist()])
+    freqs = positions.float()[..., None] * inv_freq[:, None, :]  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX-style (rotate-half) rotary on x (B, H, T, D), computed in fp32."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+class KVCache:
+    """Per-layer keys/values (B, H_kv, S, D), grown by concatenation: the simple reference cache."""
+
+    def __init__(self, num_layers: int):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.ntk_alphas: torch.Tensor | None = None  # frozen at prefill
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layers[i] is not None:
+            k = torch.cat((self.layers[i][0], k), dim=2)
+            v = torch.cat((self.layers[i][1], v), dim=2)
+        self.layers[i] = (k, v)
+        return k, v
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (used when finished sequences leave the batch)."""
+        self.layers = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.layers]
+        if self.ntk_alphas is not None:
+            self.ntk_alphas = self.ntk_alphas[rows]
+
+
+@dataclass
+class ForwardContext:
+    """What every attention layer of one forward call shares."""
+
+    cos: torch.Tensor  # (B, T, D) fp32
+    sin: torch.Tensor
+    logn: torch.Tensor | None  # (B, T) fp32, or None when inactive
+    mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None = plain causal
+    cache: KVCache | None
+
+
+def attention_mask_4d(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """(B, S) validity of keys -> (B, 1, T, S) causal mask for the last T queries."""
+    s = key_valid.shape[1]
+    q_pos = torch.arange(s - q_len, s, device=key_valid.device)[:, None]
+    causal = torch.arange(s, device=key_valid.device)[None, :] <= q_pos  # (T, S)
+    mask = causal[None] & key_valid[:, None, :].bool()
+    # a padding query sees no valid key; let it see itself so softmax stays finite (its output is unused)
+    mask |= (torch.arange(s, device=key_valid.device)[None, :] == q_pos)[None]
+    return mask[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
+           layer: int) -> torch.Tensor:
+    """q (B, H, T, D), k/v (B, H_kv, T, D) -> (B, T, H*D): rotary, LogN, cache, SDPA."""
+    q = apply_rotary(q, ctx.cos, ctx.sin)
+    k = apply_rotary(k, ctx.cos, ctx.sin)
+    if ctx.logn is not None:
+        q = (q.float() * ctx.logn[:, None, :, None]).to(q.dtype)
+    if ctx.cache is not None:
+        k, v = ctx.cache.update(layer, k, v)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if ctx.mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
+    b, h, t, d = out.shape
+    return out.transpose(1, 2).reshape(b, t, h * d)

@@ -1,0 +1,83 @@
+"""Qwen1.5 / Qwen2 / Qwen2.5 (`Qwen2ForCausalLM`) with the checkpoint's own module names.
+
+Separate q/k/v projections with bias, grouped-query attention, optional tied embeddings,
+plain rotary embedding with `rope_theta`.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .base import QwenCausalLM
+from .layers import ForwardContext, RMSNorm, attend
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, cfg.num_heads * cfg.head_dim, bias=True)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * cfg.head_dim, bias=True)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * cfg.head_dim, bias=True)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, h, bias=False)
+
+    def forward(self, x, ctx: ForwardContext, layer: int):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        return self.o_proj(attend(q, k, v, ctx, layer))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.self_attn = Qwen2Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = Qwen2MLP(cfg)
+
+    def forward(self, h, ctx: ForwardContext, layer: int):
+        h = h + self.self_attn(self.input_layernorm(h), ctx, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+
+
+class Qwen2ForCausalLM(QwenCausalLM):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, use_dynamic_ntk=False, use_logn_attn=False)
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def embed(self):
+        return self.model.embed_tokens
+
+    @property
+    def blocks(self):
+        return self.model.layers
+
+    @property
+    def final_norm(self):
+        return self.model.norm
