@@ -1,0 +1,29 @@
+# Set-up and everyday commands. `make chat` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup chat test test-fast clean
+
+setup: $(STAMP)
+
+# torch first and pinned: left to pip's resolver it would pull a multi-GB CUDA build
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+chat: setup            ## chat with the offline default model
+	$(BIN)/qwen chat
+
+test: setup            ## the whole test suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: setup       ## without the tests that need the real default model
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

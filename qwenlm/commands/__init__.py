@@ -1,0 +1,1 @@
+"""One module per `qwen` command, plus the options they share."""

@@ -1,0 +1,39 @@
+"""Options shared by the commands that load a model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", "-c", "--checkpoint-path", dest="model", default=None,
+                   help="checkpoint directory, .gguf file or hub id (default: the offline default model)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    p.add_argument("--cpu-only", action="store_true", help="same as --device cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (default: the model's generation_config.json)")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--greedy", action="store_true", help="always pick the most likely token")
+    g.add_argument("--seed", type=int, help="random seed for sampling")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    out = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k",
+                                          "repetition_penalty", "seed")}
+    if args.greedy:
+        out["do_sample"] = False
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def load_from_args(args: argparse.Namespace):
+    from ..auto import load
+
+    device = "cpu" if args.cpu_only else args.device
+    return load(args.model, dtype=args.dtype, device=device)

@@ -1,0 +1,109 @@
+"""Tiny random checkpoints written in the original layouts, for tests (no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+
+def v1_config(vocab=1000, hidden=64, layers=2, heads=4, mlp=96, seq_length=4096, **kw) -> dict:
+    cfg = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "vocab_size": vocab,
+           "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "kv_channels": hidden // heads, "intermediate_size": 2 * mlp, "rotary_pct": 1.0,
+           "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6, "seq_length": seq_length,
+           "max_position_embeddings": 32768, "use_dynamic_ntk": True, "use_logn_attn": True,
+           "no_bias": True, "tie_word_embeddings": False, "bf16": False, "fp16": False, "fp32": False}
+    cfg.update(kw)
+    return cfg
+
+
+def v1_state_dict(cfg: dict, seed: int = 0, std: float = 0.15) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h, v, m = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"] // 2
+
+    def r(*shape, s=std):
+        return torch.randn(*shape, generator=g) * s
+
+    sd = {"transformer.wte.weight": r(v, h, s=1.0), "transformer.ln_f.weight": 1 + r(h, s=0.1),
+          "lm_head.weight": r(v, h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"transformer.h.{i}."
+        sd.update({p + "ln_1.weight": 1 + r(h, s=0.1), p + "ln_2.weight": 1 + r(h, s=0.1),
+                   p + "attn.c_attn.weight": r(3 * h, h), p + "attn.c_attn.bias": r(3 * h),
+                   p + "attn.c_proj.weight": r(h, h), p + "mlp.w1.weight": r(m, h),
+                   p + "mlp.w2.weight": r(m, h), p + "mlp.c_proj.weight": r(h, m)})
+    return sd
+
+
+def write_checkpoint(path: str, config: dict, state: dict[str, torch.Tensor],
+                     generation_config: dict | None = None, shards: int = 1) -> str:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    if generation_config is not None:
+        with open(os.path.join(path, "generation_config.json"), "w") as f:
+            json.dump(generation_config, f)
+    names = sorted(state)
+    if shards == 1:
+        save_file({k: state[k].contiguous() for k in names}, os.path.join(path, "model.safetensors"))
+        return path
+    weight_map = {}
+    for s in range(shards):
+        part = names[s::shards]
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: state[k].contiguous() for k in part}, os.path.join(path, fname))
+        weight_map.update({k: fname for k in part})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return path
+
+
+def v1_to_qwen2(cfg: dict, sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """The same network in transformers' Qwen2 names (valid while NTK/LogN are inactive)."""
+    h = cfg["hidden_size"]
+    q2cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": cfg["vocab_size"],
+             "hidden_size": h, "intermediate_size": cfg["intermediate_size"] // 2,
+             "num_hidden_layers": cfg["num_hidden_layers"], "num_attention_heads": cfg["num_attention_heads"],
+             "num_key_value_heads": cfg["num_attention_heads"], "rms_norm_eps": cfg["layer_norm_epsilon"],
+             "rope_theta": float(cfg["rotary_emb_base"]), "max_position_embeddings": 32768,
+             "tie_word_embeddings": False, "hidden_act": "silu"}
+    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"], "model.norm.weight": sd["transformer.ln_f.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(cfg["num_hidden_layers"]):
+        p, q = f"transformer.h.{i}.", f"model.layers.{i}."
+        wq, wk, wv = sd[p + "attn.c_attn.weight"].split(h)
+        bq, bk, bv = sd[p + "attn.c_attn.bias"].split(h)
+        out.update({q + "input_layernorm.weight": sd[p + "ln_1.weight"],
+                    q + "post_attention_layernorm.weight": sd[p + "ln_2.weight"],
+                    q + "self_attn.q_proj.weight": wq, q + "self_attn.k_proj.weight": wk,
+                    q + "self_attn.v_proj.weight": wv, q + "self_attn.q_proj.bias": bq,
+                    q + "self_attn.k_proj.bias": bk, q + "self_attn.v_proj.bias": bv,
+                    q + "self_attn.o_proj.weight": sd[p + "attn.c_proj.weight"],
+                    q + "mlp.gate_proj.weight": sd[p + "mlp.w2.weight"],
+                    q + "mlp.up_proj.weight": sd[p + "mlp.w1.weight"],
+                    q + "mlp.down_proj.weight": sd[p + "mlp.c_proj.weight"]})
+    return q2cfg, out
+
+
+def tiny_hf_qwen2(path: str, vocab=1000, hidden=64, layers=2, heads=4, kv_heads=2, mlp=96,
+                  tie=False, seed=0) -> str:
+    """A random transformers Qwen2ForCausalLM saved with save_pretrained."""
+    import transformers
+
+    cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp,
+                                   num_hidden_layers=layers, num_attention_heads=heads,
+                                   num_key_value_heads=kv_heads, tie_word_embeddings=tie,
+                                   max_position_embeddings=4096, rope_theta=10000.0)
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    with torch.no_grad():  # larger than the 0.02 init, so that logits actually differ between tokens
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+            else:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return path
