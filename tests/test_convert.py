@@ -1,0 +1,157 @@
+"""GGUF import: synthetic qwen2 and qwen GGUFs written with the `gguf` package, converted by
+`qwen convert`, compared with the weights they came from; damaged files give one clear error."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter
+from gguf.quants import dequantize, quantize
+
+from helpers import v1_config, v1_state_dict, write_checkpoint
+from qwenlm import QwenTokenizer, load_model
+from qwenlm.cli import main
+from qwenlm.tokenizer.vocab import byte_encoder
+from qwenlm.weights.convert import convert_gguf
+from qwenlm.weights.gguf import GGUFError
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+H, FF, LAYERS, HEADS, KV = 64, 96, 2, 4, 2
+
+
+def _vocab():
+    enc = byte_encoder()
+    tokens = [enc[b] for b in range(256)] + ["Ġt", "he", "Ġthe"] + SPECIALS
+    types = [1] * 259 + [3, 3, 3]
+    merges = ["Ġ t", "h e", "Ġt he"]
+    return tokens, types, merges
+
+
+def _write_gguf(path, arch, tensors: dict[str, np.ndarray], quant: dict[str, Q], extra=None):
+    w = GGUFWriter(path, arch)
+    w.add_block_count(LAYERS)
+    w.add_context_length(4096)
+    w.add_embedding_length(H)
+    w.add_feed_forward_length(FF if arch == "qwen2" else 2 * FF)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV if arch == "qwen2" else HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    tokens, types, merges = _vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(259)
+    w.add_eos_token_id(261)
+    w.add_pad_token_id(259)
+    w.add_chat_template("{{ chatml }}")
+    for name, arr in tensors.items():
+        qt = quant.get(name, Q.F32)
+        if qt == Q.F32:
+            w.add_tensor(name, arr.astype(np.float32))
+        else:
+            w.add_tensor(name, quantize(arr.astype(np.float32), qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _qwen2_tensors(seed=0):
+    g = np.random.default_rng(seed)
+    V = 272  # embedding rows beyond the 262 tokens are padding, as in real checkpoints
+    r = lambda *s: (g.standard_normal(s) * 0.2).astype(np.float32)  # noqa: E731
+    t = {"token_embd.weight": r(V, H), "output_norm.weight": 1 + r(H), "output.weight": r(V, H)}
+    for i in range(LAYERS):
+        b = f"blk.{i}."
+        t.update({b + "attn_norm.weight": 1 + r(H), b + "ffn_norm.weight": 1 + r(H),
+                  b + "attn_q.weight": r(H, H), b + "attn_q.bias": r(H),
+                  b + "attn_k.weight": r(KV * 16, H), b + "attn_k.bias": r(KV * 16),
+                  b + "attn_v.weight": r(KV * 16, H), b + "attn_v.bias": r(KV * 16),
+                  b + "attn_output.weight": r(H, H), b + "ffn_gate.weight": r(FF, H),
+                  b + "ffn_up.weight": r(FF, H), b + "ffn_down.weight": r(H, FF)})
+    return t
+
+
+QUANT = {"token_embd.weight": Q.Q8_0, "output.weight": Q.F16, "blk.0.attn_q.weight": Q.Q4_0,
+         "blk.0.ffn_gate.weight": Q.Q5_0, "blk.1.ffn_up.weight": Q.BF16, "blk.1.attn_output.weight": Q.Q8_0}
+
+
+def test_convert_qwen2_gguf(tmp_path):
+    tensors = _qwen2_tensors()
+    src = _write_gguf(str(tmp_path / "m.gguf"), "qwen2", tensors, QUANT)
+    out = str(tmp_path / "out")
+    assert main(["convert", src, out, "--no-progress"]) == 0
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["model_type"] == "qwen2" and cfg["num_key_value_heads"] == KV and cfg["intermediate_size"] == FF
+    model = load_model(out, dtype="float32")
+    sd = model.state_dict()
+    names = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
+             "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
+             "blk.0.ffn_gate.weight": "model.layers.0.mlp.gate_proj.weight",
+             "blk.1.ffn_up.weight": "model.layers.1.mlp.up_proj.weight",
+             "blk.1.attn_output.weight": "model.layers.1.self_attn.o_proj.weight",
+             "blk.1.attn_k.bias": "model.layers.1.self_attn.k_proj.bias"}
+    for g, ours in names.items():
+        want = tensors[g]
+        if g in QUANT and QUANT[g] != Q.F32:
+            want = dequantize(quantize(want, QUANT[g]), QUANT[g]).reshape(want.shape)
+        np.testing.assert_array_equal(sd[ours].numpy(), want)
+    tok = QwenTokenizer.from_pretrained(out)
+    assert tok.encode(" the") == [258] and tok.encode("<|im_end|>") == [261] and len(tok) == 262
+    assert tok.eos_token == "<|im_end|>"
+    gen = json.load(open(os.path.join(out, "generation_config.json")))
+    assert gen["chat_format"] == "chatml"
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 272)
+
+
+def test_convert_qwen_v1_gguf_matches_checkpoint(tmp_path):
+    """A `qwen`-architecture GGUF (fused qkv, ffn_gate = w2) converts back to the v1 layout."""
+    cfg = v1_config(vocab=265, hidden=H, layers=LAYERS, heads=HEADS, mlp=FF)
+    sd = v1_state_dict(cfg, seed=1)
+    write_checkpoint(str(tmp_path / "v1"), cfg, sd)
+    t = {"token_embd.weight": sd["transformer.wte.weight"], "output_norm.weight": sd["transformer.ln_f.weight"],
+         "output.weight": sd["lm_head.weight"]}
+    for i in range(LAYERS):
+        p, b = f"transformer.h.{i}.", f"blk.{i}."
+        t.update({b + "attn_norm.weight": sd[p + "ln_1.weight"], b + "ffn_norm.weight": sd[p + "ln_2.weight"],
+                  b + "attn_qkv.weight": sd[p + "attn.c_attn.weight"], b + "attn_qkv.bias": sd[p + "attn.c_attn.bias"],
+                  b + "attn_output.weight": sd[p + "attn.c_proj.weight"], b + "ffn_up.weight": sd[p + "mlp.w1.weight"],
+                  b + "ffn_gate.weight": sd[p + "mlp.w2.weight"], b + "ffn_down.weight": sd[p + "mlp.c_proj.weight"]})
+    src = _write_gguf(str(tmp_path / "v1.gguf"), "qwen", {k: v.numpy() for k, v in t.items()}, {})
+    out = convert_gguf(src, str(tmp_path / "out"), progress=False)
+    assert os.path.isfile(os.path.join(out, "qwen.tiktoken"))
+    a = load_model(out, dtype="float32")
+    b = load_model(str(tmp_path / "v1"), dtype="float32")
+    ids = torch.tensor([[5, 9, 200, 17, 3]])
+    assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_truncated_gguf_is_one_clear_error(tmp_path):
+    src = _write_gguf(str(tmp_path / "m.gguf"), "qwen2", _qwen2_tensors(), QUANT)
+    data = open(src, "rb").read()
+    cut = str(tmp_path / "cut.gguf")
+    open(cut, "wb").write(data[: len(data) - 1000])
+    with pytest.raises(GGUFError, match="truncated|damaged"):
+        convert_gguf(cut, str(tmp_path / "o1"), progress=False)
+    head = str(tmp_path / "head.gguf")
+    open(head, "wb").write(data[:300])
+    with pytest.raises(GGUFError, match="truncated|damaged"):
+        convert_gguf(head, str(tmp_path / "o2"), progress=False)
+    assert not os.path.exists(tmp_path / "o1") and not os.path.exists(tmp_path / "o2")
+
+
+def test_not_a_gguf_and_wrong_arch(tmp_path, capsys):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"NOPE" + b"\0" * 100)
+    with pytest.raises(GGUFError, match="not a GGUF"):
+        convert_gguf(str(bad), str(tmp_path / "o"), progress=False)
+    llama = _write_gguf(str(tmp_path / "l.gguf"), "llama", {"token_embd.weight": np.zeros((272, H), np.float32)}, {})
+    assert main(["convert", llama, str(tmp_path / "o3"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "'llama' is not supported" in err and "Traceback" not in err
