@@ -92,6 +92,7 @@ def load_weights(model: torch.nn.Module, files: list[str], dtype: torch.dtype,
             continue
         if tuple(tensor.shape) != tuple(expected[name]):
             misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name])}")
+            seen.add(name)  # present, so not also "missing"
             continue
         seen.add(name)
         _assign(model, name, tensor.to(device=device, dtype=dtype), params)
