@@ -63,7 +63,7 @@ class ChatSession:
         return True
 
     def turn(self, query: str) -> None:
-        from ..generation.chat import chat_stream
+        from ..generation.api import chat_stream
 
         response = ""
         self.out.write("\nQwen: ")

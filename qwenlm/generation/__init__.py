@@ -1,6 +1,6 @@
 """Sampling, stop conditions, the reference generation loop and the chat functions."""
 
-from .chat import chat, chat_stream, hf_generate
+from .api import chat, chat_stream, hf_generate
 from .config import GenerationConfig
 from .generate import StopChecker, generate, generate_steps, stream_text
 

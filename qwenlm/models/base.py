@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..generation.chat import GenerationMixin
+from ..generation.api import GenerationMixin
 from ..generation.config import GenerationConfig
 from .layers import ForwardContext, KVCache, attention_mask_4d, logn_scale, ntk_alpha, rotary_cos_sin
 
