@@ -15,11 +15,8 @@ import sys
 COMMANDS = ("chat", "generate", "convert", "info")
 
 
-class UserError(Exception):
-    """Raised by commands for problems the user can fix."""
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .errors import UserError
     from .weights.gguf import GGUFError
     from .weights.loader import CheckpointError
 

@@ -1,0 +1,127 @@
+"""`qwen` commands: info, generate, chat (the cli_demo commands, :conf taking effect, Ctrl-C),
+and clear one-line errors instead of tracebacks."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors import safe_open
+
+from qwenlm.cli import main
+from qwenlm.commands.chat import ChatSession
+
+
+def _run(*args, stdin=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "qwenlm", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_info_json(v1_chat_dir, capsys):
+    assert main(["info", "--model", v1_chat_dir, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    with safe_open(os.path.join(v1_chat_dir, "model.safetensors"), "pt") as f:
+        n = sum(f.get_tensor(k).numel() for k in f.keys())
+    assert info["architecture"] == "QWenLMHeadModel" and info["parameters"] == n
+    assert info["context_length"] == 32768 and info["path"] == os.path.abspath(v1_chat_dir)
+    assert info["dynamic_ntk"] and info["chat_format"] == "chatml"
+
+
+def test_generate_matches_chat(v1_chat_dir):
+    from qwenlm import load
+
+    model, tok = load(v1_chat_dir)
+    want, _ = model.chat(tok, "Hi there", do_sample=False, max_new_tokens=6)
+    r = _run("generate", "--model", v1_chat_dir, "--greedy", "--max-new-tokens", "6", "Hi there")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == want
+    r2 = _run("generate", "--model", v1_chat_dir, "--greedy", "--max-new-tokens", "6", stdin="Hi there")
+    assert r2.stdout == r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["info", "--model", "/no/such/dir"], "no model at"),
+    (["generate", "--model", "/no/such/dir", "hi"], "no model at"),
+    (["convert", "/no/such.gguf", "/tmp/out-x"], "not found"),
+    (["chat", "--model", "Qwen/Definitely-Not-Here"], "Hugging Face Hub"),
+])
+def test_user_errors_are_one_line(args, message):
+    r = _run(*args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_empty_prompt(v1_chat_dir):
+    r = _run("generate", "--model", v1_chat_dir, stdin="  \n")
+    assert r.returncode == 2 and "prompt is empty" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def session_factory(v1_chat_dir):
+    from qwenlm import load
+
+    model, tok = load(v1_chat_dir)
+
+    def make(**overrides):
+        out = io.StringIO()
+        return ChatSession(model, tok, "You are a helpful assistant.", overrides, out=out), out
+    return make
+
+
+def test_chat_commands(session_factory):
+    s, out = session_factory(do_sample=False)
+    assert s.handle(":help") and "clear-history" in out.getvalue()
+    s.handle("")
+    assert "[ERROR] Query is empty" in out.getvalue()
+    s.handle("hello")
+    assert len(s.history) == 1 and s.history[0][0] == "hello"
+    s.handle(":his")
+    assert "[1] User: hello" in out.getvalue()
+    s.handle(":seed 42")
+    assert s.seed == 42
+    s.handle(":seed nope")
+    assert s.seed == 42 and "[ERROR] seed must be an integer" in out.getvalue()
+    s.handle(":clear-history")
+    assert s.history == []
+    s.handle(":unknown-command")  # like the original: an unknown ':' command is a query
+    assert s.history[0][0] == ":unknown-command"
+    assert s.handle(":exit") is False and s.handle(":q") is False
+
+
+def test_conf_takes_effect(session_factory):
+    s, out = session_factory(do_sample=False)
+    s.handle(":conf max_new_tokens=1")
+    s.handle("tell me a long story")
+    assert len(s.model.generation_config.update().to_dict()) > 0
+    assert len(s.tokenizer.encode(s.history[-1][1])) <= 1
+    s.handle(":conf top_p=7")
+    assert "[ERROR] top_p must be in (0, 1]" in out.getvalue()
+    s.handle(":reset-conf")
+    s.handle("tell me a long story")
+    assert len(s.tokenizer.encode(s.history[-1][1])) > 1
+
+
+def test_ctrl_c_stops_the_reply_not_the_chat(session_factory, monkeypatch):
+    import qwenlm.generation.api as api
+
+    def interrupted(*a, **k):
+        yield "partial"
+        yield "partial reply"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "chat_stream", interrupted)
+    s, out = session_factory()
+    s.handle("go")
+    assert "[WARNING] Generation interrupted" in out.getvalue()
+    assert s.history == [("go", "partial reply")]
+    assert s.handle(":his")  # still chatting
+
+
+def test_chat_through_a_pipe(v1_chat_dir):
+    r = _run("chat", "--model", v1_chat_dir, "--greedy", "--max-new-tokens", "4",
+             stdin="你好\n:conf max_new_tokens=2\n:his\n:exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "[1] User: 你好" in r.stdout and "[INFO] max_new_tokens = 2" in r.stdout

@@ -1,0 +1,67 @@
+"""The real offline default model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF): answers, the
+original quickstart, and logits against transformers loading the very same GGUF."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qwenlm import AutoModelForCausalLM, AutoTokenizer
+from qwenlm.hub import DEFAULT_MODEL, cache_dir
+from qwenlm.tokenizer import make_context
+
+pytestmark = pytest.mark.slow
+PARIS = "What is the capital of France? Answer in one word."
+
+
+@pytest.fixture(scope="module")
+def quickstart(default_dir):
+    tokenizer = AutoTokenizer.from_pretrained(default_dir, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(default_dir, device_map="auto", trust_remote_code=True).eval()
+    return model, tokenizer
+
+
+def test_paris(quickstart):
+    model, tokenizer = quickstart
+    response, _ = model.chat(tokenizer, PARIS, history=None, do_sample=False)
+    assert response.strip().rstrip(".") == "Paris"
+
+
+def test_chinese_reply_and_second_turn(quickstart):
+    model, tokenizer = quickstart
+    response, history = model.chat(tokenizer, "你好", history=None, do_sample=False)
+    assert re.search(r"[\u4e00-\u9fff]", response), response
+    response2, history = model.chat(tokenizer, "What did I just say? Answer briefly.", history=history,
+                                    do_sample=False, max_new_tokens=48)
+    assert len(history) == 2 and history[0] == ("你好", response) and response2
+
+
+def test_sampled_chat_is_reproducible(quickstart):
+    model, tokenizer = quickstart
+    a = model.chat(tokenizer, "Name a color.", seed=7, max_new_tokens=16)[0]
+    assert a == model.chat(tokenizer, "Name a color.", seed=7, max_new_tokens=16)[0]
+
+
+def test_logits_match_transformers_on_the_same_gguf(quickstart):
+    transformers = pytest.importorskip("transformers")
+    model, tokenizer = quickstart
+    gguf_dir = os.path.join(cache_dir(), "gguf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=DEFAULT_MODEL["name"] + ".gguf", dtype=torch.float32).eval()
+    _, ids = make_context(tokenizer, PARIS, system="You are a helpful assistant.")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = hf(x).logits
+    got = model(x).logits
+    assert (got - ref).abs().max() < 1e-3
+    assert torch.equal(got[0].argmax(-1), ref[0].argmax(-1))
+
+
+def test_cli_generate_uses_the_default_model():
+    r = subprocess.run([sys.executable, "-m", "qwenlm", "generate", "--greedy", PARIS],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().rstrip(".") == "Paris"
