@@ -65,3 +65,15 @@ def test_cli_generate_uses_the_default_model():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().rstrip(".") == "Paris"
+
+
+def test_loading_is_memory_mapped(default_dir):
+    """Peak memory while loading and running the default model stays well under twice the weights."""
+    code = ("import resource, torch; from qwenlm import load_model; m = load_model(%r); "
+            "m(torch.tensor([[1, 2, 3]])); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+            % default_dir)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    weights = sum(os.path.getsize(os.path.join(default_dir, f)) for f in os.listdir(default_dir)
+                  if f.endswith(".safetensors"))
+    assert int(r.stdout.strip()) < 1.5 * weights

@@ -153,3 +153,19 @@ def test_stream_decoder_never_splits_characters(v1_tokenizer):
 def test_pickle_roundtrip(v1_tokenizer):
     t2 = pickle.loads(pickle.dumps(v1_tokenizer))
     assert t2.encode("你好 world") == v1_tokenizer.encode("你好 world")
+
+
+def test_reads_tokenizer_json(tmp_path, default_dir, qwen2_tokenizer):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(default_dir)
+    hf.save_pretrained(str(tmp_path))
+    for name in ("vocab.json", "merges.txt"):
+        if (tmp_path / name).exists():
+            (tmp_path / name).unlink()
+    assert (tmp_path / "tokenizer.json").exists()
+    from qwenlm import QwenTokenizer
+
+    t = QwenTokenizer.from_pretrained(str(tmp_path))
+    assert len(t) == len(qwen2_tokenizer) and t.special_tokens == qwen2_tokenizer.special_tokens
+    for text in TRICKY:
+        assert t.encode(text) == qwen2_tokenizer.encode(text)

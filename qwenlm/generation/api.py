@@ -23,6 +23,7 @@ def _config(model, generation_config: GenerationConfig | None, kwargs: dict) -> 
 
 # transformers `generate` arguments that have no meaning here
 _IGNORED = {"return_dict_in_generate", "output_scores", "logits_processor", "streamer", "use_cache",
+            "token_type_ids", "position_ids",
             "num_beams", "early_stopping"}
 
 
