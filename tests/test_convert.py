@@ -89,7 +89,7 @@ def test_convert_qwen2_gguf(tmp_path):
     assert main(["convert", src, out, "--no-progress"]) == 0
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["model_type"] == "qwen2" and cfg["num_key_value_heads"] == KV and cfg["intermediate_size"] == FF
-    model = load_model(out, dtype="float32")
+    model = load_model(out, dtype="float32", device="cpu")
     sd = model.state_dict()
     names = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
              "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
@@ -126,8 +126,8 @@ def test_convert_qwen_v1_gguf_matches_checkpoint(tmp_path):
     src = _write_gguf(str(tmp_path / "v1.gguf"), "qwen", {k: v.numpy() for k, v in t.items()}, {})
     out = convert_gguf(src, str(tmp_path / "out"), progress=False)
     assert os.path.isfile(os.path.join(out, "qwen.tiktoken"))
-    a = load_model(out, dtype="float32")
-    b = load_model(str(tmp_path / "v1"), dtype="float32")
+    a = load_model(out, dtype="float32", device="cpu")
+    b = load_model(str(tmp_path / "v1"), dtype="float32", device="cpu")
     ids = torch.tensor([[5, 9, 200, 17, 3]])
     assert torch.equal(a(ids).logits, b(ids).logits)
 

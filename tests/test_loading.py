@@ -23,12 +23,12 @@ IDS = torch.tensor([[1, 5, 7, 300]])
 @pytest.fixture(scope="module")
 def reference_logits(tmp_path_factory):
     path = write_checkpoint(str(tmp_path_factory.mktemp("ref")), CFG, SD)
-    return load_model(path, dtype="float32")(IDS).logits
+    return load_model(path, dtype="float32", device="cpu")(IDS).logits
 
 
 def test_sharded_safetensors(tmp_path, reference_logits):
     path = write_checkpoint(str(tmp_path), CFG, SD, shards=3)
-    assert torch.equal(load_model(path, dtype="float32")(IDS).logits, reference_logits)
+    assert torch.equal(load_model(path, dtype="float32", device="cpu")(IDS).logits, reference_logits)
 
 
 def test_bin_single_and_sharded(tmp_path, reference_logits):
@@ -36,7 +36,7 @@ def test_bin_single_and_sharded(tmp_path, reference_logits):
     single.mkdir()
     (single / "config.json").write_text(json.dumps(CFG))
     torch.save(SD, single / "pytorch_model.bin")
-    assert torch.equal(load_model(str(single), dtype="float32")(IDS).logits, reference_logits)
+    assert torch.equal(load_model(str(single), dtype="float32", device="cpu")(IDS).logits, reference_logits)
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     (sharded / "config.json").write_text(json.dumps(CFG))
@@ -47,7 +47,7 @@ def test_bin_single_and_sharded(tmp_path, reference_logits):
     wm = {k: "pytorch_model-00001-of-00002.bin" for k in names[:half]}
     wm.update({k: "pytorch_model-00002-of-00002.bin" for k in names[half:]})
     (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
-    assert torch.equal(load_model(str(sharded), dtype="float32")(IDS).logits, reference_logits)
+    assert torch.equal(load_model(str(sharded), dtype="float32", device="cpu")(IDS).logits, reference_logits)
 
 
 def test_missing_shard(tmp_path):
@@ -86,15 +86,15 @@ def test_strict_report_lists_every_problem(tmp_path):
 def test_weights_are_not_copied_twice(tmp_path):
     """Loading keeps no second copy: every parameter is its own storage, none left on meta."""
     path = write_checkpoint(str(tmp_path), CFG, SD)
-    model = load_model(path, dtype="float32")
+    model = load_model(path, dtype="float32", device="cpu")
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in SD.values())
 
 
 def test_dtypes_and_precision_flags(tmp_path):
     path = write_checkpoint(str(tmp_path), CFG, SD)
-    assert AutoModelForCausalLM.from_pretrained(path, bf16=True).dtype == torch.bfloat16
-    assert AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float16).dtype == torch.float16
+    assert AutoModelForCausalLM.from_pretrained(path, bf16=True, device_map="cpu").dtype == torch.bfloat16
+    assert AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float16, device_map="cpu").dtype == torch.float16
     assert AutoModelForCausalLM.from_pretrained(path, torch_dtype="auto", device_map="cpu",
                                                 trust_remote_code=True).dtype == torch.float32
     cfg = ModelConfig.from_hf_dict(v1_config(bf16=True))

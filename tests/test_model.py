@@ -139,7 +139,7 @@ def v1_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen2_model(tmp_path_factory):
-    return load_model(tiny_hf_qwen2(str(tmp_path_factory.mktemp("q2m")), kv_heads=2), dtype="float32")
+    return load_model(tiny_hf_qwen2(str(tmp_path_factory.mktemp("q2m")), kv_heads=2), dtype="float32", device="cpu")
 
 
 @pytest.mark.parametrize("which", ["v1_model", "qwen2_model"])

@@ -1,0 +1,49 @@
+"""CUDA: bf16 on the GPU against the fp32 CPU reference (top-k agreement at the first greedy
+divergence), padded batches and the auto dtype. Skipped without CUDA."""
+
+import pytest
+import torch
+
+from helpers import tiny_hf_qwen2, v1_config, v1_state_dict, write_checkpoint
+from qwenlm import GenerationConfig, load_model
+from qwenlm.generation import generate
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+GREEDY = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=24, eos_token_id=None,
+                          pad_token_id=0)
+
+
+def _checkpoints(tmp_path):
+    cfg = v1_config(seq_length=16, hidden=128, heads=4, layers=3)
+    v1 = write_checkpoint(str(tmp_path / "v1"), cfg, v1_state_dict(cfg, seed=2, std=0.08))
+    q2 = tiny_hf_qwen2(str(tmp_path / "q2"), hidden=128, heads=4, kv_heads=2, layers=3)
+    return [v1, q2]
+
+
+def test_auto_dtype_on_cuda(tmp_path):
+    for path in _checkpoints(tmp_path):
+        m = load_model(path, device="auto")
+        assert m.device.type == "cuda" and m.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported()
+                                                       else torch.float16)
+
+
+def test_bf16_gpu_agrees_with_fp32_cpu(tmp_path):
+    for path in _checkpoints(tmp_path):
+        cpu = load_model(path, dtype="float32", device="cpu")
+        gpu = load_model(path, dtype="bfloat16", device="cuda")
+        prompt = torch.randint(0, 1000, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+        ref = generate(cpu, [prompt], GREEDY)[0]
+        got = generate(gpu, [prompt], GREEDY)[0]
+        n = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+        if n is None:
+            continue
+        logits = gpu(torch.tensor([prompt + ref[:n]], device="cuda")).logits[0, -1].float()
+        assert ref[n] in torch.topk(logits, 5).indices.tolist()
+
+
+def test_padded_batch_on_cuda(tmp_path):
+    path = _checkpoints(tmp_path)[0]
+    gpu = load_model(path, dtype="float32", device="cuda")
+    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 21)]
+    assert generate(gpu, prompts, GREEDY) == [generate(gpu, [p], GREEDY)[0] for p in prompts]
