@@ -10,7 +10,7 @@ import torch
 
 from ..tokenizer.chatml import BAD_CHAT_FORMAT, History, make_context, reply_ids
 from .config import GenerationConfig
-from .generate import StopChecker, generate, prompts_from_tensor, stream_text
+from .generate import StopChecker, prompts_from_tensor, stream_text
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -50,7 +50,7 @@ def chat(model, tokenizer, query: str, history: History | None = None,
     cfg, context, control = _chat_setup(model, tokenizer, query, history, system, stop_words_ids,
                                         generation_config, kwargs)
     stop = StopChecker(cfg, control, tokenizer)
-    new = generate(model, [context], cfg, stop, vocab_limit=tokenizer.id_limit)[0]
+    new = _engine(model).generate([context], cfg, stop, vocab_limit=tokenizer.id_limit)[0]
     text = tokenizer.decode(reply_ids(new, set(control) | set(cfg.eos_ids())), errors="replace")
     response = _cut_stop_strings(text, cfg.stop).strip()
     history = copy.deepcopy(history) if history else []
@@ -72,6 +72,12 @@ def chat_stream(model, tokenizer, query: str, history: History | None = None,
         yield text
 
 
+def _engine(model):
+    from ..engine import get_engine  # the engine imports the models, which import this module
+
+    return get_engine(model)
+
+
 def _cut_stop_strings(text: str, stops: list[str] | None) -> str:
     cut = min((i for i in (text.find(s) for s in (stops or []) if s) if i >= 0), default=-1)
     return text if cut < 0 else text[:cut]
@@ -89,7 +95,7 @@ def hf_generate(model, input_ids, attention_mask=None, generation_config: Genera
     prompts = prompts_from_tensor(input_ids, attention_mask)
     stop = StopChecker(cfg, (), tokenizer)
     limit = tokenizer.id_limit if tokenizer is not None else None
-    rows = generate(model, prompts, cfg, stop, vocab_limit=limit)
+    rows = _engine(model).generate(prompts, cfg, stop, vocab_limit=limit)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     width = max(len(p) for p in prompts)
     new_w = max(len(r) for r in rows)

@@ -132,15 +132,20 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
 
 def stream_text(model, tokenizer, prompt: Sequence[int], cfg: GenerationConfig,
                 extra_stop_ids: Sequence[int] = (), skip_special_tokens: bool = True,
-                on_token=None) -> Iterator[str]:
+                on_token=None, steps_fn=None) -> Iterator[str]:
     """Text deltas of one completion. Control/stop tokens end the text; a stop string is cut off
-    and never shown, even in part (text that might start one is held back until it cannot)."""
+    and never shown, even in part (text that might start one is held back until it cannot).
+    `steps_fn(prompts, cfg, stop, vocab_limit)` produces the tokens (default: the engine)."""
+    if steps_fn is None:
+        from ..engine import get_engine
+
+        steps_fn = get_engine(model).generate_steps
     stop = StopChecker(cfg, extra_stop_ids, tokenizer)
     end_ids = stop.ids
     dec = StreamDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
     strings = [s for s in (cfg.stop or []) if s]
     pending = ""
-    for step in generate_steps(model, [prompt], cfg, stop, vocab_limit=tokenizer.id_limit):
+    for step in steps_fn([prompt], cfg, stop, vocab_limit=tokenizer.id_limit):
         t = step[0]
         if t is None:
             break

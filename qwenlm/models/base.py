@@ -93,15 +93,20 @@ class QwenCausalLM(GenerationMixin, nn.Module):
         b, t = input_ids.shape
         cache = past_key_values if past_key_values is not None else (self.new_cache() if use_cache else None)
         ctx = self._context(attention_mask, position_ids, b, t, cache, input_ids.device)
-        h = self.embed(input_ids)
-        for i, block in enumerate(self.blocks):
-            h = block(h, ctx, i)
-        logits = self.lm_head(self.final_norm(h))
+        logits = self.lm_head(self.run_blocks(input_ids, ctx))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=-100)
         return CausalLMOutput(logits=logits, past_key_values=cache, loss=loss)
+
+    def run_blocks(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Embedding, blocks and final norm under a prepared context -> hidden states (B, T, H).
+        The engine calls this with its own context (static cache, precomputed rotary tables)."""
+        h = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            h = block(h, ctx, i)
+        return self.final_norm(h)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

@@ -124,12 +124,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContex
         q = (q.float() * ctx.logn[:, None, :, None]).to(q.dtype)
     if ctx.cache is not None:
         k, v = ctx.cache.update(layer, k, v)
-    if k.shape[1] != q.shape[1]:  # grouped-query attention
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    gqa = k.shape[1] != q.shape[1]  # grouped-query attention: SDPA shares kv heads, no copies
     if ctx.mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=gqa)
     b, h, t, d = out.shape
     return out.transpose(1, 2).reshape(b, t, h * d)

@@ -1,0 +1,206 @@
+"""The inference engine: static KV cache written by index, precomputed rotary/LogN tables, decode
+steps captured in CUDA graphs (one per KV-length bucket) and run-ahead decoding that syncs with
+the host only every `sync_every` steps.
+
+Same contract as the reference loop (`generation.generate.generate_steps`), and the same tokens:
+rows are independent, so a row that has finished can keep computing (its extra tokens are
+dropped) without changing the others. Tests hold the engine to the reference token for token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterator, Sequence
+
+import torch
+
+from ..generation.config import GenerationConfig
+from ..generation.generate import StopChecker, left_pad, make_generator
+from ..generation.sampling import next_tokens
+from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, ntk_alpha
+from .cache import StaticKVCache
+
+log = logging.getLogger("qwenlm")
+
+
+class Engine:
+    """Fast generation for one model. `generate_steps(prompts, cfg)` yields each step's tokens."""
+
+    def __init__(self, model, cuda_graphs: bool | None = None, bucket: int = 256):
+        self.model = model
+        self.cfg = model.config
+        self.device = model.device
+        self.bucket = bucket
+        self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self._state: dict | None = None
+        log.info("engine: %s, cuda graphs %s", self.device, "on" if self.cuda_graphs else "off")
+
+    # ---- tables ---------------------------------------------------------------------------
+    def _rotary_tables(self, alphas: list[float], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, S, D) fp32 cos/sin; A = 1 when every row shares one NTK alpha, else one per row."""
+        d, dev = self.cfg.head_dim, self.device
+        exponent = torch.arange(0, d, 2, dtype=torch.float32, device=dev) / d
+        pos = torch.arange(max_len, dtype=torch.float32, device=dev)
+        uniq = sorted(set(alphas))
+        rows = [alphas[0]] if len(uniq) == 1 else alphas
+        cos, sin = [], []
+        for a in rows:
+            base = self.cfg.rope_theta * (float(a) ** (d / (d - 2)) if a != 1 else 1.0)
+            inv = 1.0 / base ** exponent
+            emb = torch.outer(pos, inv)
+            emb = torch.cat((emb, emb), dim=-1)
+            cos.append(emb.cos())
+            sin.append(emb.sin())
+        return torch.stack(cos), torch.stack(sin)
+
+    # ---- one generation -------------------------------------------------------------------
+    def _setup(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, max_len: int) -> dict:
+        m, c, dev = self.model, self.cfg, self.device
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        ids, mask = left_pad(prompts, pad, dev)
+        b, w = ids.shape
+        lengths = [len(p) for p in prompts]
+        alphas = [1.0] * b
+        if m.use_dynamic_ntk and not m.training:  # chosen at prefill, frozen afterwards
+            alphas = [float(ntk_alpha(n, c.seq_length)) if n > c.seq_length else 1.0 for n in lengths]
+        cos_t, sin_t = self._rotary_tables(alphas, max_len)
+        logn_t = None
+        if m.use_logn_attn and max(lengths) + cfg.max_new_tokens > c.seq_length:
+            logn_t = logn_scale(torch.arange(max_len, device=dev)[None], c.seq_length)[0]
+        valid = torch.zeros((b, max_len), dtype=torch.bool, device=dev)
+        valid[:, :w] = mask.bool()
+        cache = StaticKVCache(len(m.blocks), b, c.num_kv_heads, max_len, c.head_dim, m.dtype, dev)
+        self.last_kv_bytes, self.last_max_len = cache.nbytes, max_len
+        return {"ids": ids, "mask": mask, "b": b, "w": w, "cos": cos_t, "sin": sin_t, "logn": logn_t,
+                "valid": valid, "cache": cache, "table_rows": torch.arange(cos_t.shape[0], device=dev)[:, None]
+                if cos_t.shape[0] > 1 else torch.zeros((b, 1), dtype=torch.long, device=dev),
+                "tok": torch.zeros((b, 1), dtype=torch.long, device=dev),
+                "slot": torch.zeros((1,), dtype=torch.long, device=dev),
+                "pos": (torch.tensor(lengths, device=dev) - 1)[:, None].clone()}
+
+    def _ctx(self, st: dict, positions: torch.Tensor, mask, cache_read: int | None) -> ForwardContext:
+        rows = st["table_rows"]
+        cos, sin = st["cos"][rows, positions], st["sin"][rows, positions]  # (B, T, D)
+        logn = st["logn"][positions] if st["logn"] is not None else None
+        st["cache"].read_len = cache_read
+        return ForwardContext(cos=cos, sin=sin, logn=logn, mask=mask, cache=st["cache"])
+
+    @torch.inference_mode()
+    def _prefill(self, st: dict) -> torch.Tensor:
+        ids, mask, w = st["ids"], st["mask"], st["w"]
+        padded = not bool(mask.all())
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        st["cache"].write_pos = torch.arange(w, device=self.device)
+        amask = attention_mask_4d(mask, w) if padded else None
+        h = self.model.run_blocks(ids, self._ctx(st, positions, amask, None))
+        return self.model.lm_head(h[:, -1]).float()  # only the last position's logits
+
+    def _decode(self, st: dict, length: int) -> torch.Tensor:
+        """One decode step over KV slots [0, length): token st['tok'] goes to slot st['slot']."""
+        st["valid"].index_fill_(1, st["slot"], True)
+        kpos = torch.arange(length, device=self.device)
+        mask = (st["valid"][:, :length] & (kpos <= st["slot"]))[:, None, None, :]  # (B, 1, 1, L)
+        st["cache"].write_pos = st["slot"]
+        h = self.model.run_blocks(st["tok"], self._ctx(st, st["pos"], mask, length))
+        return self.model.lm_head(h[:, -1]).float()
+
+    @torch.inference_mode()
+    def _decode_step(self, st: dict, length: int) -> torch.Tensor:
+        if not self.cuda_graphs:
+            return self._decode(st, length)
+        key = (id(st["cache"]), length)
+        if key not in self._graphs:
+            # warm up on a side stream (idempotent: same inputs, same cache writes), then capture
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    self._decode(st, length)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._decode(st, length)
+            self._graphs[key] = (graph, out)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out
+
+    @torch.inference_mode()
+    def generate_steps(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+                       stop: StopChecker | None = None, vocab_limit: int | None = None,
+                       sync_every: int = 1) -> Iterator[list[int | None]]:
+        """Yield each row's new token per step (None once finished), like the reference loop.
+        With `sync_every > 1` the GPU runs ahead and the host checks stops every that many steps."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        stop = stop or StopChecker(cfg)
+        n_new = cfg.max_new_tokens
+        w = max(len(p) for p in prompts)
+        max_len = self.bucket * math.ceil((w + n_new) / self.bucket)
+        st = self._setup(prompts, cfg, max_len)
+        self._graphs.clear()  # graphs hold this generation's cache; a new cache needs new graphs
+        b, dev = st["b"], self.device
+        vocab = self.cfg.vocab_size
+        seen = torch.zeros((b, vocab), dtype=torch.bool, device=dev)
+        if cfg.repetition_penalty != 1.0:
+            seen.scatter_(1, st["ids"], st["mask"].bool())
+        generator = make_generator(cfg.seed, dev)
+        out_tokens = torch.zeros((b, max(n_new, 1)), dtype=torch.long, device=dev)
+        rows = torch.arange(b, device=dev)
+        generated: list[list[int]] = [[] for _ in range(b)]
+        finished = [False] * b
+        logits = self._prefill(st) if n_new else None
+        done_steps = 0
+        for step in range(n_new):
+            if vocab_limit is not None and vocab_limit < vocab:
+                logits[:, vocab_limit:] = float("-inf")
+            tok = next_tokens(logits, seen, cfg, generator)
+            out_tokens[:, step] = tok
+            last = step == n_new - 1
+            if (step + 1) % sync_every == 0 or last:
+                for row_step in out_tokens[:, done_steps:step + 1].T.tolist():
+                    yielded: list[int | None] = []
+                    for i, t in enumerate(row_step):
+                        if finished[i]:
+                            yielded.append(None)
+                            continue
+                        generated[i].append(t)
+                        yielded.append(t)
+                        finished[i] = stop.done(generated[i])
+                    yield yielded
+                    if all(finished):
+                        return
+                done_steps = step + 1
+            if last:
+                break
+            seen[rows, tok] = True
+            st["tok"].copy_(tok[:, None])
+            st["pos"].add_(1)
+            slot = w + step
+            st["slot"].fill_(slot)
+            length = min(self.bucket * math.ceil((slot + 1) / self.bucket), max_len)
+            logits = self._decode_step(st, length)
+
+    def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+                 stop: StopChecker | None = None, vocab_limit: int | None = None,
+                 sync_every: int = 16) -> list[list[int]]:
+        rows: list[list[int]] = [[] for _ in prompts]
+        for step in self.generate_steps(prompts, cfg, stop, vocab_limit, sync_every):
+            for i, t in enumerate(step):
+                if t is not None:
+                    rows[i].append(t)
+        return rows
+
+
+def get_engine(model) -> Engine:
+    """The model's engine, created on first use."""
+    eng = getattr(model, "_qwenlm_engine", None)
+    if eng is None or eng.device != model.device:
+        eng = Engine(model)
+        object.__setattr__(model, "_qwenlm_engine", eng)
+    return eng
