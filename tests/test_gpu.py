@@ -47,3 +47,18 @@ def test_padded_batch_on_cuda(tmp_path):
     gpu = load_model(path, dtype="float32", device="cuda")
     prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 21)]
     assert generate(gpu, prompts, GREEDY) == [generate(gpu, [p], GREEDY)[0] for p in prompts]
+
+
+def test_cuda_graph_engine_equals_eager_and_reference(tmp_path):
+    from qwenlm.engine import Engine
+
+    for path in _checkpoints(tmp_path):
+        m = load_model(path, dtype="float32", device="cuda")
+        prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                   for n in (2, 9, 30)]
+        cfg = GREEDY.update(max_new_tokens=40)
+        graphs = Engine(m, cuda_graphs=True, bucket=16).generate(prompts, cfg)
+        assert graphs == Engine(m, cuda_graphs=False, bucket=16).generate(prompts, cfg)
+        assert graphs == generate(m, prompts, cfg)
+        sampled = GREEDY.update(do_sample=True, top_p=0.9, temperature=0.8, seed=3, max_new_tokens=40)
+        assert Engine(m, cuda_graphs=True, bucket=16).generate(prompts, sampled) == generate(m, prompts, sampled)
