@@ -51,3 +51,16 @@ def test_cache_sized_to_the_request(model):
     c = model.config
     assert eng.last_max_len == 32  # 10 + 7 slots, rounded up to whole 16-slot buckets
     assert eng.last_kv_bytes == 2 * c.num_layers * 2 * c.num_kv_heads * 32 * c.head_dim * 4
+
+
+def test_engine_reuses_buffers_across_generations(model):
+    """Same shapes: the second generation reuses the cache and buffers (and on GPU the captured
+    graphs); stale values from the first must not leak into it."""
+    eng = Engine(model, bucket=8)
+    a, b = _prompts(6, 13), [p[::-1] for p in _prompts(13, 6)]
+    eng.generate(a, SAMPLED)
+    state = eng._state
+    assert eng.generate(b, GREEDY) == generate(model, b, GREEDY)
+    assert eng._state is state
+    assert eng.generate(_prompts(3), GREEDY) == generate(model, _prompts(3), GREEDY)  # new shape
+    assert eng._state is not state

@@ -61,4 +61,7 @@ def test_cuda_graph_engine_equals_eager_and_reference(tmp_path):
         assert graphs == Engine(m, cuda_graphs=False, bucket=16).generate(prompts, cfg)
         assert graphs == generate(m, prompts, cfg)
         sampled = GREEDY.update(do_sample=True, top_p=0.9, temperature=0.8, seed=3, max_new_tokens=40)
-        assert Engine(m, cuda_graphs=True, bucket=16).generate(prompts, sampled) == generate(m, prompts, sampled)
+        eng = Engine(m, cuda_graphs=True, bucket=16)
+        assert eng.generate(prompts, sampled) == generate(m, prompts, sampled)
+        other = [p[::-1] for p in prompts]  # same shapes: replays the graphs captured above
+        assert eng.generate(other, cfg) == generate(m, other, cfg)

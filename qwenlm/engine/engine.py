@@ -33,7 +33,7 @@ class Engine:
         self.device = model.device
         self.bucket = bucket
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self._state: dict | None = None
         log.info("engine: %s, cuda graphs %s", self.device, "on" if self.cuda_graphs else "off")
@@ -72,7 +72,13 @@ class Engine:
             logn_t = logn_scale(torch.arange(max_len, device=dev)[None], c.seq_length)[0]
         valid = torch.zeros((b, max_len), dtype=torch.bool, device=dev)
         valid[:, :w] = mask.bool()
-        cache = StaticKVCache(len(m.blocks), b, c.num_kv_heads, max_len, c.head_dim, m.dtype, dev)
+        shape = (len(m.blocks), b, c.num_kv_heads, max_len, c.head_dim)
+        prev = self._state["cache"] if self._state is not None else None
+        if prev is not None and tuple(prev.k.shape) == shape and prev.k.dtype == m.dtype:
+            cache = prev  # stale slots are masked out by `valid`
+        else:
+            self._release()  # free the old cache before allocating the new one
+            cache = StaticKVCache(*shape, m.dtype, dev)
         self.last_kv_bytes, self.last_max_len = cache.nbytes, max_len
         return {"ids": ids, "mask": mask, "b": b, "w": w, "cos": cos_t, "sin": sin_t, "logn": logn_t,
                 "valid": valid, "cache": cache, "table_rows": torch.arange(cos_t.shape[0], device=dev)[:, None]
@@ -80,6 +86,31 @@ class Engine:
                 "tok": torch.zeros((b, 1), dtype=torch.long, device=dev),
                 "slot": torch.zeros((1,), dtype=torch.long, device=dev),
                 "pos": (torch.tensor(lengths, device=dev) - 1)[:, None].clone()}
+
+    _GRAPH_INPUTS = ("valid", "cos", "sin", "logn", "table_rows", "tok", "slot", "pos")
+
+    def _adopt(self, st: dict) -> dict:
+        """Reuse the previous generation's buffers (and so its captured graphs) when the shapes
+        match, copying the new values in place; otherwise start over with fresh graphs."""
+        old = self._state
+        if old is not None and all(
+                (old[k] is None and st[k] is None) or (old[k] is not None and st[k] is not None
+                                                       and old[k].shape == st[k].shape)
+                for k in self._GRAPH_INPUTS) and old["cache"].k.shape == st["cache"].k.shape:
+            for k in self._GRAPH_INPUTS:
+                if st[k] is not None:
+                    old[k].copy_(st[k])
+            for k in ("ids", "mask", "b", "w"):
+                old[k] = st[k]
+            return old
+        self._release()
+        self._state = st
+        return st
+
+    def _release(self) -> None:
+        self._graphs.clear()
+        self._pool = None  # a pool must not outlive the graphs that used it
+        self._state = None
 
     def _ctx(self, st: dict, positions: torch.Tensor, mask, cache_read: int | None) -> ForwardContext:
         rows = st["table_rows"]
@@ -111,7 +142,7 @@ class Engine:
     def _decode_step(self, st: dict, length: int) -> torch.Tensor:
         if not self.cuda_graphs:
             return self._decode(st, length)
-        key = (id(st["cache"]), length)
+        key = length
         if key not in self._graphs:
             # warm up on a side stream (idempotent: same inputs, same cache writes), then capture
             s = torch.cuda.Stream()
@@ -142,8 +173,7 @@ class Engine:
         n_new = cfg.max_new_tokens
         w = max(len(p) for p in prompts)
         max_len = self.bucket * math.ceil((w + n_new) / self.bucket)
-        st = self._setup(prompts, cfg, max_len)
-        self._graphs.clear()  # graphs hold this generation's cache; a new cache needs new graphs
+        st = self._adopt(self._setup(prompts, cfg, max_len))
         b, dev = st["b"], self.device
         vocab = self.cfg.vocab_size
         seen = torch.zeros((b, vocab), dtype=torch.bool, device=dev)
