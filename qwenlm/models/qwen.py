@@ -6,12 +6,11 @@ full multi-head attention, dynamic NTK and LogN beyond `seq_length`.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from .base import QwenCausalLM
-from .layers import ForwardContext, RMSNorm, attend
+from .layers import ForwardContext, RMSNorm, attend, silu_mul
 
 
 class QWenAttention(nn.Module):
@@ -36,7 +35,7 @@ class QWenMLP(nn.Module):
         self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+        return self.c_proj(silu_mul(self.w2(x), self.w1(x)))
 
 
 class QWenBlock(nn.Module):

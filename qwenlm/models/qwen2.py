@@ -6,12 +6,11 @@ plain rotary embedding with `rope_theta`.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from .base import QwenCausalLM
-from .layers import ForwardContext, RMSNorm, attend
+from .layers import ForwardContext, RMSNorm, attend, silu_mul
 
 
 class Qwen2Attention(nn.Module):
@@ -40,7 +39,7 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Qwen2DecoderLayer(nn.Module):
