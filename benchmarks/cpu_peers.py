@@ -1,0 +1,109 @@
+"""CPU decode speed of the default model, side by side, one engine after another on an idle
+machine: qwenlm's engine, transformers (fp32, same converted weights), llama.cpp (the same Q4_K_M
+GGUF, via llama-cpp-python when it is installed). Same prompt, greedy, same number of tokens.
+
+    python benchmarks/cpu_peers.py [--tokens 128] [--threads 2] [--llama-python /path/to/python]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+PROMPT = "Write a Python function that checks whether a number is prime."
+
+LLAMA = r"""
+import json, sys, time
+from llama_cpp import Llama
+path, n, threads, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+llm = Llama(model_path=path, n_ctx=2048, n_threads=threads, verbose=False)
+ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+def run(k):
+    llm.reset(); out = []
+    t0 = time.perf_counter()
+    for i, tok in enumerate(llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0)):
+        if i == 0: t1 = time.perf_counter()
+        out.append(tok)
+        if len(out) == k: break
+    return t1 - t0, time.perf_counter() - t1, out
+run(8)
+ttft, dt, out = run(n)
+print(json.dumps({"ttft_s": ttft, "decode_tokens_per_s": (n - 1) / dt, "tokens": out}))
+"""
+
+
+def ours(n, dtype):
+    from qwenlm import load
+    from qwenlm.engine import Engine
+    from qwenlm.generation import GenerationConfig
+    from qwenlm.tokenizer import make_context
+
+    model, tok = load(dtype=dtype, device="cpu")
+    _, ids = make_context(tok, PROMPT, system="You are a helpful assistant.")
+    eng = Engine(model)
+    cfg = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=n, eos_token_id=None)
+    eng.generate([ids], cfg.update(max_new_tokens=8))
+    t0 = time.perf_counter()
+    eng.generate([ids], cfg.update(max_new_tokens=1))
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = eng.generate([ids], cfg)[0]
+    dt = time.perf_counter() - t0 - ttft
+    return {"ttft_s": ttft, "decode_tokens_per_s": (n - 1) / dt, "tokens": out}, ids
+
+
+def hf(n, ids):
+    import transformers
+
+    from qwenlm.hub import default_model_dir
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(x, max_new_tokens=8, **kw)
+        t0 = time.perf_counter()
+        model.generate(x, max_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
+        dt = time.perf_counter() - t0 - ttft
+    return {"ttft_s": ttft, "decode_tokens_per_s": (n - 1) / dt, "tokens": out[0, len(ids):].tolist()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-python", default=None, help="a python with llama-cpp-python installed")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    res = {}
+    res["qwenlm fp32"], ids = ours(args.tokens, "float32")
+    res["qwenlm bf16"], _ = ours(args.tokens, "bfloat16")
+    res["transformers fp32"] = hf(args.tokens, ids)
+    if args.llama_python:
+        from qwenlm.hub import default_gguf_path
+
+        r = subprocess.run([args.llama_python, "-c", LLAMA, default_gguf_path(), str(args.tokens),
+                            str(args.threads), PROMPT_CHAT(ids)], capture_output=True, text=True)
+        res["llama.cpp Q4_K_M"] = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr[-500:]}
+    ref = res["qwenlm fp32"]["tokens"]
+    for name, r in res.items():
+        toks = r.pop("tokens", None)
+        if toks is not None:
+            r["same_greedy_tokens_as_qwenlm_fp32"] = next((i for i, (a, b) in enumerate(zip(ref, toks)) if a != b),
+                                                          len(ref))
+        print(f"{name:>20}: {json.dumps(r)}")
+
+
+def PROMPT_CHAT(ids):  # the same ChatML prompt as text (llama.cpp parses the special tokens)
+    return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + PROMPT
+            + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

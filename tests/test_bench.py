@@ -1,0 +1,31 @@
+"""`qwen bench` on a tiny checkpoint: the report's fields, and the transformers twin (same
+weights, shared storage) producing exactly our greedy tokens in fp32."""
+
+import json
+
+import pytest
+
+from helpers import tiny_hf_qwen2, v1_config, v1_state_dict, write_checkpoint
+from qwenlm.cli import main
+
+
+@pytest.mark.parametrize("arch", ["qwen", "qwen2"])
+def test_bench_json_and_hf_twin(tmp_path, capsys, arch):
+    pytest.importorskip("transformers")
+    if arch == "qwen":
+        cfg = v1_config(vocab=151936, hidden=64, layers=2, heads=4, mlp=96)
+        path = write_checkpoint(str(tmp_path), cfg, v1_state_dict(cfg, seed=1))
+    else:
+        path = tiny_hf_qwen2(str(tmp_path), vocab=151936)
+    assert main(["bench", "--model", path, "--device", "cpu", "--dtype", "float32", "--gen", "24",
+                 "--prefill", "32", "--compare", "hf", "--hf-tokens", "24", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    d = res["decode"][0]
+    assert d["tokens"] == 24 and d["tokens_per_s"] > 0 and d["kv_cache_bytes"] > 0
+    assert res["prefill"]["tokens"] == 32 and res["prefill"]["ms"] > 0
+    assert res["hf"]["tokens"] == 24 and res["hf"]["agree_tokens"] == 24
+
+
+def test_bench_bad_arguments(capsys):
+    assert main(["bench", "--shape", "7B", "--gen", "lots", "--device", "cpu"]) == 2
+    assert "--gen must be" in capsys.readouterr().err
