@@ -34,7 +34,7 @@ def test_engine_equals_reference(model, cfg, lengths):
     prompts = _prompts(*lengths)
     eng = Engine(model, bucket=8)  # small buckets: decoding crosses several KV-length buckets
     assert eng.generate(prompts, cfg) == generate(model, prompts, cfg)
-    assert eng.generate(prompts, cfg, sync_every=1) == generate(model, prompts, cfg)
+    assert eng.generate(prompts, cfg, sync_every=7) == generate(model, prompts, cfg)  # run-ahead
 
 
 def test_rows_stop_on_their_own(model):
@@ -56,7 +56,7 @@ def test_cache_sized_to_the_request(model):
 def test_engine_reuses_buffers_across_generations(model):
     """Same shapes: the second generation reuses the cache and buffers (and on GPU the captured
     graphs); stale values from the first must not leak into it."""
-    eng = Engine(model, bucket=8)
+    eng = Engine(model, bucket=8, keep_state=True)
     a, b = _prompts(6, 13), [p[::-1] for p in _prompts(13, 6)]
     eng.generate(a, SAMPLED)
     state = eng._state
@@ -64,3 +64,14 @@ def test_engine_reuses_buffers_across_generations(model):
     assert eng._state is state
     assert eng.generate(_prompts(3), GREEDY) == generate(model, _prompts(3), GREEDY)  # new shape
     assert eng._state is not state
+
+
+def test_cache_freed_after_generation_on_cpu(model):
+    eng = Engine(model, bucket=8)
+    steps = eng.generate_steps(_prompts(5), GREEDY)
+    next(steps)
+    assert eng._state is not None  # the cache lives while generating...
+    steps.close()
+    assert eng._state is None  # ...and is released when the generation ends, even early
+    eng.generate(_prompts(5), GREEDY)
+    assert eng._state is None

@@ -27,12 +27,15 @@ log = logging.getLogger("qwenlm")
 class Engine:
     """Fast generation for one model. `generate_steps(prompts, cfg)` yields each step's tokens."""
 
-    def __init__(self, model, cuda_graphs: bool | None = None, bucket: int = 256):
+    def __init__(self, model, cuda_graphs: bool | None = None, bucket: int = 256,
+                 keep_state: bool | None = None):
         self.model = model
         self.cfg = model.config
         self.device = model.device
         self.bucket = bucket
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        # keeping the cache between generations only pays when captured graphs can be replayed
+        self.keep_state = self.cuda_graphs if keep_state is None else keep_state
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self._state: dict | None = None
@@ -77,7 +80,7 @@ class Engine:
         if prev is not None and tuple(prev.k.shape) == shape and prev.k.dtype == m.dtype:
             cache = prev  # stale slots are masked out by `valid`
         else:
-            self._release()  # free the old cache before allocating the new one
+            self.release()  # free the old cache before allocating the new one
             cache = StaticKVCache(*shape, m.dtype, dev)
         self.last_kv_bytes, self.last_max_len = cache.nbytes, max_len
         return {"ids": ids, "mask": mask, "b": b, "w": w, "cos": cos_t, "sin": sin_t, "logn": logn_t,
@@ -103,11 +106,12 @@ class Engine:
             for k in ("ids", "mask", "b", "w"):
                 old[k] = st[k]
             return old
-        self._release()
+        self.release()
         self._state = st
         return st
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Free the KV cache, buffers and captured graphs (they are rebuilt on the next call)."""
         self._graphs.clear()
         self._pool = None  # a pool must not outlive the graphs that used it
         self._state = None
@@ -167,6 +171,13 @@ class Engine:
                        sync_every: int = 1) -> Iterator[list[int | None]]:
         """Yield each row's new token per step (None once finished), like the reference loop.
         With `sync_every > 1` the GPU runs ahead and the host checks stops every that many steps."""
+        try:
+            yield from self._steps(prompts, cfg, stop, vocab_limit, sync_every)
+        finally:
+            if not self.keep_state:
+                self.release()  # free the KV cache as soon as the generation ends
+
+    def _steps(self, prompts, cfg, stop, vocab_limit, sync_every):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         stop = stop or StopChecker(cfg)
@@ -218,7 +229,11 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
                  stop: StopChecker | None = None, vocab_limit: int | None = None,
-                 sync_every: int = 16) -> list[list[int]]:
+                 sync_every: int | None = None) -> list[list[int]]:
+        """New token ids of each row. On CUDA the GPU runs 16 steps ahead of the stop checks;
+        on CPU every step is checked (a wasted step there costs real time)."""
+        if sync_every is None:
+            sync_every = 16 if self.device.type == "cuda" else 1
         rows: list[list[int]] = [[] for _ in prompts]
         for step in self.generate_steps(prompts, cfg, stop, vocab_limit, sync_every):
             for i, t in enumerate(step):
