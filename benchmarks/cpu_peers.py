@@ -35,13 +35,13 @@ print(json.dumps({"ttft_s": ttft, "decode_tokens_per_s": (n - 1) / dt, "tokens":
 """
 
 
-def ours(n, dtype):
+def ours(n, dtype, quantize=None):
     from qwenlm import load
     from qwenlm.engine import Engine
     from qwenlm.generation import GenerationConfig
     from qwenlm.tokenizer import make_context
 
-    model, tok = load(dtype=dtype, device="cpu")
+    model, tok = load(dtype=dtype, device="cpu", quantize=quantize)
     _, ids = make_context(tok, PROMPT, system="You are a helpful assistant.")
     eng = Engine(model)
     cfg = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=n, eos_token_id=None)
@@ -84,6 +84,7 @@ def main():
     res = {}
     res["qwenlm fp32"], ids = ours(args.tokens, "float32")
     res["qwenlm bf16"], _ = ours(args.tokens, "bfloat16")
+    res["qwenlm int4"], _ = ours(args.tokens, "auto", "int4")
     res["transformers fp32"] = hf(args.tokens, ids)
     if args.llama_python:
         from qwenlm.hub import default_gguf_path

@@ -79,3 +79,12 @@ def test_loading_is_memory_mapped(default_dir):
     weights = sum(os.path.getsize(os.path.join(default_dir, f)) for f in os.listdir(default_dir)
                   if f.endswith(".safetensors"))
     assert int(r.stdout.strip()) < 1.5 * weights
+
+
+def test_int4_cpu_path_still_answers(default_dir):
+    from qwenlm import load
+
+    model, tokenizer = load(default_dir, device="cpu", quantize="int4")
+    assert model.quantization == "int4-g32"
+    assert model.chat(tokenizer, PARIS, do_sample=False)[0].strip().rstrip(".") == "Paris"
+    assert re.search(r"[\u4e00-\u9fff]", model.chat(tokenizer, "你好", do_sample=False)[0])

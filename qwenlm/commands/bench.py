@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--gen", default="2048,8192", help="comma-separated decode lengths (default 2048,8192)")
     p.add_argument("--prefill", type=int, default=2048, help="prefill length (0 to skip)")
+    p.add_argument("--quantize", choices=["int4"], default=None, help="4-bit weight-only layers (CPU)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument("--compare", choices=["hf"], help="also run transformers' Qwen2 on the same weights")
@@ -43,6 +44,8 @@ def run(args) -> int:
         lengths = [int(x) for x in args.gen.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--gen must be comma-separated integers, not {args.gen!r}") from None
+    if args.compare == "hf" and args.quantize:
+        raise UserError("--compare hf runs transformers on the same weights: drop --quantize")
     device = resolve_device(args.device)
     notes = []
     if args.shape:
@@ -69,12 +72,12 @@ def run(args) -> int:
         from ..hub import resolve_model
 
         path = resolve_model(args.model)
-        model = load_model(path, args.dtype, device)
+        model = load_model(path, args.dtype, device, args.quantize)
         name = path
     engine = Engine(model, cuda_graphs=False if args.no_graphs else None)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     res = B.BenchResult(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                        dtype=str(model.dtype).replace("torch.", ""), model=name,
+                        dtype=getattr(model, "quantization", str(model.dtype).replace("torch.", "")), model=name,
                         layers=f"{model.config.num_layers}", weight_bytes=weights, notes=notes)
     for n in lengths:
         print(f"decoding {n} tokens (batch {args.batch})...", file=sys.stderr)

@@ -11,6 +11,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     p.add_argument("--cpu-only", action="store_true", help="same as --device cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--quantize", choices=["int4"], default=None,
+                   help="int4: 4-bit weight-only layers, the fastest way to decode on a CPU")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -36,4 +38,4 @@ def load_from_args(args: argparse.Namespace):
     from ..auto import load
 
     device = "cpu" if args.cpu_only else args.device
-    return load(args.model, dtype=args.dtype, device=device)
+    return load(args.model, dtype=args.dtype, device=device, quantize=args.quantize)

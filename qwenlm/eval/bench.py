@@ -101,8 +101,10 @@ def _bandwidth(device: torch.device) -> float | None:
 def streamed_weight_bytes(model) -> int:
     """Bytes read per decode step: every weight except the embedding table (one row is read)."""
     emb = model.embed.weight
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb) + (
-        emb.numel() * emb.element_size() if model.config.tie_word_embeddings else 0)
+    tensors = [*model.parameters(), *model.buffers()]  # quantized layers keep their weights in buffers
+    tied_head = model.config.tie_word_embeddings and not hasattr(model, "quantization")
+    return sum(t.numel() * t.element_size() for t in tensors if t is not emb) + (
+        emb.numel() * emb.element_size() if tied_head else 0)
 
 
 def bench_decode(engine: Engine, n_tokens: int, batch: int = 1, context: int = 1) -> dict:

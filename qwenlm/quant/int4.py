@@ -1,0 +1,86 @@
+"""4-bit weight-only linear layers for fast CPU decoding.
+
+Decoding on a CPU is bound by the bytes of weights read per token; 4-bit weights read 4x less than
+bf16. Weights are quantized round-to-nearest, asymmetric, per group of `group_size` input columns
+(the scheme of llama.cpp's Q4_1 and of torch's int4 CPU kernel), and multiplied with
+`aten._weight_int4pack_mm_for_cpu`. `dequantize()` gives the exact weight the kernel uses, so a
+test can hold the kernel to a plain matmul.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger("qwenlm")
+
+
+def quantize_rtn(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> q (N, K) int32 in [0, 15], scale and min (N, K/group) fp32."""
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
+    w = weight.float().view(n, k // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = ((w - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+    return q.view(n, k), scale, lo
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequant(W).T + b with W stored as packed 4-bit groups (CPU kernel)."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = 32):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        weight = linear.weight.detach()
+        self.padded = -self.out_features % 16  # the kernel packs rows in tiles of 16
+        if self.padded:
+            weight = torch.cat((weight, weight.new_zeros(self.padded, self.in_features)))
+        q, scale, lo = quantize_rtn(weight, group_size)
+        # the kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale
+        zeros = lo + 8 * scale
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scale.t(), zeros.t()], dim=-1).contiguous().to(torch.bfloat16))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, self.group_size,
+            self.scales_and_zeros)
+        if self.padded:
+            y = y[:, :self.out_features]
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        """The (N, K) weight the kernel multiplies by, from the codes `q` of `quantize_rtn`
+        (for a padded layer: of the weight with its zero rows)."""
+        sz = self.scales_and_zeros.float()  # (K/g, N, 2)
+        scale, zero = sz[..., 0].t(), sz[..., 1].t()  # (N, K/g)
+        g = self.group_size
+        rows = self.out_features + self.padded
+        w = (q.view(rows, -1, g).float() - 8) * scale[..., None] + zero[..., None]
+        return w.view(rows, self.in_features)[:self.out_features]
+
+
+def quantize_model_int4(model: nn.Module, group_size: int = 32) -> nn.Module:
+    """Replace every nn.Linear (lm_head included) by an Int4Linear; the rest becomes bf16."""
+    if model.device.type != "cpu":
+        raise ValueError("4-bit weight-only layers run on CPU only (use bf16 on GPU)")
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise ValueError("this PyTorch has no int4 CPU kernel (needs torch >= 2.6)")
+    model.to(torch.bfloat16)
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    for name, mod in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, Int4Linear(mod, group_size))
+    # a tied embedding keeps its bf16 table: only the head's copy is quantized
+    model.quantization = f"int4-g{group_size}"
+    log.info("quantized %d linear layers to 4 bits (group %d)", len(targets), group_size)
+    return model
