@@ -8,6 +8,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from qwenlm.weights.mapping import qwen_v1_to_qwen2
+
 
 def v1_config(vocab=1000, hidden=64, layers=2, heads=4, mlp=96, seq_length=4096, **kw) -> dict:
     cfg = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "vocab_size": vocab,
@@ -70,21 +72,7 @@ def v1_to_qwen2(cfg: dict, sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
              "num_key_value_heads": cfg["num_attention_heads"], "rms_norm_eps": cfg["layer_norm_epsilon"],
              "rope_theta": float(cfg["rotary_emb_base"]), "max_position_embeddings": 32768,
              "tie_word_embeddings": False, "hidden_act": "silu"}
-    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"], "model.norm.weight": sd["transformer.ln_f.weight"],
-           "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(cfg["num_hidden_layers"]):
-        p, q = f"transformer.h.{i}.", f"model.layers.{i}."
-        wq, wk, wv = sd[p + "attn.c_attn.weight"].split(h)
-        bq, bk, bv = sd[p + "attn.c_attn.bias"].split(h)
-        out.update({q + "input_layernorm.weight": sd[p + "ln_1.weight"],
-                    q + "post_attention_layernorm.weight": sd[p + "ln_2.weight"],
-                    q + "self_attn.q_proj.weight": wq, q + "self_attn.k_proj.weight": wk,
-                    q + "self_attn.v_proj.weight": wv, q + "self_attn.q_proj.bias": bq,
-                    q + "self_attn.k_proj.bias": bk, q + "self_attn.v_proj.bias": bv,
-                    q + "self_attn.o_proj.weight": sd[p + "attn.c_proj.weight"],
-                    q + "mlp.gate_proj.weight": sd[p + "mlp.w2.weight"],
-                    q + "mlp.up_proj.weight": sd[p + "mlp.w1.weight"],
-                    q + "mlp.down_proj.weight": sd[p + "mlp.c_proj.weight"]})
+    out = qwen_v1_to_qwen2(sd, h, cfg["num_hidden_layers"])
     return q2cfg, out
 
 

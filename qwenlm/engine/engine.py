@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..generation.config import GenerationConfig
-from ..generation.generate import StopChecker, left_pad, make_generator
+from ..generation.generate import StopChecker, collect, left_pad, make_generator
 from ..generation.sampling import next_tokens
 from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, ntk_alpha
 from .cache import StaticKVCache
@@ -234,12 +234,7 @@ class Engine:
         on CPU every step is checked (a wasted step there costs real time)."""
         if sync_every is None:
             sync_every = 16 if self.device.type == "cuda" else 1
-        rows: list[list[int]] = [[] for _ in prompts]
-        for step in self.generate_steps(prompts, cfg, stop, vocab_limit, sync_every):
-            for i, t in enumerate(step):
-                if t is not None:
-                    rows[i].append(t)
-        return rows
+        return collect(self.generate_steps(prompts, cfg, stop, vocab_limit, sync_every), len(prompts))
 
 
 def get_engine(model) -> Engine:

@@ -178,24 +178,10 @@ def hf_twin(model):
     with torch.device("meta"):
         hf = transformers.Qwen2ForCausalLM(hcfg)
     sd = model.state_dict()
-    if c.arch == "qwen":  # fused c_attn -> q/k/v; w2 is the gate, w1 the up projection
-        mapped = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
-                  "model.norm.weight": sd["transformer.ln_f.weight"], "lm_head.weight": sd["lm_head.weight"]}
-        h = c.hidden_size
-        for i in range(c.num_layers):
-            p, q = f"transformer.h.{i}.", f"model.layers.{i}."
-            wq, wk, wv = sd[p + "attn.c_attn.weight"].split(h)
-            bq, bk, bv = sd[p + "attn.c_attn.bias"].split(h)
-            mapped.update({q + "input_layernorm.weight": sd[p + "ln_1.weight"],
-                           q + "post_attention_layernorm.weight": sd[p + "ln_2.weight"],
-                           q + "self_attn.q_proj.weight": wq, q + "self_attn.k_proj.weight": wk,
-                           q + "self_attn.v_proj.weight": wv, q + "self_attn.q_proj.bias": bq,
-                           q + "self_attn.k_proj.bias": bk, q + "self_attn.v_proj.bias": bv,
-                           q + "self_attn.o_proj.weight": sd[p + "attn.c_proj.weight"],
-                           q + "mlp.gate_proj.weight": sd[p + "mlp.w2.weight"],
-                           q + "mlp.up_proj.weight": sd[p + "mlp.w1.weight"],
-                           q + "mlp.down_proj.weight": sd[p + "mlp.c_proj.weight"]})
-        sd = mapped
+    if c.arch == "qwen":
+        from ..weights.mapping import qwen_v1_to_qwen2
+
+        sd = qwen_v1_to_qwen2(sd, c.hidden_size, c.num_layers)
     hf.load_state_dict(sd, strict=not c.tie_word_embeddings, assign=True)
     if c.tie_word_embeddings:
         hf.tie_weights()

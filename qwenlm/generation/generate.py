@@ -119,15 +119,20 @@ def generate_steps(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfi
         out = model(nxt[:, None], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
 
 
-def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
-             stop: StopChecker | None = None, vocab_limit: int | None = None) -> list[list[int]]:
-    """New token ids of each row (stop token included, like transformers)."""
-    rows: list[list[int]] = [[] for _ in prompts]
-    for step in generate_steps(model, prompts, cfg, stop, vocab_limit):
+def collect(steps: Iterator[list[int | None]], n_rows: int) -> list[list[int]]:
+    """Per-step tokens -> each row's token list."""
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    for step in steps:
         for i, t in enumerate(step):
             if t is not None:
                 rows[i].append(t)
     return rows
+
+
+def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+             stop: StopChecker | None = None, vocab_limit: int | None = None) -> list[list[int]]:
+    """New token ids of each row (stop token included, like transformers)."""
+    return collect(generate_steps(model, prompts, cfg, stop, vocab_limit), len(prompts))
 
 
 def stream_text(model, tokenizer, prompt: Sequence[int], cfg: GenerationConfig,
