@@ -85,6 +85,6 @@ def test_int4_cpu_path_still_answers(default_dir):
     from qwenlm import load
 
     model, tokenizer = load(default_dir, device="cpu", quantize="int4")
-    assert model.quantization == "int4-g32"
+    assert model.quantization in ("q4-avx2", "int4-g32")
     assert model.chat(tokenizer, PARIS, do_sample=False)[0].strip().rstrip(".") == "Paris"
     assert re.search(r"[\u4e00-\u9fff]", model.chat(tokenizer, "你好", do_sample=False)[0])

@@ -45,7 +45,7 @@ def test_quantized_model_generates(tmp_path):
     path = write_checkpoint(str(tmp_path), cfg, v1_state_dict(cfg, seed=2, std=0.05))
     ref = load_model(path, dtype="bfloat16", device="cpu")
     q = load_model(path, device="cpu", quantize="int4")
-    assert q.quantization == "int4-g32" and isinstance(q.lm_head, Int4Linear)
+    assert q.quantization in ("q4-avx2", "int4-g32") and not isinstance(q.lm_head, torch.nn.Linear)
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
     a, b = ref(ids).logits.float(), q(ids).logits.float()
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98

@@ -1,0 +1,96 @@
+"""Q4 layers: 4-bit weights (blocks of 32, fp16 scale and minimum, like llama.cpp's Q4_1) multiplied
+by int8-quantized activations in a hand-written AVX2 kernel (`csrc/q4_gemv.cpp`), built on first use
+with torch's C++ extension loader. A long prefill (many rows) dequantizes a layer to fp32 and uses
+one matmul instead. `available()` says whether this machine can use it; otherwise `int4.py` serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+log = logging.getLogger("qwenlm")
+BLOCK = 32
+_GEMV_MAX_ROWS = 64  # above this, dequantize + one fp32 matmul beats the row-by-row kernel
+
+
+@lru_cache(maxsize=1)
+def _extension():
+    from torch.utils.cpp_extension import load
+
+    src = os.path.join(os.path.dirname(__file__), "csrc", "q4_gemv.cpp")
+    log.warning("building the 4-bit CPU kernel (once, about a minute)...")
+    return load("qwenlm_q4", [src], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@lru_cache(maxsize=1)
+def available() -> bool:
+    """True when the CPU has AVX2/FMA/F16C and the kernel builds (QWENLM_Q4_KERNEL=0 disables it)."""
+    if os.environ.get("QWENLM_Q4_KERNEL", "1") == "0" or not {"avx2", "fma", "f16c"} <= _cpu_flags():
+        return False
+    try:
+        _extension()
+        return True
+    except Exception as e:  # no compiler / ninja: say why once, the caller falls back
+        log.warning("4-bit AVX2 kernel unavailable (%s: %s)", type(e).__name__, str(e).splitlines()[0][:200])
+        return False
+
+
+def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) -> codes (N, K/32, 16) uint8, d and m (N, K/32) fp16, and the 0..15 codes (N, K/32, 32)."""
+    n, k = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"in_features {k} is not a multiple of {BLOCK}")
+    w = weight.float().view(n, k // BLOCK, BLOCK)
+    m = w.amin(-1).half()
+    d = ((w.amax(-1) - m.float()) / 15).half()
+    dd = d.float().clamp(min=1e-12)
+    q = ((w - m.float()[..., None]) / dd[..., None]).round().clamp(0, 15).to(torch.uint8)
+    codes = q[..., :16] | (q[..., 16:] << 4)
+    return codes.contiguous(), d, m, q
+
+
+def dequantize_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    q = torch.cat((codes & 0x0F, codes >> 4), dim=-1).float()  # (N, K/32, 32)
+    w = q * d.float()[..., None] + m.float()[..., None]
+    return w.view(codes.shape[0], -1)
+
+
+class Q4Linear(nn.Module):
+    """y = x @ W.T + b, W in Q4 blocks; decode rows go through the AVX2 GEMV."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        codes, d, m, _ = quantize_q4(linear.weight.detach())
+        self.register_buffer("codes", codes)
+        self.register_buffer("d", d)
+        self.register_buffer("m", m)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= _GEMV_MAX_ROWS:
+            y = _extension().q4_gemv(x2.float().contiguous(), self.codes, self.d, self.m)
+        else:
+            # fp32, not bf16: CPUs without AVX512-BF16 multiply bf16 matrices slowly
+            y = x2.float() @ dequantize_q4(self.codes, self.d, self.m).t()
+        y = y.view(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
