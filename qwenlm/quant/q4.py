@@ -20,8 +20,19 @@ _GEMV_MAX_ROWS = 64  # above this, dequantize + one fp32 matmul beats the row-by
 
 @lru_cache(maxsize=1)
 def _extension():
+    import sys
+
     from torch.utils.cpp_extension import load
 
+    # torch looks for `ninja` on PATH; a venv's python may run without the venv being activated
+    extra = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        extra.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    os.environ["PATH"] = os.pathsep.join(extra + [os.environ.get("PATH", "")])
     src = os.path.join(os.path.dirname(__file__), "csrc", "q4_gemv.cpp")
     log.warning("building the 4-bit CPU kernel (once, about a minute)...")
     return load("qwenlm_q4", [src], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
