@@ -58,26 +58,53 @@ torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor d, tor
   const float* XS = xs.data_ptr<float>();
   const int32_t* XSUM = xsum.data_ptr<int32_t>();
   float* Y = y.data_ptr<float>();
+  // per activation block: s * sum(xq), the factor of the weight minimum (shared by every row)
+  auto ms_t = torch::empty({M, nb}, torch::kFloat32);
+  float* MS = ms_t.data_ptr<float>();
+  for (int64_t i = 0; i < M * nb; ++i) MS[i] = XS[i] * (float)XSUM[i];
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* Cn = C + n * nb * 16;
+    const uint16_t* Dn = D + n * nb;
+    const uint16_t* Mn_ = Mn + n * nb;
     for (int64_t r = 0; r < M; ++r) {
-      __m256 acc = _mm256_setzero_ps();
-      float acc_min = 0.f;
-      for (int64_t b = 0; b < nb; ++b) {
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(C + (n * nb + b) * 16));
-        const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-        const __m256i q = _mm256_and_si256(both, low4);  // codes 0..15, then 16..31
-        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(XQ + r * K + b * 32));
-        const __m256i dot16 = _mm256_maddubs_epi16(q, a);  // u8 * s8 pairs -> s16 (|.| <= 3810)
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16, ones));
-        const float s = XS[r * nb + b];
-        const float ds = _cvtsh_ss(D[n * nb + b]) * s;
-        acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(ds), acc);
-        acc_min += _cvtsh_ss(Mn[n * nb + b]) * s * (float)XSUM[r * nb + b];
+      const int8_t* XQr = XQ + r * K;
+      const float* XSr = XS + r * nb;
+      const float* MSr = MS + r * nb;
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+      int64_t b = 0;
+      for (; b + 8 <= nb; b += 8) {
+        // eight blocks' scales at once: d*s, and the minimum term m * s * sum(xq)
+        alignas(32) float ds[8];
+        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Dn + b)));
+        _mm256_store_ps(ds, _mm256_mul_ps(dv, _mm256_loadu_ps(XSr + b)));
+        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Mn_ + b)));
+        accm = _mm256_fmadd_ps(mv, _mm256_loadu_ps(MSr + b), accm);
+        for (int j = 0; j < 8; j += 2) {
+          const __m128i p0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Cn + (b + j) * 16));
+          const __m128i p1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Cn + (b + j + 1) * 16));
+          const __m256i q0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p0, 4), p0), low4);
+          const __m256i q1 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p1, 4), p1), low4);
+          const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(XQr + (b + j) * 32));
+          const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(XQr + (b + j + 1) * 32));
+          const __m256 d0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q0, a0), ones));
+          const __m256 d1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q1, a1), ones));
+          acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(ds[j]), acc0);
+          acc1 = _mm256_fmadd_ps(d1, _mm256_set1_ps(ds[j + 1]), acc1);
+        }
       }
-      Y[r * N + n] = hsum(acc) + acc_min;
+      float tail = 0.f;
+      for (; b < nb; ++b) {  // the last nb % 8 blocks, one at a time
+        const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Cn + b * 16));
+        const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), low4);
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(XQr + b * 32));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, a), ones));
+        acc0 = _mm256_fmadd_ps(dot, _mm256_set1_ps(_cvtsh_ss(Dn[b]) * XSr[b]), acc0);
+        tail += _cvtsh_ss(Mn_[b]) * MSr[b];
+      }
+      Y[r * N + n] = hsum(_mm256_add_ps(acc0, acc1)) + hsum(accm) + tail;
     }
   }
   return y;
