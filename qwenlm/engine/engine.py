@@ -224,7 +224,8 @@ class Engine:
             st["pos"].add_(1)
             slot = w + step
             st["slot"].fill_(slot)
-            length = min(self.bucket * math.ceil((slot + 1) / self.bucket), max_len)
+            # graphs need a few fixed lengths; without them attend to exactly the filled slots
+            length = min(self.bucket * math.ceil((slot + 1) / self.bucket), max_len) if self.cuda_graphs else slot + 1
             logits = self._decode_step(st, length)
 
     def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,

@@ -69,15 +69,18 @@ class Int4Linear(nn.Module):
 
 
 def quantize_model_int4(model: nn.Module, group_size: int = 32) -> nn.Module:
-    """Replace every nn.Linear (lm_head included) by an Int4Linear; the rest becomes bf16."""
+    """Replace every nn.Linear (lm_head included) by a 4-bit layer: Q4Linear (AVX2 kernel, fp32
+    activations) where the CPU allows, else Int4Linear (aten kernel, bf16 activations)."""
     if model.device.type != "cpu":
         raise ValueError("4-bit weight-only layers run on CPU only (use bf16 on GPU)")
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         raise ValueError("this PyTorch has no int4 CPU kernel (needs torch >= 2.6)")
     from . import q4
 
-    model.to(torch.bfloat16)
     use_q4 = q4.available()  # the AVX2 kernel reads ~3x faster than aten's int4 kernel
+    # Q4 takes fp32 activations (no casts around every layer; fp32 attention is fast on CPUs);
+    # aten's int4 kernel wants bf16
+    model.to(torch.float32 if use_q4 else torch.bfloat16)
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for name, mod in targets:
         parent_name, _, attr = name.rpartition(".")

@@ -99,9 +99,12 @@ class Q4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= _GEMV_MAX_ROWS:
-            y = _extension().q4_gemv(x2.float().contiguous(), self.codes, self.d, self.m)
+            xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+            y = _extension().q4_gemv(xf, self.codes, self.d, self.m)
         else:
             # fp32, not bf16: CPUs without AVX512-BF16 multiply bf16 matrices slowly
             y = x2.float() @ dequantize_q4(self.codes, self.d, self.m).t()
-        y = y.view(*shape[:-1], self.out_features).to(x.dtype)
+        y = y.view(*shape[:-1], self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
