@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..generation.config import GenerationConfig
-from ..generation.generate import StopChecker, collect, left_pad, make_generator
+from ..generation.generate import StopChecker, collect, left_pad, make_generator, record_step
 from ..generation.sampling import next_tokens
 from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, ntk_alpha
 from .cache import StaticKVCache
@@ -205,15 +205,7 @@ class Engine:
             last = step == n_new - 1
             if (step + 1) % sync_every == 0 or last:
                 for row_step in out_tokens[:, done_steps:step + 1].T.tolist():
-                    yielded: list[int | None] = []
-                    for i, t in enumerate(row_step):
-                        if finished[i]:
-                            yielded.append(None)
-                            continue
-                        generated[i].append(t)
-                        yielded.append(t)
-                        finished[i] = stop.done(generated[i])
-                    yield yielded
+                    yield record_step(row_step, generated, finished, stop)
                     if all(finished):
                         return
                 done_steps = step + 1

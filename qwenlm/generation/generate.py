@@ -71,6 +71,21 @@ class StopChecker:
         return False
 
 
+def record_step(tokens: list[int], generated: list[list[int]], finished: list[bool],
+                stop: StopChecker) -> list[int | None]:
+    """Append one step's tokens to the unfinished rows and mark rows that stop now;
+    returns the step as yielded (None for rows that had already finished)."""
+    step: list[int | None] = []
+    for i, t in enumerate(tokens):
+        if finished[i]:
+            step.append(None)
+            continue
+        generated[i].append(t)
+        step.append(t)
+        finished[i] = stop.done(generated[i])
+    return step
+
+
 def make_generator(seed: int | None, device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed if seed is not None else random.randrange(2**63))
@@ -101,15 +116,7 @@ def generate_steps(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfi
         logits = out.logits[:, -1].float()
         if vocab_limit is not None and vocab_limit < vocab:
             logits[:, vocab_limit:] = float("-inf")
-        tokens = next_tokens(logits, seen, cfg, generator).tolist()
-        step: list[int | None] = []
-        for i, t in enumerate(tokens):
-            if finished[i]:
-                step.append(None)
-                continue
-            generated[i].append(t)
-            step.append(t)
-            finished[i] = stop.done(generated[i])
+        step = record_step(next_tokens(logits, seen, cfg, generator).tolist(), generated, finished, stop)
         yield step
         if all(finished):
             return
