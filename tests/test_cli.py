@@ -95,7 +95,6 @@ def test_conf_takes_effect(session_factory):
     s, out = session_factory(do_sample=False)
     s.handle(":conf max_new_tokens=1")
     s.handle("tell me a long story")
-    assert len(s.model.generation_config.update().to_dict()) > 0
     assert len(s.tokenizer.encode(s.history[-1][1])) <= 1
     s.handle(":conf top_p=7")
     assert "[ERROR] top_p must be in (0, 1]" in out.getvalue()

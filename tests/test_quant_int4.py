@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from helpers import v1_config, v1_state_dict, write_checkpoint
-from qwenlm import GenerationConfig, load_model
+from qwenlm import load_model
 from qwenlm.quant.int4 import Int4Linear, quantize_rtn
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),

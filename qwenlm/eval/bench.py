@@ -147,7 +147,7 @@ def bench_decode(engine: Engine, n_tokens: int, batch: int = 1, context: int = 1
 
 
 def bench_prefill(engine: Engine, n_tokens: int = 2048, repeats: int = 3) -> dict:
-    model, dev = engine.model, engine.device
+    dev = engine.device
     ids = torch.randint(0, 151643, (1, n_tokens), generator=torch.Generator().manual_seed(1)).tolist()
     cfg = GenerationConfig(do_sample=False, max_new_tokens=0, eos_token_id=None, pad_token_id=0)
     st = engine._setup(ids, cfg, n_tokens)

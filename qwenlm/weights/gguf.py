@@ -7,7 +7,6 @@ and writing config.json, generation_config.json, tokenizer files and safetensors
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
