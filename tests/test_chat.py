@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qwenlm import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-from qwenlm.generation.generate import StopChecker, _split_on_stop
+from qwenlm.generation.generate import StopChecker, split_on_stop
 from qwenlm.generation.sampling import apply_repetition_penalty, top_k_filter, top_p_filter
 from qwenlm.tokenizer import make_context
 
@@ -124,6 +124,6 @@ def test_stop_checker_and_stop_strings(v1_tokenizer):
     assert "Observation:" in v1_tokenizer.decode(ids[:done_at])
     assert "Observation:" not in v1_tokenizer.decode(ids[:done_at - 1])
     # streaming: text that may start a stop string is held back, the stop string never shown
-    assert _split_on_stop("hello Obs", ["Observation:"]) == ("Obs", "hello ", False)
-    assert _split_on_stop("hello Observation: z", ["Observation:"]) == ("", "hello ", True)
-    assert _split_on_stop("hello O", ["Observation:"], final=True) == ("", "hello O", False)
+    assert split_on_stop("hello Obs", ["Observation:"]) == ("Obs", "hello ", False)
+    assert split_on_stop("hello Observation: z", ["Observation:"]) == ("", "hello ", True)
+    assert split_on_stop("hello O", ["Observation:"], final=True) == ("", "hello O", False)

@@ -1,5 +1,5 @@
-"""`chat()` / `chat_stream()` / `generate()` with the original's signatures, over the reference
-generation loop. The nn.Module only forwards to these (see `GenerationMixin`)."""
+"""`chat()` / `chat_stream()` / `generate()` with the original's signatures, running on the engine
+(`qwenlm/engine`). The nn.Module only forwards to these (see `GenerationMixin`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from ..tokenizer.chatml import BAD_CHAT_FORMAT, History, make_context, reply_ids
 from .config import GenerationConfig
-from .generate import StopChecker, prompts_from_tensor, stream_text
+from .generate import StopChecker, split_on_stop, prompts_from_tensor, stream_text
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -52,7 +52,7 @@ def chat(model, tokenizer, query: str, history: History | None = None,
     stop = StopChecker(cfg, control, tokenizer)
     new = _engine(model).generate([context], cfg, stop, vocab_limit=tokenizer.id_limit)[0]
     text = tokenizer.decode(reply_ids(new, set(control) | set(cfg.eos_ids())), errors="replace")
-    response = _cut_stop_strings(text, cfg.stop).strip()
+    response = split_on_stop(text, [x for x in (cfg.stop or []) if x], final=True)[1].strip()
     history = copy.deepcopy(history) if history else []
     history.append((query, response))
     return response, history
@@ -63,7 +63,6 @@ def chat_stream(model, tokenizer, query: str, history: History | None = None,
                 generation_config: GenerationConfig | None = None, **kwargs: Any) -> Iterator[str]:
     """Yield the cumulative response text, like the original; history is neither copied nor
     appended (the caller appends)."""
-    kwargs.pop("logits_processor", None)
     cfg, context, control = _chat_setup(model, tokenizer, query, history, system, stop_words_ids,
                                         generation_config, kwargs)
     text = ""
@@ -76,11 +75,6 @@ def _engine(model):
     from ..engine import get_engine  # the engine imports the models, which import this module
 
     return get_engine(model)
-
-
-def _cut_stop_strings(text: str, stops: list[str] | None) -> str:
-    cut = min((i for i in (text.find(s) for s in (stops or []) if s) if i >= 0), default=-1)
-    return text if cut < 0 else text[:cut]
 
 
 def hf_generate(model, input_ids, attention_mask=None, generation_config: GenerationConfig | None = None,

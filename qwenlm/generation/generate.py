@@ -166,18 +166,18 @@ def stream_text(model, tokenizer, prompt: Sequence[int], cfg: GenerationConfig,
         if t in end_ids:
             break
         pending += dec.put(t)
-        pending, emit, hit = _split_on_stop(pending, strings)
+        pending, emit, hit = split_on_stop(pending, strings)
         if emit:
             yield emit
         if hit:
             return
     pending += dec.flush()
-    pending, emit, _ = _split_on_stop(pending, strings, final=True)
+    pending, emit, _ = split_on_stop(pending, strings, final=True)
     if emit:
         yield emit
 
 
-def _split_on_stop(text: str, strings: list[str], final: bool = False) -> tuple[str, str, bool]:
+def split_on_stop(text: str, strings: list[str], final: bool = False) -> tuple[str, str, bool]:
     """-> (kept back, safe to emit, stop string found)."""
     if not strings:
         return "", text, False
