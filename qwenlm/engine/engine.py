@@ -39,6 +39,7 @@ class Engine:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self._state: dict | None = None
+        self._packs = None  # fused CPU decode blocks (4-bit models), built on first decode
         log.info("engine: %s, cuda graphs %s", self.device, "on" if self.cuda_graphs else "off")
 
     # ---- tables ---------------------------------------------------------------------------
@@ -136,11 +137,34 @@ class Engine:
     def _decode(self, st: dict, length: int) -> torch.Tensor:
         """One decode step over KV slots [0, length): token st['tok'] goes to slot st['slot']."""
         st["valid"].index_fill_(1, st["slot"], True)
+        if self._packs is None:
+            from ..quant.q4 import pack_blocks
+
+            self._packs = (pack_blocks(self.model) if self.device.type == "cpu" else None) or []
+        if self._packs:
+            return self._fused_decode(st, length)
         kpos = torch.arange(length, device=self.device)
         mask = (st["valid"][:, :length] & (kpos <= st["slot"]))[:, None, None, :]  # (B, 1, 1, L)
         st["cache"].write_pos = st["slot"]
         h = self.model.run_blocks(st["tok"], self._ctx(st, st["pos"], mask, length))
         return self.model.lm_head(h[:, -1]).float()
+
+    def _fused_decode(self, st: dict, length: int) -> torch.Tensor:
+        """The same step with each block in one call of the 4-bit CPU kernel (quant/csrc)."""
+        from ..quant.q4 import decode_block
+
+        m, c, b = self.model, self.cfg, st["b"]
+        rows, pos = st["table_rows"][:, 0], st["pos"][:, 0]
+        cos, sin = st["cos"][rows, pos].contiguous(), st["sin"][rows, pos].contiguous()  # (B, D)
+        logn = st["logn"][pos].contiguous() if st["logn"] is not None else torch.empty(0)
+        slot = st["slot"].expand(b).contiguous()
+        valid = st["valid"] if st["valid"].is_contiguous() else st["valid"].contiguous()
+        h = m.embed(st["tok"][:, 0]).float().contiguous()  # (B, H)
+        cache = st["cache"]
+        for i, w in enumerate(self._packs):
+            decode_block(h, w, c.rms_eps, cos, sin, logn, cache.k[i], cache.v[i], slot, valid, length,
+                         c.num_heads, c.num_kv_heads)
+        return m.lm_head(m.final_norm(h)).float()
 
     @torch.inference_mode()
     def _decode_step(self, st: dict, length: int) -> torch.Tensor:

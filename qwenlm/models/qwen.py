@@ -46,6 +46,12 @@ class QWenBlock(nn.Module):
         self.ln_2 = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = QWenMLP(cfg)
 
+    def parts(self) -> dict:
+        """The block's pieces by role, for fused kernels (see quant/q4.py: pack_blocks)."""
+        a, m = self.attn, self.mlp
+        return {"ln1": self.ln_1, "qkv": [a.c_attn], "o": a.c_proj, "ln2": self.ln_2,
+                "gate": m.w2, "up": m.w1, "down": m.c_proj}
+
     def forward(self, h, ctx: ForwardContext, layer: int):
         h = h + self.attn(self.ln_1(h), ctx, layer)
         return h + self.mlp(self.ln_2(h))

@@ -50,6 +50,12 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = Qwen2MLP(cfg)
 
+    def parts(self) -> dict:
+        """The block's pieces by role, for fused kernels (see quant/q4.py: pack_blocks)."""
+        a, m = self.self_attn, self.mlp
+        return {"ln1": self.input_layernorm, "qkv": [a.q_proj, a.k_proj, a.v_proj], "o": a.o_proj,
+                "ln2": self.post_attention_layernorm, "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+
     def forward(self, h, ctx: ForwardContext, layer: int):
         h = h + self.self_attn(self.input_layernorm(h), ctx, layer)
         return h + self.mlp(self.post_attention_layernorm(h))

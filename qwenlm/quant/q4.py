@@ -108,3 +108,50 @@ class Q4Linear(nn.Module):
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+def _concat_rows(layers: list[Q4Linear]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One (sum N, K/32, ...) weight for several layers; each layer's buffers become views into it,
+    so the fused and the per-layer paths share memory."""
+    if len(layers) == 1:
+        return layers[0].codes, layers[0].d, layers[0].m
+    packed = [torch.cat([getattr(lay, name) for lay in layers]) for name in ("codes", "d", "m")]
+    start = 0
+    for lay in layers:
+        n = lay.out_features
+        for name, t in zip(("codes", "d", "m"), packed):
+            setattr(lay, name, t[start:start + n])
+        start += n
+    return tuple(packed)
+
+
+def pack_blocks(model) -> list[list[torch.Tensor]] | None:
+    """The weights of each decoder block in the order `decode_block` takes them, or None when the
+    model cannot use the fused decode step (not all Q4, not fp32, no kernel, QWENLM_FUSED_DECODE=0)."""
+    if os.environ.get("QWENLM_FUSED_DECODE", "1") == "0" or model.device.type != "cpu":
+        return None
+    if model.dtype != torch.float32 or not available():
+        return None
+    packs = []
+    for block in model.blocks:
+        p = block.parts() if hasattr(block, "parts") else None
+        linears = [] if p is None else p["qkv"] + [p["o"], p["gate"], p["up"], p["down"]]
+        if not linears or not all(isinstance(lay, Q4Linear) for lay in linears) or p["o"].bias is not None \
+                or any(lay.bias is not None for lay in (p["gate"], p["up"], p["down"])):
+            return None
+        qkv = _concat_rows(p["qkv"])
+        biases = [lay.bias for lay in p["qkv"]]
+        if all(b is None for b in biases):
+            bias = torch.empty(0)
+        else:
+            bias = torch.cat([b.detach() if b is not None else torch.zeros(lay.out_features)
+                              for b, lay in zip(biases, p["qkv"])]).float().contiguous()
+        gu = _concat_rows([p["gate"], p["up"]])
+        o, down = p["o"], p["down"]
+        packs.append([p["ln1"].weight.detach().float().contiguous(), *qkv, bias, o.codes, o.d, o.m,
+                      p["ln2"].weight.detach().float().contiguous(), *gu, down.codes, down.d, down.m])
+    return packs
+
+
+def decode_block(*args) -> None:
+    _extension().decode_block(*args)

@@ -1,4 +1,5 @@
-// 4-bit weight x int8 activation matrix-vector products for CPU decoding (AVX2 + FMA + F16C).
+// CPU decoding with 4-bit weights (AVX2 + FMA + F16C): a matrix-vector kernel, and one whole
+// transformer block of a decode step in a single call (no per-op framework overhead).
 //
 // Weights: per output row, blocks of 32 input columns; each block stores 16 bytes of 4-bit codes
 // (byte j holds code j in its low nibble and code j+16 in its high nibble) and an fp16 scale d and
@@ -7,6 +8,10 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
 
 namespace {
 
@@ -18,57 +23,67 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// x (M, K) fp32 -> xq (M, K) int8, scales (M, K/32), block sums of xq (M, K/32)
-void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, int32_t* xsum) {
-  const int64_t nb = K / 32;
-  for (int64_t r = 0; r < M; ++r) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* p = x + r * K + b * 32;
-      float amax = 0.f;
-      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(p[j]));
-      const float s = amax / 127.f, inv = s > 0.f ? 1.f / s : 0.f;
-      int32_t sum = 0;
-      for (int j = 0; j < 32; ++j) {
-        int v = (int)std::nearbyint(p[j] * inv);
-        xq[r * K + b * 32 + j] = (int8_t)v;
-        sum += v;
+// Activations of M rows, quantized: xq (M, K) int8, xs (M, K/32) scales, ms = s * sum(xq) per block
+struct QuantRows {
+  std::vector<int8_t> xq;
+  std::vector<float> xs, ms;
+  void quantize(const float* x, int64_t M, int64_t K) {
+    const int64_t nb = K / 32;
+    xq.resize(M * K);
+    xs.resize(M * nb);
+    ms.resize(M * nb);
+    for (int64_t r = 0; r < M; ++r) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* p = x + r * K + b * 32;
+        float amax = 0.f;
+        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(p[j]));
+        const float s = amax / 127.f, inv = s > 0.f ? 1.f / s : 0.f;
+        int32_t sum = 0;
+        for (int j = 0; j < 32; ++j) {
+          int v = (int)std::nearbyint(p[j] * inv);
+          xq[r * K + b * 32 + j] = (int8_t)v;
+          sum += v;
+        }
+        xs[r * nb + b] = s;
+        ms[r * nb + b] = s * (float)sum;
       }
-      xs[r * nb + b] = s;
-      xsum[r * nb + b] = sum;
     }
   }
-}
+};
 
-}  // namespace
+// One 4-bit weight matrix: codes (N, K/32, 16) uint8, d and m (N, K/32) fp16
+struct Q4Weight {
+  const uint8_t* codes;
+  const uint16_t* d;
+  const uint16_t* m;
+  int64_t N, K;
+  Q4Weight(const torch::Tensor& c, const torch::Tensor& dd, const torch::Tensor& mm) {
+    TORCH_CHECK(c.dtype() == torch::kUInt8 && c.is_contiguous() && c.dim() == 3 && c.size(2) == 16,
+                "codes must be contiguous (N, K/32, 16) uint8");
+    TORCH_CHECK(dd.dtype() == torch::kHalf && mm.dtype() == torch::kHalf && dd.is_contiguous() &&
+                mm.is_contiguous() && dd.numel() == c.size(0) * c.size(1) && mm.numel() == dd.numel(),
+                "d and m must be contiguous (N, K/32) float16");
+    codes = c.data_ptr<uint8_t>();
+    d = reinterpret_cast<const uint16_t*>(dd.data_ptr<at::Half>());
+    m = reinterpret_cast<const uint16_t*>(mm.data_ptr<at::Half>());
+    N = c.size(0);
+    K = c.size(1) * 32;
+  }
+};
 
-// x (M, K) float32; codes (N, K/32, 16) uint8; d, m (N, K/32) float16 -> y (M, N) float32
-torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor d, torch::Tensor m) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous (M, K) float32");
-  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), nb = K / 32;
-  TORCH_CHECK(K % 32 == 0 && codes.size(1) == nb && codes.size(2) == 16, "codes must be (N, K/32, 16)");
-  auto xq = torch::empty({M, K}, torch::kInt8);
-  auto xs = torch::empty({M, nb}, torch::kFloat32);
-  auto xsum = torch::empty({M, nb}, torch::kInt32);
-  quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<int32_t>());
-  auto y = torch::empty({M, N}, torch::kFloat32);
-  const uint8_t* C = codes.data_ptr<uint8_t>();
-  const uint16_t* D = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
-  const uint16_t* Mn = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
-  const int8_t* XQ = xq.data_ptr<int8_t>();
-  const float* XS = xs.data_ptr<float>();
-  const int32_t* XSUM = xsum.data_ptr<int32_t>();
-  float* Y = y.data_ptr<float>();
-  // per activation block: s * sum(xq), the factor of the weight minimum (shared by every row)
-  auto ms_t = torch::empty({M, nb}, torch::kFloat32);
-  float* MS = ms_t.data_ptr<float>();
-  for (int64_t i = 0; i < M * nb; ++i) MS[i] = XS[i] * (float)XSUM[i];
+// y (M, N) = x (M, K) @ W.T (+ bias), x already quantized into q
+void gemv(const QuantRows& q, int64_t M, const Q4Weight& W, const float* bias, float* Y) {
+  const int64_t K = W.K, N = W.N, nb = K / 32;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* XQ = q.xq.data();
+  const float* XS = q.xs.data();
+  const float* MS = q.ms.data();
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* Cn = C + n * nb * 16;
-    const uint16_t* Dn = D + n * nb;
-    const uint16_t* Mn_ = Mn + n * nb;
+    const uint8_t* Cn = W.codes + n * nb * 16;
+    const uint16_t* Dn = W.d + n * nb;
+    const uint16_t* Mn = W.m + n * nb;
     for (int64_t r = 0; r < M; ++r) {
       const int8_t* XQr = XQ + r * K;
       const float* XSr = XS + r * nb;
@@ -80,7 +95,7 @@ torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor d, tor
         alignas(32) float ds[8];
         const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Dn + b)));
         _mm256_store_ps(ds, _mm256_mul_ps(dv, _mm256_loadu_ps(XSr + b)));
-        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Mn_ + b)));
+        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Mn + b)));
         accm = _mm256_fmadd_ps(mv, _mm256_loadu_ps(MSr + b), accm);
         for (int j = 0; j < 8; j += 2) {
           const __m128i p0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Cn + (b + j) * 16));
@@ -98,18 +113,154 @@ torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor d, tor
       float tail = 0.f;
       for (; b < nb; ++b) {  // the last nb % 8 blocks, one at a time
         const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Cn + b * 16));
-        const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), low4);
+        const __m256i qq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), low4);
         const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(XQr + b * 32));
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, a), ones));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qq, a), ones));
         acc0 = _mm256_fmadd_ps(dot, _mm256_set1_ps(_cvtsh_ss(Dn[b]) * XSr[b]), acc0);
-        tail += _cvtsh_ss(Mn_[b]) * MSr[b];
+        tail += _cvtsh_ss(Mn[b]) * MSr[b];
       }
-      Y[r * N + n] = hsum(_mm256_add_ps(acc0, acc1)) + hsum(accm) + tail;
+      Y[r * N + n] = hsum(_mm256_add_ps(acc0, acc1)) + hsum(accm) + tail + (bias ? bias[n] : 0.f);
     }
   }
+}
+
+// out (M, K) = rmsnorm(x) * w, normalised in fp32
+void rms_norm(const float* x, const float* w, int64_t M, int64_t K, double eps, float* out) {
+  for (int64_t r = 0; r < M; ++r) {
+    double ss = 0.0;
+    for (int64_t j = 0; j < K; ++j) ss += (double)x[r * K + j] * x[r * K + j];
+    const float inv = 1.f / std::sqrt((float)(ss / K) + (float)eps);
+    for (int64_t j = 0; j < K; ++j) out[r * K + j] = x[r * K + j] * inv * w[j];
+  }
+}
+
+// rotate-half rotary embedding of one head vector in place
+inline void rotate(float* x, const float* cos, const float* sin, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + h] = b * cos[i + h] + a * sin[i + h];
+  }
+}
+
+}  // namespace
+
+// x (M, K) float32; codes (N, K/32, 16) uint8; d, m (N, K/32) float16 -> y (M, N) float32
+torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor d, torch::Tensor m) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous (M, K) float32");
+  Q4Weight W(codes, d, m);
+  const int64_t M = x.size(0);
+  TORCH_CHECK(x.size(1) == W.K, "x has ", x.size(1), " columns, the weight ", W.K);
+  QuantRows q;
+  q.quantize(x.data_ptr<float>(), M, W.K);
+  auto y = torch::empty({M, W.N}, torch::kFloat32);
+  gemv(q, M, W, nullptr, y.data_ptr<float>());
   return y;
+}
+
+// One decoder block of a decode step for B rows, one new token each, updating h (B, H) in place:
+//   h += o(attention(rotary(qkv(rmsnorm1(h)))))   (the new k/v written at slot[b] of the cache)
+//   h += down(silu(gate) * up)  with [gate; up] = gu(rmsnorm2(h))
+// w: {ln1, qkv codes, d, m, qkv bias (or empty), o codes, d, m, ln2, gu codes, d, m, down codes, d, m}
+// cos/sin (B, D); logn (B) or empty; kc/vc (B, Hkv, S, D) of this layer; slot (B) int64;
+// valid (B, S) bool: the slots row b attends to, among the first L.
+void decode_block(torch::Tensor h, std::vector<torch::Tensor> w, double eps, torch::Tensor cos,
+                  torch::Tensor sin, torch::Tensor logn, torch::Tensor kc, torch::Tensor vc,
+                  torch::Tensor slot, torch::Tensor valid, int64_t L, int64_t heads, int64_t kv_heads) {
+  TORCH_CHECK(w.size() == 15, "decode_block: 15 weight tensors expected");
+  TORCH_CHECK(h.dtype() == torch::kFloat32 && h.is_contiguous() && h.dim() == 2, "h: contiguous (B, H) float32");
+  TORCH_CHECK(kc.dtype() == torch::kFloat32 && vc.dtype() == torch::kFloat32 && kc.is_contiguous() &&
+              vc.is_contiguous() && kc.dim() == 4, "kv cache: contiguous (B, Hkv, S, D) float32");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && valid.is_contiguous() && slot.is_contiguous(),
+              "tables must be contiguous");
+  const int64_t B = h.size(0), H = h.size(1), S = kc.size(2), D = kc.size(3);
+  TORCH_CHECK(kc.size(0) == B && kc.size(1) == kv_heads && heads % kv_heads == 0 && L <= S, "kv cache shape");
+  const Q4Weight Wqkv(w[1], w[2], w[3]), Wo(w[5], w[6], w[7]), Wgu(w[9], w[10], w[11]), Wd(w[12], w[13], w[14]);
+  const int64_t nq = heads * D, nkv = kv_heads * D, I = Wgu.N / 2;
+  TORCH_CHECK(Wqkv.K == H && Wqkv.N == nq + 2 * nkv && Wo.K == nq && Wo.N == H && Wgu.K == H && Wd.K == I &&
+              Wd.N == H, "decode_block: weight shapes do not match the model");
+  const float* bqkv = w[4].numel() ? w[4].data_ptr<float>() : nullptr;
+  float* hp = h.data_ptr<float>();
+  const float* cs = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+  const float* lg = logn.numel() ? logn.data_ptr<float>() : nullptr;
+  const int64_t* sl = slot.data_ptr<int64_t>();
+  const bool* vl = valid.data_ptr<bool>();
+  float* K_ = kc.data_ptr<float>();
+  float* V_ = vc.data_ptr<float>();
+
+  std::vector<float> x(B * std::max(H, nq)), qkv(B * Wqkv.N), att(B * nq), gu(B * 2 * I), y(B * H);
+  QuantRows q;
+  // attention
+  rms_norm(hp, w[0].data_ptr<float>(), B, H, eps, x.data());
+  q.quantize(x.data(), B, H);
+  gemv(q, B, Wqkv, bqkv, qkv.data());
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = qkv.data() + b * Wqkv.N;
+    for (int64_t hh = 0; hh < heads + kv_heads; ++hh) rotate(row + hh * D, cs + b * D, sn + b * D, D);
+    if (lg)
+      for (int64_t i = 0; i < nq; ++i) row[i] *= lg[b];
+    for (int64_t kh = 0; kh < kv_heads; ++kh) {
+      const int64_t off = ((b * kv_heads + kh) * S + sl[b]) * D;
+      std::memcpy(K_ + off, row + nq + kh * D, D * sizeof(float));
+      std::memcpy(V_ + off, row + nq + nkv + kh * D, D * sizeof(float));
+    }
+  }
+  const float scale = 1.f / std::sqrt((float)D);
+  const int64_t group = heads / kv_heads;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t bh = 0; bh < B * heads; ++bh) {
+    const int64_t b = bh / heads, hq = bh % heads, kh = hq / group;
+    const float* qv = qkv.data() + b * Wqkv.N + hq * D;
+    const float* Kb = K_ + (b * kv_heads + kh) * S * D;
+    const float* Vb = V_ + (b * kv_heads + kh) * S * D;
+    const bool* ok = vl + b * S;
+    std::vector<float> p(L);
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < L; ++j) {
+      if (!ok[j]) { p[j] = -INFINITY; continue; }
+      __m256 acc = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i), _mm256_loadu_ps(Kb + j * D + i), acc);
+      float s = hsum(acc);
+      for (; i < D; ++i) s += qv[i] * Kb[j * D + i];
+      p[j] = s * scale;
+      mx = std::max(mx, p[j]);
+    }
+    float* o = att.data() + b * nq + hq * D;
+    std::fill(o, o + D, 0.f);
+    if (mx == -INFINITY) continue;  // no valid key (cannot happen: the new token is always valid)
+    float den = 0.f;
+    for (int64_t j = 0; j < L; ++j) {
+      if (p[j] == -INFINITY) continue;
+      const float e = std::exp(p[j] - mx);
+      den += e;
+      const float* vj = Vb + j * D;
+      for (int64_t i = 0; i < D; ++i) o[i] += e * vj[i];
+    }
+    const float inv = 1.f / den;
+    for (int64_t i = 0; i < D; ++i) o[i] *= inv;
+  }
+  q.quantize(att.data(), B, nq);
+  gemv(q, B, Wo, nullptr, y.data());
+  for (int64_t i = 0; i < B * H; ++i) hp[i] += y[i];
+  // MLP
+  rms_norm(hp, w[8].data_ptr<float>(), B, H, eps, x.data());
+  q.quantize(x.data(), B, H);
+  gemv(q, B, Wgu, nullptr, gu.data());
+  std::vector<float> act(B * I);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < I; ++i) {
+      const float g = gu[b * 2 * I + i];
+      act[b * I + i] = g / (1.f + std::exp(-g)) * gu[b * 2 * I + I + i];
+    }
+  q.quantize(act.data(), B, I);
+  gemv(q, B, Wd, nullptr, y.data());
+  for (int64_t i = 0; i < B * H; ++i) hp[i] += y[i];
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("q4_gemv", &q4_gemv, "4-bit weight x int8 activation GEMV (AVX2)");
+  mod.def("decode_block", &decode_block, "one decoder block of a decode step, 4-bit weights (AVX2)");
 }

@@ -1,0 +1,74 @@
+"""The fused 4-bit CPU decode step (one kernel call per block) against the per-op path on the same
+quantized model: same logits to float rounding, same tokens, with GQA + biases (Qwen2), full
+attention with dynamic NTK and LogN active (v1), left-padded batches and sampling."""
+
+import pytest
+import torch
+
+from helpers import tiny_hf_qwen2, v1_config, v1_state_dict, write_checkpoint
+from qwenlm import GenerationConfig, load_model
+from qwenlm.engine import Engine
+from qwenlm.quant import q4
+
+pytestmark = pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= q4._cpu_flags(), reason="needs AVX2/FMA/F16C")
+
+GREEDY = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=24, eos_token_id=None,
+                          pad_token_id=0)
+SAMPLED = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.15,
+                           max_new_tokens=24, seed=5, eos_token_id=None, pad_token_id=0)
+
+
+@pytest.fixture(scope="module", params=["v1", "qwen2"])
+def model(request, tmp_path_factory):
+    d = str(tmp_path_factory.mktemp(request.param))
+    if request.param == "v1":  # seq_length 16: NTK and LogN switch on for the longer prompts
+        cfg = v1_config(seq_length=16)
+        path = write_checkpoint(d, cfg, v1_state_dict(cfg, seed=4))
+    else:
+        path = tiny_hf_qwen2(d, kv_heads=2, hidden=128, heads=4, mlp=160)  # head_dim 32, GQA 2:1
+    return load_model(path, dtype="float32", device="cpu", quantize="int4")
+
+
+def _prompts(*lengths):
+    return [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+
+
+def _engines(model):
+    fused, plain = Engine(model), Engine(model)
+    plain._packs = []  # per-op path
+    return fused, plain
+
+
+def test_model_is_eligible(model):
+    assert model.quantization == "q4-avx2"
+    packs = q4.pack_blocks(model)
+    assert packs is not None and len(packs) == len(model.blocks)
+
+
+@pytest.mark.parametrize("lengths", [(5,), (3, 12, 30)])
+def test_fused_step_logits_equal_per_op_step(model, lengths):
+    fused, plain = _engines(model)
+    st = fused._adopt(fused._setup(_prompts(*lengths), GREEDY, 64))
+    fused._prefill(st)
+    w = st["w"]
+    for step in range(3):  # a few steps, each feeding the same token to both paths
+        st["tok"].fill_(7 + step)
+        st["pos"].add_(1) if step else None
+        st["slot"].fill_(w + step)
+        with torch.inference_mode():
+            want = plain._decode(st, w + step + 1)
+            got = fused._decode(st, w + step + 1)
+        assert fused._packs, "the fused path was not taken"
+        assert (got - want).abs().max() < 2e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("cfg", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_fused_tokens_equal_per_op_tokens(model, cfg):
+    fused, plain = _engines(model)
+    prompts = _prompts(4, 17, 9)
+    assert fused.generate(prompts, cfg) == plain.generate(prompts, cfg)
+
+
+def test_disabled_by_environment(model, monkeypatch):
+    monkeypatch.setenv("QWENLM_FUSED_DECODE", "0")
+    assert q4.pack_blocks(model) is None
