@@ -34,7 +34,14 @@ def _extension():
         pass
     os.environ["PATH"] = os.pathsep.join(extra + [os.environ.get("PATH", "")])
     src = os.path.join(os.path.dirname(__file__), "csrc", "q4_gemv.cpp")
-    log.warning("building the 4-bit CPU kernel (once, about a minute)...")
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        built = os.path.join(_get_build_directory("qwenlm_q4", False), "qwenlm_q4.so")
+        fresh = os.path.getmtime(built) >= os.path.getmtime(src)
+    except Exception:  # private helper moved, or nothing built yet
+        fresh = False
+    (log.info if fresh else log.warning)("building the 4-bit CPU kernel (once, about a minute)...")
     return load("qwenlm_q4", [src], extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)
 
