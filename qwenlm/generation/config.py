@@ -20,6 +20,8 @@ class GenerationConfig:
     top_p: float = 0.8
     top_k: int = 0  # 0 disables top-k
     repetition_penalty: float = 1.1
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens
     eos_token_id: int | list[int] | None = 151643
     pad_token_id: int | None = 151643
     stop_words_ids: list[list[int]] | None = None  # token sequences that end generation
@@ -70,6 +72,9 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 0 (0 disables it), not {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, not {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be between -2 and 2, not {getattr(self, name)}")
         if self.chat_format not in ("chatml", "raw"):
             raise ValueError(f"chat_format must be 'chatml' or 'raw', not {self.chat_format!r}")
 

@@ -16,6 +16,19 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def apply_presence_frequency(logits: torch.Tensor, counts: dict[int, int], presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties on one row (1, V): logit -= presence * [count > 0] + frequency * count,
+    counting the generated tokens only."""
+    if not counts or (presence == 0 and frequency == 0):
+        return logits
+    ids = torch.tensor(list(counts), device=logits.device)
+    n = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+    logits = logits.clone()
+    logits[0, ids] -= presence + frequency * n
+    return logits
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0 or k >= logits.shape[-1]:
         return logits

@@ -139,6 +139,9 @@ def pack_blocks(model) -> list[list[torch.Tensor]] | None:
         return None
     if model.dtype != torch.float32 or not available():
         return None
+    cached = getattr(model, "_qwenlm_packs", None)
+    if cached is not None:  # packing twice would copy the packed weights again
+        return cached
     packs = []
     for block in model.blocks:
         p = block.parts() if hasattr(block, "parts") else None
@@ -157,6 +160,7 @@ def pack_blocks(model) -> list[list[torch.Tensor]] | None:
         o, down = p["o"], p["down"]
         packs.append([p["ln1"].weight.detach().float().contiguous(), *qkv, bias, o.codes, o.d, o.m,
                       p["ln2"].weight.detach().float().contiguous(), *gu, down.codes, down.d, down.m])
+    object.__setattr__(model, "_qwenlm_packs", packs)
     return packs
 
 

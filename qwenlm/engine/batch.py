@@ -1,0 +1,311 @@
+"""Continuous batching: one engine loop serves many sequences; each joins the running batch when a
+slot is free and leaves it the step it finishes (or is aborted), without waiting for the others.
+
+Memory is managed in slots: the KV cache holds `max_num_seqs` rows of `max_model_len` positions,
+allocated once. Running sequences always occupy rows [0, n): when one leaves, the last row's
+filled positions move into its place, so a decode step works on one contiguous block of rows.
+Submitting to a full queue raises `QueueFull` (the server answers 429).
+
+A sequence is prefilled alone (its own forward pass), then decoded together with the others; a
+row's arithmetic does not depend on the other rows on the fused 4-bit CPU path (per-row kernels),
+so a greedy request gives the same tokens alone or in a crowd there. Each sequence has its own
+sampling settings, random generator, stop rules and token budget.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..generation.config import GenerationConfig
+from ..generation.generate import StopChecker, make_generator
+from ..generation.sampling import apply_presence_frequency, next_tokens
+from ..models.layers import ForwardContext, logn_scale, ntk_alpha, rotary_cos_sin
+
+log = logging.getLogger("qwenlm")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit; retry later."""
+
+
+@dataclass
+class Sequence:
+    """One generation. `emit(token, finish_reason)` is called from the engine thread for every new
+    token (finish_reason None while it goes on) and once more with token None if it ends without a
+    token of its own (abort, error)."""
+
+    prompt: list[int]
+    cfg: GenerationConfig
+    stop: StopChecker
+    emit: Callable[[int | None, str | None], None]
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    aborted: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
+    # engine state
+    row: int = -1
+    cached: int = 0  # KV positions filled
+    alpha: float = 1.0
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None
+    counts: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def plain_greedy(self) -> bool:
+        c = self.cfg
+        return c.greedy and c.repetition_penalty == 1.0 and c.presence_penalty == 0 and c.frequency_penalty == 0
+
+
+class _RowWriter:
+    """KV cache adapter for a prefill into one row: write the chunk, attend to the chunk."""
+
+    def __init__(self, eng: "BatchEngine", row: int):
+        self.eng, self.row = eng, row
+
+    def update(self, i, k, v):
+        t = k.shape[2]
+        self.eng.k[i, self.row, :, :t] = k[0]
+        self.eng.v[i, self.row, :, :t] = v[0]
+        return k, v
+
+
+class _StepWriter:
+    """KV cache adapter for a decode step of rows [0, n): row r writes its token at slot pos[r]
+    and reads slots [0, length)."""
+
+    def __init__(self, eng: "BatchEngine", n: int, pos: torch.Tensor, length: int):
+        self.eng, self.n, self.pos, self.length = eng, n, pos, length
+        self.rows = torch.arange(n, device=pos.device)
+
+    def update(self, i, k, v):
+        kc, vc = self.eng.k[i, :self.n], self.eng.v[i, :self.n]
+        kc[self.rows, :, self.pos] = k[:, :, 0]
+        vc[self.rows, :, self.pos] = v[:, :, 0]
+        return kc[:, :, :self.length], vc[:, :, :self.length]
+
+
+class BatchEngine:
+    """`submit(seq)` from any thread; `start()` runs the loop in a daemon thread."""
+
+    def __init__(self, model, max_num_seqs: int = 8, max_model_len: int = 4096, max_queue: int = 256,
+                 vocab_limit: int | None = None):
+        if max_num_seqs < 1 or max_model_len < 2:
+            raise ValueError("max_num_seqs must be >= 1 and max_model_len >= 2")
+        self.model, self.cfg = model, model.config
+        self.device = model.device
+        self.max_num_seqs, self.max_model_len, self.max_queue = max_num_seqs, max_model_len, max_queue
+        self.vocab_limit = vocab_limit
+        c = self.cfg
+        shape = (len(model.blocks), max_num_seqs, c.num_kv_heads, max_model_len, c.head_dim)
+        self.k = torch.zeros(shape, dtype=model.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=model.dtype, device=self.device)
+        self.kv_bytes = 2 * self.k.numel() * self.k.element_size()
+        from ..quant.q4 import pack_blocks
+
+        self._packs = pack_blocks(model) if self.device.type == "cpu" else None
+        self.active: list[Sequence] = []
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = collections.Counter()  # steps, prompt_tokens, generation_tokens, finished_<reason>
+
+    # ---- public ---------------------------------------------------------------------------
+    @staticmethod
+    def kv_bytes_per_token(model) -> int:
+        c = model.config
+        return 2 * len(model.blocks) * c.num_kv_heads * c.head_dim * torch.finfo(model.dtype).bits // 8
+
+    def start(self) -> "BatchEngine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="qwenlm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, seq: Sequence) -> None:
+        if not seq.prompt:
+            raise ValueError("the prompt is empty")
+        if len(seq.prompt) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(seq.prompt)} tokens; this server's context is "
+                             f"{self.max_model_len} tokens (prompt plus completion)")
+        with self._cv:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(seq)
+            self._cv.notify()
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a sequence (client gone): it leaves the batch at the next step and frees its row."""
+        with self._cv:
+            seq.aborted = True
+            self._cv.notify()
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.active)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._stopping and not self.waiting and not self.active:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                new = []
+                while self.waiting and len(self.active) + len(new) < self.max_num_seqs:
+                    new.append(self.waiting.popleft())
+            try:
+                with torch.inference_mode():
+                    self.step(new)
+            except Exception:  # a bug: fail the running requests, keep serving
+                log.exception("engine step failed")
+                for seq in self.active + new:
+                    if seq.finish_reason is None:
+                        seq.finish_reason = "error"
+                        seq.emit(None, "error")
+                self.active = []
+        for seq in list(self.active) + list(self.waiting):
+            seq.finish_reason = "abort"
+            seq.emit(None, "abort")
+
+    def step(self, new: list[Sequence] = ()) -> None:
+        """Drop aborted sequences, prefill the new ones, then one decode step for all."""
+        for seq in [s for s in self.active if s.aborted]:
+            self._finish(seq, "abort", emit_none=True)
+        for seq in new:
+            if seq.aborted:
+                seq.finish_reason = "abort"
+                seq.emit(None, "abort")
+                continue
+            self._prefill(seq)
+        if self.active:
+            self._decode()
+
+    # ---- model calls ----------------------------------------------------------------------
+    def _prefill(self, seq: Sequence) -> None:
+        m, c = self.model, self.cfg
+        seq.row = len(self.active)
+        self.active.append(seq)
+        n = len(seq.prompt)
+        if m.use_dynamic_ntk and n > c.seq_length:
+            seq.alpha = float(ntk_alpha(n, c.seq_length))
+        seq.generator = make_generator(seq.cfg.seed, self.device)
+        if seq.cfg.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(c.vocab_size, dtype=torch.bool, device=self.device)
+            seq.seen[torch.tensor(seq.prompt, device=self.device)] = True
+        ids = torch.tensor([seq.prompt], device=self.device)
+        pos = torch.arange(n, device=self.device)[None]
+        ctx = self._context(pos, [seq.alpha], mask=None)
+        ctx.cache = _RowWriter(self, seq.row)
+        h = m.run_blocks(ids, ctx)
+        seq.cached = n
+        self.stats["prompt_tokens"] += n
+        self._sample([seq], m.lm_head(h[:, -1]).float())
+
+    def _context(self, pos: torch.Tensor, alphas: list[float], mask) -> ForwardContext:
+        m, c = self.model, self.cfg
+        a = None if all(x == 1.0 for x in alphas) else torch.tensor(alphas)
+        cos, sin = rotary_cos_sin(pos, c.head_dim, c.rope_theta, a)
+        logn = None
+        if m.use_logn_attn and int(pos.max()) + 1 > c.seq_length:
+            logn = logn_scale(pos, c.seq_length)
+        return ForwardContext(cos=cos, sin=sin, logn=logn, mask=mask, cache=None)
+
+    def _decode(self) -> None:
+        m, c, dev = self.model, self.cfg, self.device
+        seqs = list(self.active)
+        n = len(seqs)
+        tok = torch.tensor([s.generated[-1] for s in seqs], device=dev)
+        pos = torch.tensor([s.cached for s in seqs], device=dev)  # the new token's slot and position
+        length = int(pos.max()) + 1
+        ctx = self._context(pos[:, None], [s.alpha for s in seqs], mask=None)
+        if self._packs:
+            from ..quant.q4 import decode_block
+
+            valid = torch.arange(self.max_model_len, device=dev)[None] <= pos[:, None]  # (n, S)
+            h = m.embed(tok).float().contiguous()
+            cos, sin = ctx.cos[:, 0].contiguous(), ctx.sin[:, 0].contiguous()
+            logn = ctx.logn[:, 0].contiguous() if ctx.logn is not None else torch.empty(0)
+            for i, w in enumerate(self._packs):
+                decode_block(h, w, c.rms_eps, cos, sin, logn, self.k[i, :n], self.v[i, :n], pos, valid,
+                             length, c.num_heads, c.num_kv_heads)
+            h = m.final_norm(h)
+        else:
+            ctx.mask = (torch.arange(length, device=dev)[None] <= pos[:, None])[:, None, None, :]
+            ctx.cache = _StepWriter(self, n, pos, length)
+            h = m.run_blocks(tok[:, None], ctx)[:, -1]
+        for s in seqs:
+            s.cached += 1
+        self.stats["steps"] += 1
+        self._sample(seqs, m.lm_head(h).float())
+
+    # ---- choosing tokens, finishing -------------------------------------------------------
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+            logits[:, self.vocab_limit:] = float("-inf")
+        chosen: list[int | None] = [None] * len(seqs)
+        greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                chosen[i] = t
+        for i, s in enumerate(seqs):
+            if chosen[i] is not None:
+                continue
+            row = apply_presence_frequency(logits[i:i + 1], s.counts, s.cfg.presence_penalty,
+                                           s.cfg.frequency_penalty)
+            seen = s.seen[None] if s.seen is not None else torch.zeros_like(row, dtype=torch.bool)
+            chosen[i] = int(next_tokens(row, seen, s.cfg, s.generator)[0])
+        for s, t in zip(seqs, chosen):
+            s.generated.append(t)
+            s.counts[t] = s.counts.get(t, 0) + 1
+            if s.seen is not None:
+                s.seen[t] = True
+            self.stats["generation_tokens"] += 1
+            reason = None
+            if s.stop.done(s.generated):
+                reason = "stop"
+            elif len(s.generated) >= s.cfg.max_new_tokens or s.cached + 1 >= self.max_model_len:
+                reason = "length"
+            if reason is None:
+                s.emit(t, None)
+            else:
+                s.finish_reason = reason
+                self._finish(s, reason)
+                s.emit(t, reason)
+
+    def _finish(self, seq: Sequence, reason: str, emit_none: bool = False) -> None:
+        """Take `seq` out of the batch; the last row moves into its place."""
+        row, last = seq.row, len(self.active) - 1
+        if row != last:
+            mover = self.active[last]
+            n = mover.cached
+            self.k[:, row, :, :n] = self.k[:, last, :, :n]
+            self.v[:, row, :, :n] = self.v[:, last, :, :n]
+            self.active[row] = mover
+            mover.row = row
+        self.active.pop()
+        seq.row = -1
+        self.stats[f"finished_{reason}"] += 1
+        if emit_none:
+            seq.finish_reason = reason
+            seq.emit(None, reason)
