@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 
 import torch
 from safetensors.torch import save_file
@@ -95,3 +96,27 @@ def tiny_hf_qwen2(path: str, vocab=1000, hidden=64, layers=2, heads=4, kv_heads=
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     return path
+
+
+@contextmanager
+def running_server(app):
+    """Run an ASGI app with uvicorn on a free loopback port in a thread; yields the base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -142,37 +142,67 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
     return collect(generate_steps(model, prompts, cfg, stop, vocab_limit), len(prompts))
 
 
+class TextAssembler:
+    """Token ids -> text deltas of one completion: never splits a character; a control/stop token
+    ends the text; a stop string is cut off and never shown, even in part (text that might start
+    one is held back until it cannot)."""
+
+    def __init__(self, tokenizer, end_ids, stop_strings=(), skip_special_tokens: bool = True):
+        self.end_ids = set(end_ids)
+        self.strings = [s for s in stop_strings if s]
+        self.dec = StreamDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.pending = ""
+        self.done = False
+        self.text = ""  # everything emitted so far
+
+    def put(self, token: int) -> str:
+        """The text that is now safe to show (possibly ""); sets `done` at an end token/stop string."""
+        if self.done:
+            return ""
+        if token in self.end_ids:
+            return self.finish()
+        self.pending += self.dec.put(token)
+        self.pending, emit, hit = split_on_stop(self.pending, self.strings)
+        if hit:
+            self.done = True
+        self.text += emit
+        return emit
+
+    def finish(self) -> str:
+        """The held-back rest, once generation has ended."""
+        if self.done:
+            return ""
+        self.done = True
+        self.pending += self.dec.flush()
+        _, emit, _ = split_on_stop(self.pending, self.strings, final=True)
+        self.pending = ""
+        self.text += emit
+        return emit
+
+
 def stream_text(model, tokenizer, prompt: Sequence[int], cfg: GenerationConfig,
                 extra_stop_ids: Sequence[int] = (), skip_special_tokens: bool = True,
                 on_token=None, steps_fn=None) -> Iterator[str]:
-    """Text deltas of one completion. Control/stop tokens end the text; a stop string is cut off
-    and never shown, even in part (text that might start one is held back until it cannot).
+    """Text deltas of one completion (see TextAssembler).
     `steps_fn(prompts, cfg, stop, vocab_limit)` produces the tokens (default: the engine)."""
     if steps_fn is None:
         from ..engine import get_engine
 
         steps_fn = get_engine(model).generate_steps
     stop = StopChecker(cfg, extra_stop_ids, tokenizer)
-    end_ids = stop.ids
-    dec = StreamDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
-    strings = [s for s in (cfg.stop or []) if s]
-    pending = ""
+    text = TextAssembler(tokenizer, stop.ids, cfg.stop or [], skip_special_tokens)
     for step in steps_fn([prompt], cfg, stop, vocab_limit=tokenizer.id_limit):
         t = step[0]
         if t is None:
             break
         if on_token is not None:
             on_token(t)
-        if t in end_ids:
-            break
-        pending += dec.put(t)
-        pending, emit, hit = split_on_stop(pending, strings)
+        emit = text.put(t)
         if emit:
             yield emit
-        if hit:
+        if text.done:
             return
-    pending += dec.flush()
-    pending, emit, _ = split_on_stop(pending, strings, final=True)
+    emit = text.finish()
     if emit:
         yield emit
 

@@ -137,7 +137,9 @@ def pack_blocks(model) -> list[list[torch.Tensor]] | None:
     model cannot use the fused decode step (not all Q4, not fp32, no kernel, QWENLM_FUSED_DECODE=0)."""
     if os.environ.get("QWENLM_FUSED_DECODE", "1") == "0" or model.device.type != "cpu":
         return None
-    if model.dtype != torch.float32 or not available():
+    if model.dtype != torch.float32 or not any(isinstance(m, Q4Linear) for m in model.modules()):
+        return None
+    if not available():
         return None
     cached = getattr(model, "_qwenlm_packs", None)
     if cached is not None:  # packing twice would copy the packed weights again

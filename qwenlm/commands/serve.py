@@ -1,0 +1,90 @@
+"""`qwen serve`: the OpenAI-compatible server (FastAPI + uvicorn) with a chat page at `/`."""
+
+from __future__ import annotations
+
+import os
+
+from .common import add_model_options, load_from_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI API (chat, completions, tools) and a web chat page")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("QWENLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the page "
+                        "(default: $QWENLM_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients see (default: the model's name)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences decoded together (default: 8 on CPU, 64 on GPU, fewer if memory is short)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context per sequence, prompt + completion (default: the model's, at most 4096 on "
+                        "CPU and 8192 on GPU)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait; beyond it: 429")
+    p.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
+                   help="enable CORS for this origin (repeatable; '*' for any)")
+    p.set_defaults(func=run)
+
+
+def _available_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.85)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def plan_memory(model, max_num_seqs: int | None, max_model_len: int | None) -> tuple[int, int]:
+    """Slots and context length that fit: explicit values are checked, defaults shrink to fit."""
+    from ..engine.batch import BatchEngine
+    from ..errors import UserError
+
+    cpu = model.device.type == "cpu"
+    c = model.config
+    context = c.seq_length if c.arch == "qwen" and not model.use_dynamic_ntk else c.max_position_embeddings
+    length = max_model_len or min(context, 4096 if cpu else 8192)
+    if max_model_len is not None and max_model_len < 16:
+        raise UserError("--max-model-len must be at least 16")
+    per_seq = BatchEngine.kv_bytes_per_token(model) * length
+    budget = _available_bytes(model.device)
+    fit = budget // per_seq
+    if max_num_seqs is not None:
+        if max_num_seqs < 1:
+            raise UserError("--max-num-seqs must be at least 1")
+        if max_num_seqs > fit:
+            raise UserError(f"{max_num_seqs} sequences of {length} tokens need {max_num_seqs * per_seq / 2**30:.1f} GiB "
+                            f"of KV cache; about {budget / 2**30:.1f} GiB is free. Lower --max-num-seqs or "
+                            f"--max-model-len")
+        return max_num_seqs, length
+    if fit < 1:
+        raise UserError(f"one sequence of {length} tokens needs {per_seq / 2**30:.1f} GiB of KV cache; about "
+                        f"{budget / 2**30:.1f} GiB is free. Lower --max-model-len")
+    return int(min(8 if cpu else 64, fit)), length
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from ..serve import ServerOptions, create_app
+
+    model, tokenizer = load_from_args(args)
+    seqs, length = plan_memory(model, args.max_num_seqs, args.max_model_len)
+    name = args.served_model_name or os.path.basename(os.path.normpath(getattr(model, "name_or_path", "qwen")))
+    opts = ServerOptions(served_model_name=name, api_key=args.api_key, max_model_len=length, max_num_seqs=seqs,
+                         max_queue=args.max_queue, cors_origins=args.allowed_origins or [])
+    app = create_app(model, tokenizer, opts)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"qwen serve: model {name!r}, {seqs} slots x {length} tokens, on {model.device}\n"
+          f"  chat page:  http://{host}:{args.port}/\n"
+          f"  OpenAI API: http://{host}:{args.port}/v1  (key: {'required' if args.api_key else 'none'})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,497 @@
+"""`qwen serve`: an OpenAI-compatible HTTP server around one continuous-batching engine.
+
+The server is thin: it turns requests into token prompts and sampling settings, submits one
+engine sequence per choice, and turns the tokens that come back into JSON or SSE chunks. Every
+error is in the OpenAI error schema; a mistake in a request is a 4xx with a message that says
+what to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.batch import BatchEngine, QueueFull, Sequence
+from ..generation.generate import StopChecker, TextAssembler
+from .metrics import Metrics
+from .prompt import PromptError, ToolCall, ToolStream, build_chat_prompt, parse_reply, tool_specs
+from .protocol import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger("qwenlm")
+STATIC = os.path.join(os.path.dirname(__file__), "static")
+
+
+@dataclass
+class ServerOptions:
+    served_model_name: str = "qwen"
+    api_key: str | None = None
+    max_model_len: int = 4096
+    max_num_seqs: int = 8
+    max_queue: int = 256
+    cors_origins: list[str] = field(default_factory=list)
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_stop_strings: int = 16
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+
+def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+class _BodyLimit:
+    """ASGI middleware: request bodies over `limit` bytes get a 413 before they are parsed."""
+
+    class _TooLarge(Exception):
+        pass
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = error_response(413, f"request body over {self.limit} bytes", "invalid_request_error")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await too_large(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise self._TooLarge
+            return msg
+        try:
+            await self.app(scope, limited, send)
+        except self._TooLarge:
+            await too_large(scope, receive, send)
+
+
+class _Job:
+    """The choices of one request: one engine sequence each, tokens arriving on one queue."""
+
+    def __init__(self, server: "Server", prompts: list[list[int]], cfgs, extra_stop_ids, request: Request):
+        loop = asyncio.get_running_loop()
+        self.server, self.request = server, request
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.seqs: list[Sequence] = []
+        self.prompt_tokens = len(prompts[0])  # n choices of one prompt count it once, as OpenAI does
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        for i, (p, cfg) in enumerate(zip(prompts, cfgs)):
+            def emit(tok, reason, i=i):
+                loop.call_soon_threadsafe(self.queue.put_nowait, (i, tok, reason))
+            stop = StopChecker(cfg, extra_stop_ids, server.tokenizer)
+            self.seqs.append(Sequence(prompt=p, cfg=cfg, stop=stop, emit=emit))
+
+    def submit(self) -> None:
+        try:
+            for s in self.seqs:
+                self.server.engine.submit(s)
+        except QueueFull as e:
+            self.abort()
+            raise APIError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            self.abort()
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+
+    def abort(self) -> None:
+        for s in self.seqs:
+            if s.finish_reason is None:
+                self.server.engine.abort(s)
+
+    async def events(self):
+        """(choice index, token or None, finish reason or None) until every choice has finished;
+        a client that goes away has its sequences aborted."""
+        left = len(self.seqs)
+        try:
+            while left:
+                try:
+                    i, tok, reason = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await self.request.is_disconnected():
+                        log.info("client went away: aborting %d sequence(s)", left)
+                        return
+                    continue
+                if tok is not None and self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+                    self.server.metrics.ttft.observe(self.first_token_at - self.started)
+                if reason is not None:
+                    left -= 1
+                    if reason == "error":
+                        raise APIError(500, "the engine failed on this request (see the server log)",
+                                       "server_error")
+                yield i, tok, reason
+        finally:
+            self.abort()
+            self.server.metrics.latency.observe(time.monotonic() - self.started)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s.generated) for s in self.seqs)
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class Server:
+    def __init__(self, model, tokenizer, opts: ServerOptions, engine: BatchEngine | None = None):
+        self.model, self.tokenizer, self.opts = model, tokenizer, opts
+        self.engine = engine or BatchEngine(model, opts.max_num_seqs, opts.max_model_len, opts.max_queue,
+                                            vocab_limit=tokenizer.id_limit)
+        self.metrics = Metrics(self.engine)
+        t = tokenizer
+        self.chat_stop_ids = [i for i in (t.im_end_id, t.im_start_id, t.eod_id) if i is not None]
+        self.created = int(time.time())
+
+    # ---- request -> sampling settings ---------------------------------------------------------
+    def sampling(self, req, prompt_len: int, max_tokens: int | None, extra_stops=()):
+        limit = self.engine.max_model_len
+        if prompt_len >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your "
+                                f"prompt has {prompt_len} tokens. Shorten the prompt.",
+                           param="messages", code="context_length_exceeded")
+        room = limit - prompt_len
+        if max_tokens is None:
+            max_tokens = room
+        elif max_tokens > room:
+            raise APIError(400, f"max_tokens is {max_tokens}, but the prompt has {prompt_len} tokens and "
+                                f"the context is {limit}: at most {room} new tokens fit.",
+                           param="max_tokens", code="context_length_exceeded")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > self.opts.max_stop_strings or any(len(s) > 256 for s in stops):
+            raise APIError(400, f"at most {self.opts.max_stop_strings} stop strings of up to 256 characters",
+                           param="stop")
+        stops = [s for s in stops if s] + list(extra_stops)
+        kw = {"max_new_tokens": max_tokens, "stop": stops or None, "seed": req.seed}
+        if req.temperature is not None:
+            kw.update(do_sample=req.temperature > 1e-5, temperature=max(req.temperature, 1e-5))
+        for name in ("top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if getattr(req, name) is not None:
+                kw[name] = getattr(req, name)
+        if req.top_k is not None:
+            kw["top_k"] = max(req.top_k, 0)
+        try:
+            return self.model.generation_config.update(**kw)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    def choice_cfgs(self, cfg, n: int):
+        """n choices: with a seed, choice i uses seed + i (so choices differ but repeat)."""
+        return [cfg if cfg.seed is None or i == 0 else cfg.update(seed=cfg.seed + i) for i in range(n)]
+
+    # ---- /v1/chat/completions -------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest, request: Request):
+        if req.logprobs:
+            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        tools = None if req.tool_choice == "none" else [t.model_dump(exclude_none=True) for t in req.tools or []]
+        funcs = None if req.function_call == "none" else [f.model_dump(exclude_none=True) for f in req.functions or []]
+        try:
+            specs = tool_specs(tools, funcs)
+            prompt = build_chat_prompt(self.tokenizer, [m.model_dump(exclude_none=True) for m in req.messages],
+                                       specs)
+        except PromptError as e:
+            raise APIError(400, f"Invalid request: {e}", param=e.param) from None
+        legacy = bool(funcs) and not tools
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if req.max_length is not None:
+            max_tokens = min(max_tokens or req.max_length, req.max_length - len(prompt.ids))
+            if max_tokens < 1:
+                raise APIError(400, f"max_length {req.max_length} leaves no room after the {len(prompt.ids)}-token "
+                                    "prompt", param="max_length", code="context_length_exceeded")
+        cfg = self.sampling(req, len(prompt.ids), max_tokens, ["Observation:"] if prompt.tools_on else [])
+        names = [f.get("name_for_model", f.get("name")) for f in specs]
+        cfgs = self.choice_cfgs(cfg, req.n)
+        job = _Job(self, [prompt.ids] * req.n, cfgs, self.chat_stop_ids, request)
+        job.submit()
+        self.metrics.prompt_tokens.inc(job.prompt_tokens)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        texts = [TextAssembler(self.tokenizer, s.stop.ids, c.stop or []) for s, c in zip(job.seqs, cfgs)]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._chat_stream(job, texts, names, legacy, rid, created, include_usage),
+                                     media_type="text/event-stream")
+        reasons = [None] * req.n
+        async for i, tok, reason in job.events():
+            if tok is not None:
+                texts[i].put(tok)
+            if reason is not None:
+                texts[i].finish()
+                reasons[i] = reason
+        if any(r == "abort" for r in reasons):
+            return Response(status_code=499)
+        choices = []
+        for i, (text, reason) in enumerate(zip(texts, reasons)):
+            msg, reason = self._message(text.text, reason, names, legacy)
+            choices.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": None})
+        self.metrics.generation_tokens.inc(job.completion_tokens)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.opts.served_model_name,
+                "choices": choices, "usage": job.usage()}
+
+    @staticmethod
+    def _message(text: str, reason: str, names: list[str], legacy: bool) -> tuple[dict, str]:
+        if not names:
+            return {"role": "assistant", "content": text}, reason
+        parsed = parse_reply(text, names)
+        if isinstance(parsed, ToolCall):
+            if legacy:
+                return ({"role": "assistant", "content": parsed.content or None,
+                         "function_call": {"name": parsed.name, "arguments": parsed.arguments}}, "function_call")
+            return ({"role": "assistant", "content": parsed.content or None, "tool_calls": [parsed.openai()]},
+                    "tool_calls")
+        return {"role": "assistant", "content": parsed}, reason
+
+    async def _chat_stream(self, job: _Job, texts, names, legacy, rid, created, include_usage):
+        name = self.opts.served_model_name
+
+        def chunk(i, delta, reason=None):
+            return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                         "choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}]})
+
+        tool_streams = [ToolStream(names) for _ in texts] if names else None
+        try:
+            for i in range(len(texts)):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            async for i, tok, reason in job.events():
+                delta = texts[i].put(tok) if tok is not None else ""
+                if reason is not None:
+                    delta += texts[i].finish()
+                if tool_streams is not None:
+                    delta = tool_streams[i].put(delta)
+                if delta:
+                    yield chunk(i, {"content": delta})
+                if reason is None:
+                    continue
+                if reason in ("abort", "error"):
+                    return
+                if tool_streams is not None:
+                    rest = tool_streams[i].finish()
+                    if isinstance(rest, ToolCall):
+                        if rest.content:
+                            yield chunk(i, {"content": rest.content})
+                        if legacy:
+                            yield chunk(i, {"function_call": {"name": rest.name, "arguments": rest.arguments}})
+                            reason = "function_call"
+                        else:
+                            yield chunk(i, {"tool_calls": [{"index": 0, **rest.openai()}]})
+                            reason = "tool_calls"
+                    elif rest:
+                        yield chunk(i, {"content": rest})
+                yield chunk(i, {}, reason)
+            self.metrics.generation_tokens.inc(job.completion_tokens)
+            if include_usage:
+                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                            "choices": [], "usage": job.usage()})
+            yield "data: [DONE]\n\n"
+        except APIError as e:
+            yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+
+    # ---- /v1/completions ------------------------------------------------------------------------
+    def _prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        out = []
+        limit = self.tokenizer.id_limit
+        for p in prompt:
+            ids = self.tokenizer.encode(p, allowed_special=set()) if isinstance(p, str) else list(p)
+            if not ids:
+                raise APIError(400, "a prompt encodes to zero tokens", param="prompt")
+            bad = [t for t in ids if not 0 <= t < limit]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{limit - 1})", param="prompt")
+            out.append(ids)
+        return out
+
+    async def complete(self, req: CompletionRequest, request: Request):
+        if req.logprobs is not None:
+            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        if req.suffix:
+            raise APIError(400, "suffix (insertion) is not supported by this server", param="suffix")
+        prompts = self._prompts(req.prompt)
+        if len(prompts) * req.n > 64:
+            raise APIError(400, "at most 64 completions (prompts times n) per request", param="n")
+        all_prompts, cfgs = [], []
+        for p in prompts:
+            cfg = self.sampling(req, len(p), req.max_tokens)
+            all_prompts += [p] * req.n
+            cfgs += self.choice_cfgs(cfg, req.n)
+        job = _Job(self, all_prompts, cfgs, [self.tokenizer.eod_id], request)
+        job.prompt_tokens = sum(len(p) for p in prompts)
+        job.submit()
+        self.metrics.prompt_tokens.inc(job.prompt_tokens)
+        texts = [TextAssembler(self.tokenizer, s.stop.ids, c.stop or []) for s, c in zip(job.seqs, cfgs)]
+        echo = [self.tokenizer.decode(p) if req.echo else "" for p in all_prompts]
+        rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.opts.served_model_name
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(i, text, reason=None):
+                return _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
+                             "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}]})
+
+            async def stream():
+                try:
+                    for i, e in enumerate(echo):
+                        if e:
+                            yield chunk(i, e)
+                    async for i, tok, reason in job.events():
+                        delta = texts[i].put(tok) if tok is not None else ""
+                        if reason is not None:
+                            if reason in ("abort", "error"):
+                                return
+                            delta += texts[i].finish()
+                        if delta or reason:
+                            yield chunk(i, delta, reason)
+                    self.metrics.generation_tokens.inc(job.completion_tokens)
+                    if include_usage:
+                        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
+                                    "choices": [], "usage": job.usage()})
+                    yield "data: [DONE]\n\n"
+                except APIError as e:
+                    yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+            return StreamingResponse(stream(), media_type="text/event-stream")
+        reasons = [None] * len(all_prompts)
+        async for i, tok, reason in job.events():
+            if tok is not None:
+                texts[i].put(tok)
+            if reason is not None:
+                texts[i].finish()
+                reasons[i] = reason
+        if any(r == "abort" for r in reasons):
+            return Response(status_code=499)
+        self.metrics.generation_tokens.inc(job.completion_tokens)
+        return {"id": rid, "object": "text_completion", "created": created, "model": name,
+                "choices": [{"index": i, "text": echo[i] + t.text, "finish_reason": r, "logprobs": None}
+                            for i, (t, r) in enumerate(zip(texts, reasons))],
+                "usage": job.usage()}
+
+
+def create_app(model, tokenizer, opts: ServerOptions | None = None, engine: BatchEngine | None = None) -> FastAPI:
+    """The FastAPI application (the engine thread starts with the app and stops with it)."""
+    from contextlib import asynccontextmanager
+
+    opts = opts or ServerOptions()
+    server = Server(model, tokenizer, opts, engine)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        yield
+        server.engine.shutdown()
+
+    app = FastAPI(title="qwenlm", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible API for Qwen models (qwen serve)")
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        server.metrics.errors.labels(str(e.status)).inc()
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        msg = f"{loc}: {first.get('msg')}" if loc else str(first.get("msg", "invalid request"))
+        if len(errs) > 1:
+            msg += f" (and {len(errs) - 1} more problem(s))"
+        server.metrics.errors.labels("400").inc()
+        return error_response(400, msg, "invalid_request_error", loc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        server.metrics.errors.labels(str(e.status_code)).inc()
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(e.status_code, str(e.detail), kind, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        server.metrics.errors.labels("500").inc()
+        return error_response(500, "internal server error (see the server log)", "server_error")
+
+    open_paths = {"/health", "/", "/favicon.ico"}
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if opts.api_key and request.url.path not in open_paths:
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), opts.api_key.encode()):
+                server.metrics.errors.labels("401").inc()
+                return error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                      "authentication_error", code="invalid_api_key",
+                                      headers={"WWW-Authenticate": "Bearer"})
+        response = await call_next(request)
+        server.metrics.requests.labels(request.url.path if request.url.path.startswith("/v1/") else "other",
+                                       str(response.status_code)).inc()
+        return response
+
+    if opts.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=opts.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(_BodyLimit, limit=opts.max_body_bytes)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": opts.served_model_name, "object": "model",
+                                            "created": server.created, "owned_by": "qwenlm",
+                                            "max_model_len": server.engine.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await server.chat(req, request)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await server.complete(req, request)
+
+    @app.get("/metrics")
+    async def metrics():
+        body, ctype = server.metrics.render()
+        return Response(body, media_type=ctype)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        with open(os.path.join(STATIC, "index.html"), encoding="utf-8") as f:
+            return HTMLResponse(f.read().replace("{{MODEL}}", opts.served_model_name))
+
+    return app

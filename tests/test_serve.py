@@ -1,0 +1,190 @@
+"""`qwen serve` through the unmodified official `openai` client and raw HTTP: chat (plain,
+streaming, n, usage, finish reasons), completions, the OpenAI error schema, limits, auth,
+metrics, the chat page, client disconnects. A tiny random Qwen v1 chat model with the real
+tokenizer; every generated text is checked against the reference generation loop."""
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from helpers import running_server
+from qwenlm import load
+from qwenlm.generation import StopChecker, generate
+from qwenlm.serve import ServerOptions, create_app
+from qwenlm.serve.prompt import build_chat_prompt
+
+
+@pytest.fixture(scope="module")
+def model_tok(v1_chat_dir):
+    return load(v1_chat_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(model_tok):
+    model, tok = model_tok
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=256, max_num_seqs=4))
+    with running_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+
+
+def _expected(model_tok, ids, n, **kw):
+    """Reference loop text for a greedy request (the model's own generation_config otherwise)."""
+    model, tok = model_tok
+    cfg = model.generation_config.update(do_sample=False, max_new_tokens=n, **kw)
+    stop = StopChecker(cfg, [tok.im_end_id, tok.im_start_id, tok.eod_id], tok)
+    out = generate(model, [ids], cfg, stop, vocab_limit=tok.id_limit)[0]
+    finish = "stop" if stop.done(out) else "length"
+    reply = out[:-1] if finish == "stop" else out
+    return tok.decode(reply), finish, len(out)
+
+
+MSGS = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "你好"}]
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_chat_equals_reference(client, model_tok):
+    r = client.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=12)
+    ids = build_chat_prompt(model_tok[1], MSGS, []).ids
+    text, finish, n = _expected(model_tok, ids, 12)
+    assert r.choices[0].message.content == text and r.choices[0].finish_reason == finish
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == n
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+
+
+def test_stream_equals_non_stream(client):
+    kw = dict(model="tiny", messages=MSGS, temperature=0, max_tokens=16)
+    full = client.chat.completions.create(**kw).choices[0]
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [full.finish_reason]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_sampling_is_seeded_and_n_choices_differ(client):
+    kw = dict(model="tiny", messages=MSGS, temperature=1.0, top_p=0.95, max_tokens=10, seed=7, n=3)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    ta = [c.message.content for c in a.choices]
+    assert ta == [c.message.content for c in b.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2] and len(set(ta)) > 1
+
+
+def test_stop_string_is_cut(client, model_tok):
+    full = client.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=16)
+    text = full.choices[0].message.content
+    stop = text[4:7]
+    r = client.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=16, stop=[stop])
+    assert r.choices[0].message.content == text[:text.find(stop)] and r.choices[0].finish_reason == "stop"
+    s = client.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=16, stop=stop,
+                                       stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in s) == text[:text.find(stop)]
+
+
+def test_completions(client, model_tok):
+    model, tok = model_tok
+    r = client.completions.create(model="tiny", prompt="def fib(n):", max_tokens=8, temperature=0,
+                                  extra_body={"repetition_penalty": 1.0})
+    ids = tok.encode("def fib(n):")
+    cfg = model.generation_config.update(do_sample=False, max_new_tokens=8, repetition_penalty=1.0)
+    out = generate(model, [ids], cfg, StopChecker(cfg, [tok.eod_id]), vocab_limit=tok.id_limit)[0]
+    assert r.choices[0].text == tok.decode([t for t in out if t != tok.eod_id])
+    e = client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0, echo=True)
+    assert e.choices[0].text.startswith("def fib(n):")
+    two = client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=3, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1]
+    chunks = list(client.completions.create(model="tiny", prompt="def fib(n):", max_tokens=8, temperature=0,
+                                            stream=True, extra_body={"repetition_penalty": 1.0}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+
+
+def test_errors_follow_the_openai_schema(client, server, model_tok):
+    long = [{"role": "user", "content": "x " * 400}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=long)
+    msg = e.value.body["message"]
+    n = len(build_chat_prompt(model_tok[1], long, []).ids)
+    assert "context length is 256 tokens" in msg and f"prompt has {n} tokens" in msg  # both lengths
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="max_tokens is 1000"):
+        client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=1000)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="tiny", messages=MSGS, temperature=5)
+    with pytest.raises(openai.BadRequestError, match="at least one user"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "x"}])
+    r = httpx.post(server + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(server + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = httpx.post(server + "/v1/completions", content=b"x" * (9 * 1024 * 1024))
+    assert r.status_code == 413 and "error" in r.json()
+    r = httpx.post(server + "/v1/completions", json={"prompt": [999999999], "max_tokens": 2})
+    assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
+
+
+def test_health_metrics_and_page(server, client):
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+    client.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=2)
+    m = httpx.get(server + "/metrics").text
+    assert "qwenlm_generation_tokens_total" in m and "qwenlm_queue_length" in m
+    assert 'qwenlm_requests_total{route="/v1/chat/completions",status="200"}' in m
+    page = httpx.get(server + "/")
+    assert page.status_code == 200 and "qwenlm chat" in page.text and "tiny" in page.text
+
+
+def test_api_key(model_tok):
+    model, tok = model_tok
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", api_key="s3cret", max_model_len=64,
+                                               max_num_seqs=1))
+    with running_server(app) as url:
+        assert httpx.get(url + "/health").status_code == 200
+        assert httpx.get(url + "/").status_code == 200  # the page itself holds nothing; it asks for the key
+        for path in ("/v1/models", "/metrics"):
+            r = httpx.get(url + path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert ok.chat.completions.create(model="tiny", messages=MSGS, max_tokens=2).choices
+
+
+def test_queue_full_is_429_and_disconnect_frees_the_slot(model_tok):
+    model, tok = model_tok
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=4096, max_num_seqs=1,
+                                               max_queue=1))
+    eng = app.state.server.engine
+    body = {"messages": MSGS, "max_tokens": 3000, "temperature": 0, "stream": True}
+    with running_server(app) as url:
+        with httpx.Client(timeout=30) as c1, httpx.Client(timeout=30) as c2:
+            with c1.stream("POST", url + "/v1/chat/completions", json=body) as s1:
+                lines = s1.iter_lines()  # keep a reference: a dropped iterator closes the connection
+                next(lines)  # running
+                with c2.stream("POST", url + "/v1/chat/completions", json=body) as s2:
+                    deadline = time.time() + 10
+                    while eng.queue_length < 1 and time.time() < deadline:
+                        time.sleep(0.02)
+                    r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False})
+                    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+                    assert r.json()["error"]["type"] == "rate_limit_error"
+                    s2.close()
+                s1.close()  # both clients go away mid-generation
+        deadline = time.time() + 15
+        while (eng.running or eng.queue_length) and time.time() < deadline:
+            time.sleep(0.05)
+        assert eng.running == 0 and eng.queue_length == 0
+        assert eng.stats["finished_abort"] >= 1
+        assert httpx.get(url + "/health").status_code == 200
