@@ -1,0 +1,125 @@
+"""Tools through the official `openai` client, streaming and not, OpenAI `tools` and legacy
+`functions`. The model is replaced by a script (an engine whose logits spell a fixed ReAct reply),
+so that what is tested — prompt, stop at "Observation:", parsing, SSE tool-call chunks, the
+client's view — does not depend on what a random or tiny model happens to say."""
+
+import json
+
+import openai
+import pytest
+import torch
+
+from helpers import running_server
+from qwenlm import load
+from qwenlm.engine.batch import BatchEngine
+from qwenlm.generation.generate import make_generator
+from qwenlm.serve import ServerOptions, create_app
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+CALL = ('Thought: I need the weather of Paris.\nAction: get_weather\nAction Input: {"city": "Paris"}\n'
+        'Observation: (the model making things up)')
+ANSWER = "Thought: I now know the final answer\nFinal Answer: It is sunny in Paris, 21 °C."
+Q = [{"role": "user", "content": "What's the weather in Paris?"}]
+
+
+class ScriptedEngine(BatchEngine):
+    """Every sequence 'generates' the token ids of `self.script`, then <|im_end|>."""
+
+    script: list[int] = []
+    prompts: list[list[int]] = []
+
+    def _logits(self, seqs):
+        out = torch.full((len(seqs), self.cfg.vocab_size), -1e9)
+        for i, s in enumerate(seqs):
+            k = len(s.generated)
+            out[i, self.script[k] if k < len(self.script) else self.end_id] = 0.0
+        return out
+
+    def _prefill(self, seq):
+        ScriptedEngine.prompts.append(list(seq.prompt))
+        seq.row, seq.cached = len(self.active), len(seq.prompt)
+        seq.generator = make_generator(seq.cfg.seed, self.device)
+        self.active.append(seq)
+        self._sample([seq], self._logits([seq]))
+
+    def _decode(self):
+        seqs = list(self.active)
+        for s in seqs:
+            s.cached += 1
+        self._sample(seqs, self._logits(seqs))
+
+
+@pytest.fixture(scope="module")
+def setup(v1_chat_dir):
+    model, tok = load(v1_chat_dir, dtype="float32", device="cpu")
+    eng = ScriptedEngine(model, max_num_seqs=4, max_model_len=2048, vocab_limit=tok.id_limit)
+    eng.end_id = tok.im_end_id
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=2048), engine=eng)
+    with running_server(app) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0), tok
+
+
+def _script(tok, text):
+    ScriptedEngine.script = tok.encode(text)
+    ScriptedEngine.prompts = []
+
+
+def test_tool_call(setup):
+    client, tok = setup
+    _script(tok, CALL)
+    r = client.chat.completions.create(model="tiny", messages=Q, tools=TOOLS, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content == "I need the weather of Paris."
+    (call,) = c.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    prompt = tok.decode(ScriptedEngine.prompts[0])
+    assert "get_weather: Call this tool to interact with the get_weather API." in prompt
+    assert prompt.endswith("Question: What's the weather in Paris?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_tool_call_streaming(setup):
+    client, tok = setup
+    _script(tok, CALL)
+    chunks = list(client.chat.completions.create(model="tiny", messages=Q, tools=TOOLS, temperature=0, stream=True))
+    calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].id.startswith("call_")
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    content = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert content == "I need the weather of Paris."  # no ReAct scaffolding leaks out
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_final_answer_after_tool_result(setup):
+    client, tok = setup
+    _script(tok, ANSWER)
+    msgs = Q + [{"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny", "celsius": 21}'}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, temperature=0)
+    assert r.choices[0].message.content == "It is sunny in Paris, 21 °C." and r.choices[0].finish_reason == "stop"
+    assert tok.decode(ScriptedEngine.prompts[0]).endswith(
+        'Observation: {"sky": "sunny", "celsius": 21}\nThought:')
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, temperature=0,
+                                                 stream=True))
+    deltas = [ch.choices[0].delta.content for ch in chunks if ch.choices[0].delta.content]
+    assert "".join(deltas) == "It is sunny in Paris, 21 °C." and len(deltas) > 1  # streamed, not in one piece
+
+
+def test_legacy_functions(setup):
+    client, tok = setup
+    _script(tok, CALL)
+    r = client.chat.completions.create(model="tiny", messages=Q, functions=[TOOLS[0]["function"]], temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "function_call" and c.message.function_call.name == "get_weather"
+    assert json.loads(c.message.function_call.arguments) == {"city": "Paris"}
+
+
+def test_tool_choice_none_means_plain_chat(setup):
+    client, tok = setup
+    _script(tok, "Hello there.")
+    r = client.chat.completions.create(model="tiny", messages=Q, tools=TOOLS, tool_choice="none", temperature=0)
+    assert r.choices[0].message.content == "Hello there." and not r.choices[0].message.tool_calls
+    assert "get_weather" not in tok.decode(ScriptedEngine.prompts[0])
