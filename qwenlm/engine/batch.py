@@ -257,6 +257,7 @@ class BatchEngine:
         for s in seqs:
             s.cached += 1
         self.stats["steps"] += 1
+        self.stats["max_batch"] = max(self.stats["max_batch"], n)
         self._sample(seqs, m.lm_head(h).float())
 
     # ---- choosing tokens, finishing -------------------------------------------------------
