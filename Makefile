@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup chat test test-fast clean
+.PHONY: setup browser chat test test-fast clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,16 @@ $(STAMP): pyproject.toml
 chat: setup            ## chat with the offline default model
 	$(BIN)/qwen chat
 
-test: setup            ## the whole test suite (what CI runs)
+# Debian's chromium for the chat-page test in a real browser (skipped where it cannot be installed,
+# except in CI, where .ci/run makes a missing browser a failure)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  ($$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+	   ($$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium >/dev/null 2>&1)) || \
+	  echo "note: could not install chromium; the browser test will be skipped"; }
+
+test: setup browser    ## the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q
 
 test-fast: setup       ## without the tests that need the real default model

@@ -1,0 +1,125 @@
+"""The chat page in a real headless browser (Debian's chromium driven by Playwright): a message
+gets a streamed reply equal to the API's answer, the conversation survives a reload, regenerate,
+stop and clear work, and the page works with --api-key."""
+
+import os
+import shutil
+
+import httpx
+import pytest
+
+from helpers import running_server
+from qwenlm import load
+from qwenlm.serve import ServerOptions, create_app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if os.environ.get("QWENLM_REQUIRE_BROWSER") != "1":  # CI sets it: there a missing browser is a failure
+    pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt install chromium)")
+
+
+@pytest.fixture(scope="module")
+def model_tok(v1_chat_dir):
+    return load(v1_chat_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "chromium is not installed"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
+        yield b
+        b.close()
+
+
+def _settings(page, max_tokens):
+    page.fill("#temperature", "0")
+    page.dispatch_event("#temperature", "change")
+    page.fill("#max_tokens", str(max_tokens))
+    page.dispatch_event("#max_tokens", "change")
+
+
+def _count_updates(page):
+    page.evaluate("""() => { window.updates = 0;
+        new MutationObserver(() => { window.updates++; }).observe(document.getElementById('log'),
+            {subtree: true, childList: true, characterData: true}); }""")
+
+
+def test_chat_page_streams_a_reply(model_tok, browser):
+    model, tok = model_tok
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=2048, max_num_seqs=2))
+    with running_server(app) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        assert page.text_content("#model") == "tiny"
+        _settings(page, 16)
+        _count_updates(page)
+        page.fill("#input", "你好")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".msg.assistant.done", timeout=60000)
+        shown = page.text_content(".msg.assistant.done .body")
+        kept = page.evaluate("JSON.parse(localStorage.getItem('qwenlm-chat')).messages")
+        want = httpx.post(url + "/v1/chat/completions", json={
+            "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                         {"role": "user", "content": "你好"}],
+            "temperature": 0, "top_p": 0.8, "max_tokens": 16}, timeout=60).json()["choices"][0]["message"]["content"]
+        assert kept == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": want}]
+        assert shown.strip()
+        assert page.evaluate("window.updates") > 3  # the reply arrived in pieces
+        # the conversation is kept in the browser
+        page.reload()
+        assert page.locator(".msg.user").count() == 1 and page.locator(".msg.assistant").count() == 1
+        # regenerate replaces the reply (greedy: the same text again)
+        page.click("#regenerate")
+        page.wait_for_selector(".msg.assistant.done", timeout=60000)
+        assert page.locator(".msg.assistant").count() == 1
+        kept = page.evaluate("JSON.parse(localStorage.getItem('qwenlm-chat')).messages")
+        assert [m["content"] for m in kept] == ["你好", want]
+        # stop a long reply midway
+        _settings(page, 1500)
+        page.fill("#input", "Tell me a long story.")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.querySelectorAll('.msg.assistant')[1]"
+                               " && document.querySelectorAll('.msg.assistant')[1].textContent.length > 30",
+                               timeout=60000)
+        page.click("#stop")
+        page.wait_for_selector("#send:not([disabled])", timeout=10000)
+        assert page.locator(".msg.assistant.done").count() == 2
+        page.click("#clear")
+        assert page.locator(".msg").count() == 0
+        page.close()
+
+
+def test_chat_page_with_api_key(model_tok, browser):
+    model, tok = model_tok
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", api_key="k3y", max_model_len=512,
+                                               max_num_seqs=1))
+    with running_server(app) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        _settings(page, 8)
+        page.fill("#input", "hi")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".msg.error", timeout=30000)
+        assert "API key" in page.text_content(".msg.error")
+        page.fill("#apikey", "k3y")
+        page.dispatch_event("#apikey", "change")
+        page.click("#regenerate")
+        page.wait_for_selector(".msg.assistant.done", timeout=60000)
+        page.close()
+
+
+def test_markdown_rendering_and_escaping(model_tok, browser):
+    model, tok = model_tok
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=64, max_num_seqs=1))
+    with running_server(app) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        html = page.evaluate("(t) => renderMarkdown(t)", "# Title\nSome **bold** and `code`.\n- a\n- b\n"
+                             "```python\nprint('<b>')\n```\n<script>alert(1)</script>")
+        assert "<h1>Title</h1>" in html and "<strong>bold</strong>" in html and "<code>code</code>" in html
+        assert "<ul><li>a</li><li>b</li></ul>" in html
+        assert '<pre><code data-lang="python">print(&#39;&lt;b&gt;&#39;)\n</code></pre>' in html
+        assert "<script>" not in html and "&lt;script&gt;" in html
+        page.close()
