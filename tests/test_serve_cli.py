@@ -1,0 +1,93 @@
+"""`qwen serve` as a command: starts, answers the official client, stops; bad options are one
+`error:` line; and the real default model answers a question through it."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from qwenlm.commands.serve import plan_memory
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(*args):
+    port = _free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "qwenlm", "serve", "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"qwen serve exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("qwen serve did not come up")
+
+
+def test_serve_command(v1_chat_dir):
+    proc, url = _serve("-m", v1_chat_dir, "--served-model-name", "tiny-v1", "--max-model-len", "128",
+                       "--max-num-seqs", "2", "--api-key", "k")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny-v1"]
+        r = client.chat.completions.create(model="tiny-v1", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=4)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "chat page:  http://127.0.0.1:" in out and "key: required" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
+    (["--max-num-seqs", "100000", "--max-model-len", "100000"], "of KV cache"),
+    (["--max-model-len", "8"], "--max-model-len must be at least 16"),
+])
+def test_bad_options_are_one_line(v1_chat_dir, args, message):
+    r = subprocess.run([sys.executable, "-m", "qwenlm", "serve", "-m", v1_chat_dir, *args], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_memory_plan_shrinks_defaults(v1_chat_dir):
+    from qwenlm import load_model
+
+    model = load_model(v1_chat_dir, dtype="float32", device="cpu")
+    seqs, length = plan_memory(model, None, None)
+    assert 1 <= seqs <= 8 and length == min(model.config.seq_length, 4096)
+    assert plan_memory(model, 3, 64) == (3, 64)
+
+
+@pytest.mark.slow
+def test_default_model_answers_through_the_server():
+    proc, url = _serve("--quantize", "int4", "--max-model-len", "1024", "--max-num-seqs", "2")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+        r = client.chat.completions.create(model="x", messages=[
+            {"role": "user", "content": "What is the capital of France? Answer in one word."}],
+            temperature=0, max_tokens=16)
+        assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+        s = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "你好"}],
+                                           temperature=0, max_tokens=32, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+        assert any("\u4e00" <= ch <= "\u9fff" for ch in text)  # a Chinese reply
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
