@@ -29,3 +29,17 @@ def test_bench_json_and_hf_twin(tmp_path, capsys, arch):
 def test_bench_bad_arguments(capsys):
     assert main(["bench", "--shape", "7B", "--gen", "lots", "--device", "cpu"]) == 2
     assert "--gen must be" in capsys.readouterr().err
+
+
+def test_bench_serve_json(v1_chat_dir):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "qwenlm", "bench", "-m", v1_chat_dir, "--serve", "1,3",
+                        "--serve-tokens", "6", "--prompt-len", "5", "--json"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["serve"]
+    assert [x["concurrency"] for x in rows] == [1, 3]
+    assert [x["tokens"] for x in rows] == [6, 18]  # ignore_eos: every request gives all its tokens
+    assert all(x["tokens_per_s"] > 0 and x["ttft_p50_s"] <= x["latency_p50_s"] for x in rows)

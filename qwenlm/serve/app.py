@@ -201,9 +201,12 @@ class Server:
         if req.top_k is not None:
             kw["top_k"] = max(req.top_k, 0)
         try:
-            return self.model.generation_config.update(**kw)
+            cfg = self.model.generation_config.update(**kw)
         except ValueError as e:
             raise APIError(400, str(e)) from None
+        if req.ignore_eos:
+            cfg.eos_token_id = None
+        return cfg
 
     def choice_cfgs(self, cfg, n: int):
         """n choices: with a seed, choice i uses seed + i (so choices differ but repeat)."""
@@ -231,7 +234,7 @@ class Server:
         cfg = self.sampling(req, len(prompt.ids), max_tokens, ["Observation:"] if prompt.tools_on else [])
         names = [f.get("name_for_model", f.get("name")) for f in specs]
         cfgs = self.choice_cfgs(cfg, req.n)
-        job = _Job(self, [prompt.ids] * req.n, cfgs, self.chat_stop_ids, request)
+        job = _Job(self, [prompt.ids] * req.n, cfgs, [] if req.ignore_eos else self.chat_stop_ids, request)
         job.submit()
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -348,7 +351,7 @@ class Server:
             cfg = self.sampling(req, len(p), req.max_tokens)
             all_prompts += [p] * req.n
             cfgs += self.choice_cfgs(cfg, req.n)
-        job = _Job(self, all_prompts, cfgs, [self.tokenizer.eod_id], request)
+        job = _Job(self, all_prompts, cfgs, [] if req.ignore_eos else [self.tokenizer.eod_id], request)
         job.prompt_tokens = sum(len(p) for p in prompts)
         job.submit()
         self.metrics.prompt_tokens.inc(job.prompt_tokens)

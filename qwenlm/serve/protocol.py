@@ -67,6 +67,7 @@ class _Sampling(_Lenient):
     n: int = Field(1, ge=1, le=16)
     seed: Optional[int] = None
     user: Optional[str] = None
+    ignore_eos: bool = Field(False, description="keep generating past end-of-text tokens (benchmarks; as vLLM)")
 
 
 class ChatCompletionRequest(_Sampling):
