@@ -62,11 +62,19 @@ def test_fused_step_logits_equal_per_op_step(model, lengths):
         assert (got - want).abs().max() < 2e-3 * want.abs().max()
 
 
-@pytest.mark.parametrize("cfg", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_fused_tokens_equal_per_op_tokens(model, cfg):
+def test_fused_tokens_equal_per_op_tokens(model):
     fused, plain = _engines(model)
     prompts = _prompts(4, 17, 9)
-    assert fused.generate(prompts, cfg) == plain.generate(prompts, cfg)
+    assert fused.generate(prompts, GREEDY) == plain.generate(prompts, GREEDY)
+
+
+def test_fused_sampling_is_seeded(model):
+    # the two paths differ by float rounding (their attention sums in another order), which may flip
+    # a sampled token at a top-p boundary; so sampling is checked for reproducibility, not equality
+    fused, _ = _engines(model)
+    prompts = _prompts(4, 17, 9)
+    a = fused.generate(prompts, SAMPLED)
+    assert a == fused.generate(prompts, SAMPLED) and a != fused.generate(prompts, GREEDY)
 
 
 def test_disabled_by_environment(model, monkeypatch):

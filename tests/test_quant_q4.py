@@ -27,7 +27,7 @@ def _reference(x: torch.Tensor, lin: q4.Q4Linear) -> torch.Tensor:
         lin.m.double()[None] * (s * xq.sum(-1))[:, None, :]).sum(-1)
 
 
-@pytest.mark.parametrize("n,k,rows", [(96, 256, 1), (100, 896, 3), (4864, 896, 1), (33, 64, 2)])
+@pytest.mark.parametrize("n,k,rows", [(96, 256, 1), (100, 896, 3), (4864, 896, 1), (33, 64, 2), (70, 128, 9), (64, 896, 64)])
 def test_kernel_equals_python_arithmetic(n, k, rows):
     torch.manual_seed(n)
     lin = q4.Q4Linear(nn.Linear(k, n, bias=False))
@@ -50,8 +50,8 @@ def test_quantization_error_bound():
 def test_prefill_path_equals_decode_path():
     torch.manual_seed(2)
     lin = q4.Q4Linear(nn.Linear(256, 64, bias=True))
-    x = torch.randn(100, 256)  # > _GEMV_MAX_ROWS rows: the dequantize + matmul path
+    x = torch.randn(150, 256)  # > _GEMV_MAX_ROWS rows: the dequantize + matmul path
     big = lin(x)
-    small = torch.cat([lin(x[i:i + 1]) for i in range(0, 100)])
+    small = torch.cat([lin(x[i:i + 1]) for i in range(0, 150)])
     # the decode path also rounds activations to int8: about 1% of the output scale
     assert (big - small).abs().max() < 2e-2 * big.abs().max()

@@ -15,7 +15,7 @@ from torch import nn
 
 log = logging.getLogger("qwenlm")
 BLOCK = 32
-_GEMV_MAX_ROWS = 64  # above this, dequantize + one fp32 matmul beats the row-by-row kernel
+_GEMV_MAX_ROWS = 128  # above this, dequantize + one fp32 matmul beats the kernel
 
 
 @lru_cache(maxsize=1)
