@@ -120,3 +120,21 @@ def running_server(app):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def tiny_model(kind: str, path: str, quantize: str | None = None, **qwen2_kw):
+    """A tiny fp32 model: "v1" (seq_length 16, so NTK and LogN switch on for longer prompts) or
+    "qwen2" (GQA 2:1 by default), optionally quantized."""
+    from qwenlm import load_model
+
+    if kind == "v1":
+        cfg = v1_config(seq_length=16)
+        path = write_checkpoint(path, cfg, v1_state_dict(cfg, seed=4))
+    else:
+        path = tiny_hf_qwen2(path, **{"kv_heads": 2, **qwen2_kw})
+    return load_model(path, dtype="float32", device="cpu", quantize=quantize)
+
+
+def random_prompts(*lengths: int) -> list[list[int]]:
+    """Reproducible random prompts (ids < 1000) of the given lengths."""
+    return [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]

@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from helpers import tiny_hf_qwen2, v1_config, v1_state_dict, write_checkpoint
-from qwenlm import GenerationConfig, load_model
+from helpers import random_prompts, tiny_model
+from qwenlm import GenerationConfig
 from qwenlm.engine.batch import BatchEngine, QueueFull, Sequence
 from qwenlm.generation import StopChecker, generate
 from qwenlm.quant import q4
@@ -23,16 +23,8 @@ KINDS = ["v1", "qwen2"] + (["qwen2-int4"] if {"avx2", "fma", "f16c"} <= q4._cpu_
 
 @pytest.fixture(scope="module", params=KINDS)
 def model(request, tmp_path_factory):
-    d = str(tmp_path_factory.mktemp(request.param))
-    if request.param == "v1":  # seq_length 16: NTK and LogN switch on for the longer prompts
-        cfg = v1_config(seq_length=16)
-        return load_model(write_checkpoint(d, cfg, v1_state_dict(cfg, seed=4)), dtype="float32", device="cpu")
-    quant = "int4" if request.param.endswith("int4") else None
-    return load_model(tiny_hf_qwen2(d, kv_heads=2), dtype="float32", device="cpu", quantize=quant)
-
-
-def _prompts(*lengths):
-    return [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+    kind, _, quant = request.param.partition("-")
+    return tiny_model(kind, str(tmp_path_factory.mktemp(request.param)), quant or None)
 
 
 def _seq(prompt, cfg, out):
@@ -62,7 +54,7 @@ def _run(eng, arrivals):
 
 @pytest.mark.parametrize("cfg", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_each_sequence_gets_its_solo_tokens(model, cfg):
-    prompts = _prompts(5, 20, 9, 31, 3)
+    prompts = random_prompts(5, 20, 9, 31, 3)
     budgets = [12, 4, 9, 12, 7]
     arrivals = {0: [(prompts[0], cfg.update(max_new_tokens=budgets[0])),
                     (prompts[1], cfg.update(max_new_tokens=budgets[1]))],
@@ -94,7 +86,7 @@ def test_each_sequence_gets_its_solo_tokens(model, cfg):
 
 
 def test_stop_token_and_context_limit(model):
-    p = _prompts(6)[0]
+    p = random_prompts(6)[0]
     solo = generate(model, [p], GREEDY)[0]
     stop_at = solo[4]
     cfg = GREEDY.update(eos_token_id=stop_at)
@@ -108,7 +100,7 @@ def test_stop_token_and_context_limit(model):
 
 
 def test_abort_frees_the_row_and_others_continue(model):
-    p1, p2 = _prompts(7, 13)
+    p1, p2 = random_prompts(7, 13)
     eng = BatchEngine(model, max_num_seqs=2, max_model_len=64)
     o1, o2 = {"tokens": [], "reason": None}, {"tokens": [], "reason": None}
     s1, s2 = _seq(p1, GREEDY, o1), _seq(p2, GREEDY, o2)
@@ -138,7 +130,7 @@ def test_queue_full_and_too_long_prompt(model):
 def test_threaded_loop_serves_concurrent_submissions(model):
     eng = BatchEngine(model, max_num_seqs=4, max_model_len=64).start()
     try:
-        prompts = _prompts(*range(3, 13))
+        prompts = random_prompts(*range(3, 13))
         outs, done = [], []
         for p in prompts:
             out = {"tokens": [], "reason": None}

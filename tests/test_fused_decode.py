@@ -5,8 +5,8 @@ attention with dynamic NTK and LogN active (v1), left-padded batches and samplin
 import pytest
 import torch
 
-from helpers import tiny_hf_qwen2, v1_config, v1_state_dict, write_checkpoint
-from qwenlm import GenerationConfig, load_model
+from helpers import random_prompts, tiny_model
+from qwenlm import GenerationConfig
 from qwenlm.engine import Engine
 from qwenlm.quant import q4
 
@@ -20,17 +20,8 @@ SAMPLED = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.9, top_k=40,
 
 @pytest.fixture(scope="module", params=["v1", "qwen2"])
 def model(request, tmp_path_factory):
-    d = str(tmp_path_factory.mktemp(request.param))
-    if request.param == "v1":  # seq_length 16: NTK and LogN switch on for the longer prompts
-        cfg = v1_config(seq_length=16)
-        path = write_checkpoint(d, cfg, v1_state_dict(cfg, seed=4))
-    else:
-        path = tiny_hf_qwen2(d, kv_heads=2, hidden=128, heads=4, mlp=160)  # head_dim 32, GQA 2:1
-    return load_model(path, dtype="float32", device="cpu", quantize="int4")
-
-
-def _prompts(*lengths):
-    return [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+    # qwen2: head_dim 32, GQA 2:1
+    return tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)), "int4", hidden=128, heads=4, mlp=160)
 
 
 def _engines(model):
@@ -48,7 +39,7 @@ def test_model_is_eligible(model):
 @pytest.mark.parametrize("lengths", [(5,), (3, 12, 30)])
 def test_fused_step_logits_equal_per_op_step(model, lengths):
     fused, plain = _engines(model)
-    st = fused._adopt(fused._setup(_prompts(*lengths), GREEDY, 64))
+    st = fused._adopt(fused._setup(random_prompts(*lengths), GREEDY, 64))
     fused._prefill(st)
     w = st["w"]
     for step in range(3):  # a few steps, each feeding the same token to both paths
@@ -64,7 +55,7 @@ def test_fused_step_logits_equal_per_op_step(model, lengths):
 
 def test_fused_tokens_equal_per_op_tokens(model):
     fused, plain = _engines(model)
-    prompts = _prompts(4, 17, 9)
+    prompts = random_prompts(4, 17, 9)
     assert fused.generate(prompts, GREEDY) == plain.generate(prompts, GREEDY)
 
 
@@ -72,7 +63,7 @@ def test_fused_sampling_is_seeded(model):
     # the two paths differ by float rounding (their attention sums in another order), which may flip
     # a sampled token at a top-p boundary; so sampling is checked for reproducibility, not equality
     fused, _ = _engines(model)
-    prompts = _prompts(4, 17, 9)
+    prompts = random_prompts(4, 17, 9)
     a = fused.generate(prompts, SAMPLED)
     assert a == fused.generate(prompts, SAMPLED) and a != fused.generate(prompts, GREEDY)
 

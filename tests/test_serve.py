@@ -3,13 +3,11 @@ streaming, n, usage, finish reasons), completions, the OpenAI error schema, limi
 metrics, the chat page, client disconnects. A tiny random Qwen v1 chat model with the real
 tokenizer; every generated text is checked against the reference generation loop."""
 
-import json
 import time
 
 import httpx
 import openai
 import pytest
-import torch
 
 from helpers import running_server
 from qwenlm import load

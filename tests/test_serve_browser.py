@@ -46,12 +46,23 @@ def _count_updates(page):
             {subtree: true, childList: true, characterData: true}); }""")
 
 
+def _open(browser, model_tok, **opts):
+    """A page on a fresh server (a context manager yielding (page, url))."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def cm():
+        model, tok = model_tok
+        with running_server(create_app(model, tok, ServerOptions(served_model_name="tiny", **opts))) as url:
+            page = browser.new_page()
+            page.goto(url + "/")
+            yield page, url
+            page.close()
+    return cm()
+
+
 def test_chat_page_streams_a_reply(model_tok, browser):
-    model, tok = model_tok
-    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=2048, max_num_seqs=2))
-    with running_server(app) as url:
-        page = browser.new_page()
-        page.goto(url + "/")
+    with _open(browser, model_tok, max_model_len=2048, max_num_seqs=2) as (page, url):
         assert page.text_content("#model") == "tiny"
         _settings(page, 16)
         _count_updates(page)
@@ -88,16 +99,10 @@ def test_chat_page_streams_a_reply(model_tok, browser):
         assert page.locator(".msg.assistant.done").count() == 2
         page.click("#clear")
         assert page.locator(".msg").count() == 0
-        page.close()
 
 
 def test_chat_page_with_api_key(model_tok, browser):
-    model, tok = model_tok
-    app = create_app(model, tok, ServerOptions(served_model_name="tiny", api_key="k3y", max_model_len=512,
-                                               max_num_seqs=1))
-    with running_server(app) as url:
-        page = browser.new_page()
-        page.goto(url + "/")
+    with _open(browser, model_tok, api_key="k3y", max_model_len=512, max_num_seqs=1) as (page, _):
         _settings(page, 8)
         page.fill("#input", "hi")
         page.press("#input", "Enter")
@@ -107,19 +112,13 @@ def test_chat_page_with_api_key(model_tok, browser):
         page.dispatch_event("#apikey", "change")
         page.click("#regenerate")
         page.wait_for_selector(".msg.assistant.done", timeout=60000)
-        page.close()
 
 
 def test_markdown_rendering_and_escaping(model_tok, browser):
-    model, tok = model_tok
-    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=64, max_num_seqs=1))
-    with running_server(app) as url:
-        page = browser.new_page()
-        page.goto(url + "/")
+    with _open(browser, model_tok, max_model_len=64, max_num_seqs=1) as (page, _):
         html = page.evaluate("(t) => renderMarkdown(t)", "# Title\nSome **bold** and `code`.\n- a\n- b\n"
                              "```python\nprint('<b>')\n```\n<script>alert(1)</script>")
         assert "<h1>Title</h1>" in html and "<strong>bold</strong>" in html and "<code>code</code>" in html
         assert "<ul><li>a</li><li>b</li></ul>" in html
         assert '<pre><code data-lang="python">print(&#39;&lt;b&gt;&#39;)\n</code></pre>' in html
         assert "<script>" not in html and "&lt;script&gt;" in html
-        page.close()

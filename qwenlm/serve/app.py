@@ -150,6 +150,17 @@ class _Job:
             self.abort()
             self.server.metrics.latency.observe(time.monotonic() - self.started)
 
+    async def collect(self, texts: list[TextAssembler]) -> list[str | None]:
+        """Run every choice to its end (non-streaming): feeds `texts`, returns finish reasons."""
+        reasons: list[str | None] = [None] * len(self.seqs)
+        async for i, tok, reason in self.events():
+            if tok is not None:
+                texts[i].put(tok)
+            if reason is not None:
+                texts[i].finish()
+                reasons[i] = reason
+        return reasons
+
     @property
     def completion_tokens(self) -> int:
         return sum(len(s.generated) for s in self.seqs)
@@ -161,6 +172,11 @@ class _Job:
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _sse_error(e: APIError) -> str:
+    """An error after the stream has started: one `data:` event in the OpenAI error schema."""
+    return _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
 
 
 class Server:
@@ -243,13 +259,7 @@ class Server:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._chat_stream(job, texts, names, legacy, rid, created, include_usage),
                                      media_type="text/event-stream")
-        reasons = [None] * req.n
-        async for i, tok, reason in job.events():
-            if tok is not None:
-                texts[i].put(tok)
-            if reason is not None:
-                texts[i].finish()
-                reasons[i] = reason
+        reasons = await job.collect(texts)
         if any(r == "abort" for r in reasons):
             return Response(status_code=499)
         choices = []
@@ -316,7 +326,7 @@ class Server:
                             "choices": [], "usage": job.usage()})
             yield "data: [DONE]\n\n"
         except APIError as e:
-            yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+            yield _sse_error(e)
 
     # ---- /v1/completions ------------------------------------------------------------------------
     def _prompts(self, prompt) -> list[list[int]]:
@@ -384,15 +394,9 @@ class Server:
                                     "choices": [], "usage": job.usage()})
                     yield "data: [DONE]\n\n"
                 except APIError as e:
-                    yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+                    yield _sse_error(e)
             return StreamingResponse(stream(), media_type="text/event-stream")
-        reasons = [None] * len(all_prompts)
-        async for i, tok, reason in job.events():
-            if tok is not None:
-                texts[i].put(tok)
-            if reason is not None:
-                texts[i].finish()
-                reasons[i] = reason
+        reasons = await job.collect(texts)
         if any(r == "abort" for r in reasons):
             return Response(status_code=499)
         self.metrics.generation_tokens.inc(job.completion_tokens)

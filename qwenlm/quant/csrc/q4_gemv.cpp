@@ -10,7 +10,6 @@
 #include <omp.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -72,8 +71,8 @@ struct Q4Weight {
   }
 };
 
-// y (M, N) = x (M, K) @ W.T (+ bias), x already quantized into q; one row at a time
-void gemv1(const QuantRows& q, int64_t M, const Q4Weight& W, const float* bias, float* Y) {
+// y (M, N) = x (M, K) @ W.T (+ bias), x already quantized into q
+void gemv(const QuantRows& q, int64_t M, const Q4Weight& W, const float* bias, float* Y) {
   const int64_t K = W.K, N = W.N, nb = K / 32;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
@@ -123,70 +122,6 @@ void gemv1(const QuantRows& q, int64_t M, const Q4Weight& W, const float* bias, 
       Y[r * N + n] = hsum(_mm256_add_ps(acc0, acc1)) + hsum(accm) + tail + (bias ? bias[n] : 0.f);
     }
   }
-}
-
-// R activation rows against one weight row whose codes are already unpacked to bytes (qb) and whose
-// scales/minima are fp32 (dn, mn): the weight is unpacked once and reused for every row
-template <int R>
-inline void rows_dot(const uint8_t* qb, const float* dn, const float* mn, const QuantRows& q, int64_t r0,
-                     int64_t K, const float* bias_n, float* Y, int64_t N, int64_t n) {
-  const int64_t nb = K / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[R];
-  for (int t = 0; t < R; ++t) acc[t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(qb + b * 32));
-    for (int t = 0; t < R; ++t) {
-      const int64_t r = r0 + t;
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.xq.data() + r * K + b * 32));
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qv, a), ones));
-      acc[t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dn[b] * q.xs[r * nb + b]), acc[t]);
-    }
-  }
-  for (int t = 0; t < R; ++t) {
-    const int64_t r = r0 + t;
-    float mt = 0.f;
-    for (int64_t b = 0; b < nb; ++b) mt += mn[b] * q.ms[r * nb + b];
-    Y[r * N + n] = hsum(acc[t]) + mt + (bias_n ? *bias_n : 0.f);
-  }
-}
-
-// y (M, N) for M > 1: each weight row is unpacked once, then multiplied with 4 rows at a time
-void gemm_rows(const QuantRows& q, int64_t M, const Q4Weight& W, const float* bias, float* Y) {
-  const int64_t K = W.K, N = W.N, nb = K / 32;
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    uint8_t* qb = static_cast<uint8_t*>(std::aligned_alloc(32, K));
-    std::vector<float> dn(nb), mn(nb);
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-      const uint8_t* Cn = W.codes + n * nb * 16;
-      for (int64_t b = 0; b < nb; ++b) {
-        const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Cn + b * 16));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(qb + b * 32),
-                           _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), low4));
-        dn[b] = _cvtsh_ss(W.d[n * nb + b]);
-        mn[b] = _cvtsh_ss(W.m[n * nb + b]);
-      }
-      const float* bn = bias ? bias + n : nullptr;
-      int64_t r = 0;
-      for (; r + 4 <= M; r += 4) rows_dot<4>(qb, dn.data(), mn.data(), q, r, K, bn, Y, N, n);
-      switch (M - r) {
-        case 3: rows_dot<3>(qb, dn.data(), mn.data(), q, r, K, bn, Y, N, n); break;
-        case 2: rows_dot<2>(qb, dn.data(), mn.data(), q, r, K, bn, Y, N, n); break;
-        case 1: rows_dot<1>(qb, dn.data(), mn.data(), q, r, K, bn, Y, N, n); break;
-        default: break;
-      }
-    }
-    std::free(qb);
-  }
-}
-
-// the kernel for M rows: the single-row loop for one row, the unpack-once kernel for more
-inline void gemv(const QuantRows& q, int64_t M, const Q4Weight& W, const float* bias, float* Y) {
-  if (M == 1) gemv1(q, M, W, bias, Y);
-  else gemm_rows(q, M, W, bias, Y);
 }
 
 // out (M, K) = rmsnorm(x) * w, normalised in fp32
