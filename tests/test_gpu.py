@@ -65,3 +65,25 @@ def test_cuda_graph_engine_equals_eager_and_reference(tmp_path):
         assert eng.generate(prompts, sampled) == generate(m, prompts, sampled)
         other = [p[::-1] for p in prompts]  # same shapes: replays the graphs captured above
         assert eng.generate(other, cfg) == generate(m, other, cfg)
+
+
+def test_continuous_batching_on_cuda_fp32(tmp_path):
+    """The serving engine on CUDA (fp32, so token-exact): staggered sequences get their solo tokens."""
+    from qwenlm.engine.batch import BatchEngine, Sequence
+    from qwenlm.generation import StopChecker
+
+    for path in _checkpoints(tmp_path):
+        model = load_model(path, dtype="float32", device="cuda")
+        eng = BatchEngine(model, max_num_seqs=3, max_model_len=128)
+        prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                   for n in (5, 21, 9, 30)]
+        outs = [[] for _ in prompts]
+        seqs = [Sequence(p, GREEDY, StopChecker(GREEDY), emit=lambda t, r, o=o: t is not None and o.append(t))
+                for p, o in zip(prompts, outs)]
+        with torch.inference_mode():
+            eng.step(seqs[:2])
+            eng.step(seqs[2:3])
+            while eng.active:
+                eng.step([seqs[3]] if len(eng.active) < 3 and seqs[3].row < 0 and not seqs[3].generated else [])
+        for p, o in zip(prompts, outs):
+            assert o == generate(model, [p], GREEDY)[0]
