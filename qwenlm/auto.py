@@ -16,8 +16,9 @@ from .config import ModelConfig
 from .generation.config import GenerationConfig
 from .hub import resolve_model
 from .models import QwenCausalLM, build_model
+from .quant.gptq import GPTQConfig, finish_gptq, install_gptq_layers
 from .tokenizer import QwenTokenizer
-from .weights.loader import checkpoint_files, load_weights
+from .weights.loader import checkpoint_files, checkpoint_names, load_weights
 
 log = logging.getLogger("qwenlm")
 
@@ -86,7 +87,15 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
     dt = resolve_dtype(dtype, dev, config)
     with torch.device("meta"):
         model = build_model(config)
-    load_weights(model, checkpoint_files(path), dt, dev)
+    files = checkpoint_files(path)
+    gptq = GPTQConfig.from_checkpoint(path, config.raw)
+    if gptq is not None:
+        if quantize:
+            raise ValueError("this checkpoint is already quantized (GPTQ): drop --quantize")
+        install_gptq_layers(model, gptq, checkpoint_names(files))
+    load_weights(model, files, dt, dev)
+    if gptq is not None:
+        model.quantization = finish_gptq(model, gptq, dt)
     if quantize == "int4":
         from .quant import quantize_model_int4
 

@@ -100,11 +100,14 @@ class Q4Linear(nn.Module):
         self.register_buffer("codes", codes)
         self.register_buffer("d", d)
         self.register_buffer("m", m)
+        self.register_buffer("perm", None)  # input-column order (GPTQ act-order checkpoints), or None
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2[:, self.perm]
         if x2.shape[0] <= _GEMV_MAX_ROWS:
             xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
             y = _extension().q4_gemv(xf, self.codes, self.d, self.m)
@@ -148,7 +151,8 @@ def pack_blocks(model) -> list[list[torch.Tensor]] | None:
     for block in model.blocks:
         p = block.parts() if hasattr(block, "parts") else None
         linears = [] if p is None else p["qkv"] + [p["o"], p["gate"], p["up"], p["down"]]
-        if not linears or not all(isinstance(lay, Q4Linear) for lay in linears) or p["o"].bias is not None \
+        if not linears or not all(isinstance(lay, Q4Linear) and lay.perm is None for lay in linears) \
+                or p["o"].bias is not None \
                 or any(lay.bias is not None for lay in (p["gate"], p["up"], p["down"])):
             return None
         qkv = _concat_rows(p["qkv"])

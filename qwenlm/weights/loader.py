@@ -53,6 +53,23 @@ def checkpoint_files(path: str) -> list[str]:
                           "or their .index.json")
 
 
+def checkpoint_names(files: list[str]) -> set[str]:
+    """The tensor names of checkpoint files (safetensors: read from the header only)."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for path in files:
+        if path.endswith(".safetensors"):
+            try:
+                with safe_open(path, framework="pt") as f:
+                    names.update(f.keys())
+                continue
+            except Exception as e:
+                raise CheckpointError(f"cannot read {path}: it is damaged or truncated ({e})") from e
+        names.update(name for name, _ in iter_tensors([path]))
+    return names
+
+
 def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) from every file; safetensors and .bin files are memory-mapped."""
     from safetensors import safe_open
@@ -95,7 +112,8 @@ def load_weights(model: torch.nn.Module, files: list[str], dtype: torch.dtype,
             seen.add(name)  # present, so not also "missing"
             continue
         seen.add(name)
-        _assign(model, name, tensor.to(device=device, dtype=dtype), params)
+        # integer tensors (GPTQ codes, group indices) keep their type
+        _assign(model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None), params)
     missing = sorted(set(expected) - seen - ({"lm_head.weight"} if tied else set()))
     if missing or unexpected or misshaped:
         lines = ["the checkpoint does not match the model described by config.json:"]
