@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("chat", "generate", "serve", "convert", "info", "bench")
+COMMANDS = ("chat", "generate", "serve", "convert", "quantize", "info", "bench")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

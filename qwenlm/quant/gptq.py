@@ -102,7 +102,7 @@ class GPTQLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
-        g = group_size or in_features
+        g = group_size if group_size > 0 else in_features
         groups = -(-in_features // g)
         self.register_buffer("qweight", torch.empty(in_features * bits // 32, out_features, dtype=torch.int32))
         self.register_buffer("qzeros", torch.empty(groups, out_features * bits // 32, dtype=torch.int32))
