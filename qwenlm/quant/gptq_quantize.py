@@ -21,7 +21,7 @@ import shutil
 import torch
 from torch import nn
 
-from .gptq import GPTQConfig, pack_cols, pack_rows, target_linears
+from .gptq import pack_cols, pack_rows, target_linears
 
 log = logging.getLogger("qwenlm")
 
