@@ -320,13 +320,16 @@ class Server:
                     elif rest:
                         yield chunk(i, {"content": rest})
                 yield chunk(i, {}, reason)
-            self.metrics.generation_tokens.inc(job.completion_tokens)
-            if include_usage:
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                            "choices": [], "usage": job.usage()})
-            yield "data: [DONE]\n\n"
+            yield self._stream_end(job, {"id": rid, "object": "chat.completion.chunk", "created": created,
+                                         "model": name}, include_usage)
         except APIError as e:
             yield _sse_error(e)
+
+    def _stream_end(self, job: _Job, head: dict, include_usage: bool) -> str:
+        """The last events of a stream: the usage chunk when asked for, then [DONE]."""
+        self.metrics.generation_tokens.inc(job.completion_tokens)
+        usage = _sse({**head, "choices": [], "usage": job.usage()}) if include_usage else ""
+        return usage + "data: [DONE]\n\n"
 
     # ---- /v1/completions ------------------------------------------------------------------------
     def _prompts(self, prompt) -> list[list[int]]:
@@ -388,11 +391,8 @@ class Server:
                             delta += texts[i].finish()
                         if delta or reason:
                             yield chunk(i, delta, reason)
-                    self.metrics.generation_tokens.inc(job.completion_tokens)
-                    if include_usage:
-                        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
-                                    "choices": [], "usage": job.usage()})
-                    yield "data: [DONE]\n\n"
+                    yield self._stream_end(job, {"id": rid, "object": "text_completion", "created": created,
+                                                 "model": name}, include_usage)
                 except APIError as e:
                     yield _sse_error(e)
             return StreamingResponse(stream(), media_type="text/event-stream")
