@@ -165,7 +165,7 @@ def test_queue_full_is_429_and_disconnect_frees_the_slot(model_tok):
     app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=4096, max_num_seqs=1,
                                                max_queue=1))
     eng = app.state.server.engine
-    body = {"messages": MSGS, "max_tokens": 3000, "temperature": 0, "stream": True}
+    body = {"messages": MSGS, "max_tokens": 3000, "temperature": 0, "stream": True, "ignore_eos": True}
     with running_server(app) as url:
         with httpx.Client(timeout=30) as c1, httpx.Client(timeout=30) as c2:
             with c1.stream("POST", url + "/v1/chat/completions", json=body) as s1:
@@ -175,7 +175,8 @@ def test_queue_full_is_429_and_disconnect_frees_the_slot(model_tok):
                     deadline = time.time() + 10
                     while eng.queue_length < 1 and time.time() < deadline:
                         time.sleep(0.02)
-                    r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False})
+                    assert eng.queue_length == 1 and eng.running == 1
+                    r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
                     assert r.status_code == 429 and r.headers["retry-after"] == "1"
                     assert r.json()["error"]["type"] == "rate_limit_error"
                     s2.close()
