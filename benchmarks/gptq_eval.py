@@ -24,6 +24,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--asym", action="store_true", help="asymmetric groups")
+    ap.add_argument("--bits", default="8,4")
     ap.add_argument("--out", default="/tmp/qwenlm-gptq-eval")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
@@ -34,15 +36,17 @@ def main():
     calib = [os.path.join(stdlib, "email"), os.path.join(stdlib, "json")]
     held_out = sorted(glob.glob(os.path.join(stdlib, "asyncio", "*.py")))
     results = {"calibration": [os.path.relpath(c, stdlib) for c in calib], "held_out": "asyncio/*.py",
-               "samples": args.samples, "seq_len": args.seq_len, "group_size": args.group_size}
+               "samples": args.samples, "seq_len": args.seq_len, "group_size": args.group_size,
+               "sym": not args.asym}
     paths = {"fp32 (GGUF dequantized)": None}
-    for bits in (8, 4):
+    bit_list = [int(b) for b in args.bits.split(",")]
+    for bits in bit_list:
         out = os.path.join(args.out, f"int{bits}")
         if not os.path.isdir(out):
             t0 = time.perf_counter()
             cmd = [sys.executable, "-m", "qwenlm", "quantize", "default", out, "--bits", str(bits),
                    "--group-size", str(args.group_size), "--samples", str(args.samples), "--seq-len",
-                   str(args.seq_len), "--device", "cpu"]
+                   str(args.seq_len), "--device", "cpu"] + (["--asym"] if args.asym else [])
             for c in calib:
                 cmd += ["--calib", c]
             subprocess.run(cmd, check=True)
@@ -62,7 +66,7 @@ def main():
                          "quantization": getattr(model, "quantization", None), "france": reply}
         print(name, json.dumps(results[name], ensure_ascii=False), flush=True)
     base = results["fp32 (GGUF dequantized)"]["perplexity"]
-    for bits in (8, 4):
+    for bits in bit_list:
         r = results[f"GPTQ int{bits}"]
         r["vs_fp32"] = r["perplexity"] / base - 1
     print(json.dumps(results, indent=2, ensure_ascii=False))

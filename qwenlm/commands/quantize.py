@@ -15,6 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("--bits", type=int, choices=[4, 8], default=4)
     p.add_argument("--group-size", type=int, default=128, help="columns per scale/zero group (-1: one group per row)")
     p.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal (desc_act)")
+    p.add_argument("--asym", action="store_true",
+                   help="asymmetric groups (a zero point per group; the original releases are symmetric)")
     p.add_argument("--damp", type=float, default=0.01, help="dampening, as a fraction of the mean Hessian diagonal")
     p.add_argument("--calib", action="append", required=True, metavar="DATA",
                    help="calibration data: fine-tuning JSON ({'conversations': [...]}), a text file or a directory "
@@ -55,8 +57,9 @@ def run(args) -> int:
           f"{args.group_size}{', act-order' if args.act_order else ''}", file=sys.stderr)
     bar = tqdm(total=len(model.blocks), desc="GPTQ", unit="layer")
     tensors = quantize_model(model, tokens, args.bits, args.group_size, args.act_order, args.damp,
-                             progress=lambda i, n: bar.update(1))
+                             sym=not args.asym, progress=lambda i, n: bar.update(1))
     bar.close()
-    save_gptq_checkpoint(src, args.out, model, tensors, args.bits, args.group_size, args.act_order, args.damp)
+    save_gptq_checkpoint(src, args.out, model, tensors, args.bits, args.group_size, args.act_order, args.damp,
+                         sym=not args.asym)
     print(f"wrote {args.out} ({len(tensors)} quantized layers)")
     return 0

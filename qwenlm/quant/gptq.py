@@ -216,6 +216,7 @@ def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
         setattr(model.get_submodule(parent_name), attr, new)
     if use_q4:
         return f"gptq-{cfg.bits}bit-g{cfg.group_size} on the 4-bit CPU kernel"
-    log.warning("GPTQ %d-bit layers dequantized to %s at load (no %s kernel yet)", cfg.bits,
-                str(dtype).replace("torch.", ""), "8-bit" if cfg.bits == 8 else "GPU")
+    why = ("no 8-bit kernel yet" if cfg.bits == 8 else "no GPU kernel yet" if model.device.type != "cpu"
+           else "the 4-bit CPU kernel is unavailable here")
+    log.warning("GPTQ %d-bit layers dequantized to %s at load (%s)", cfg.bits, str(dtype).replace("torch.", ""), why)
     return f"gptq-{cfg.bits}bit-g{cfg.group_size} dequantized"

@@ -153,7 +153,7 @@ def _read_calibration_file(path: str) -> list[str]:
 # ---- the pipeline ---------------------------------------------------------------------------------
 @torch.no_grad()
 def quantize_model(model, tokens: torch.Tensor, bits: int, group_size: int, act_order: bool,
-                   damp: float = 0.01, batch: int = 4, progress=None) -> dict[str, dict[str, torch.Tensor]]:
+                   damp: float = 0.01, batch: int = 4, progress=None, sym: bool = True) -> dict[str, dict[str, torch.Tensor]]:
     """GPTQ every target linear layer of `model` (fp32, CPU or GPU), block by block. Returns the
     tensors to save per layer name; the model's weights are left quantized-dequantized."""
     dev = model.device
@@ -181,7 +181,7 @@ def quantize_model(model, tokens: torch.Tensor, bits: int, group_size: int, act_
         for hd in handles:
             hd.remove()
         for name, m in layers.items():
-            r = gptq_quantize_weight(m.weight.data.cpu(), hess[name].cpu(), bits, group_size, act_order, damp)
+            r = gptq_quantize_weight(m.weight.data.cpu(), hess[name].cpu(), bits, group_size, act_order, damp, sym)
             m.weight.data.copy_(r.pop("dequantized").to(m.weight.dtype))
             if m.bias is not None:
                 r["bias"] = m.bias.detach().half().cpu()
@@ -201,7 +201,7 @@ def _ctx_for(ctx, b: int):
 
 
 def save_gptq_checkpoint(src: str, out: str, model, tensors: dict[str, dict[str, torch.Tensor]], bits: int,
-                         group_size: int, act_order: bool, damp: float) -> None:
+                         group_size: int, act_order: bool, damp: float, sym: bool = True) -> None:
     """Write `out` in the original layout: quantized layers as GPTQ tensors, the rest in fp16."""
     from safetensors.torch import save_file
 
@@ -217,7 +217,7 @@ def save_gptq_checkpoint(src: str, out: str, model, tensors: dict[str, dict[str,
     os.makedirs(out, exist_ok=True)
     save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     qc = {"bits": bits, "group_size": group_size, "damp_percent": damp, "desc_act": act_order,
-          "static_groups": False, "sym": True, "true_sequential": False, "model_name_or_path": None,
+          "static_groups": False, "sym": sym, "true_sequential": False, "model_name_or_path": None,
           "model_file_base_name": "model"}
     with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
