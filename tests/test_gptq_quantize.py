@@ -22,10 +22,10 @@ def _inputs(n, k, seed=0):
     return torch.randn(n, k, generator=g) @ mix
 
 
-def _rtn(w, bits, gs):
+def _rtn(w, bits, gs, sym=True):
     out = torch.empty_like(w)
     for c in range(0, w.shape[1], gs):
-        s, z = _group_params(w[:, c:c + gs], bits, sym=True)
+        s, z = _group_params(w[:, c:c + gs], bits, sym=sym)
         q = torch.clamp(torch.round(w[:, c:c + gs] / s[:, None]) + z[:, None], 0, 2**bits - 1)
         out[:, c:c + gs] = s[:, None] * (q - z[:, None])
     return out
@@ -38,17 +38,19 @@ def _decode(r, n, k, bits, gs):
     return lay.weight()
 
 
-@pytest.mark.parametrize("bits,gs,act_order", [(4, 32, False), (4, 32, True), (8, 64, False), (4, -1, False)])
-def test_gptq_beats_rounding_on_its_inputs(bits, gs, act_order):
+@pytest.mark.parametrize("bits,gs,act_order,sym", [(4, 32, False, True), (4, 32, True, True), (8, 64, False, True),
+                                                  (4, -1, False, True), (4, 32, False, False)])
+def test_gptq_beats_rounding_on_its_inputs(bits, gs, act_order, sym):
     n, k = 48, 128
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
+    w[:4] = w[:4].abs()  # rows that are all positive: an asymmetric zero of 0, which the format cannot store
     x = _inputs(512, k)
     H = 2 * x.t() @ x / x.shape[0]
-    r = gptq_quantize_weight(w, H, bits, gs, act_order)
+    r = gptq_quantize_weight(w, H, bits, gs, act_order, sym=sym)
     q = r["dequantized"]
     assert torch.allclose(_decode(r, n, k, bits, gs), q, atol=1e-6)  # the tensors mean what it reports
     err_gptq = ((w - q) @ x.t()).pow(2).sum()
-    err_rtn = ((w - _rtn(w, bits, gs if gs > 0 else k)) @ x.t()).pow(2).sum()
+    err_rtn = ((w - _rtn(w, bits, gs if gs > 0 else k, sym)) @ x.t()).pow(2).sum()
     assert err_gptq < 0.9 * err_rtn, (err_gptq, err_rtn)
     g = r["g_idx"].long()
     assert torch.bincount(g).tolist() == [gs if gs > 0 else k] * (k // (gs if gs > 0 else k))

@@ -65,7 +65,7 @@ def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     k, n = q.shape
     if k % per:
         raise ValueError(f"in_features {k} is not a multiple of {per}")
-    q = q.to(torch.int64).view(k // per, per, n)
+    q = (q.to(torch.int64) & ((1 << bits) - 1)).view(k // per, per, n)
     shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, :, None]
     return _to_int32((q << shifts).sum(1))
 
@@ -84,7 +84,7 @@ def pack_cols(z: torch.Tensor, bits: int) -> torch.Tensor:
     g, n = z.shape
     if n % per:
         raise ValueError(f"out_features {n} is not a multiple of {per}")
-    z = z.to(torch.int64).view(g, n // per, per)
+    z = (z.to(torch.int64) & ((1 << bits) - 1)).view(g, n // per, per)
     shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, None, :]
     return _to_int32((z << shifts).sum(-1))
 

@@ -36,7 +36,10 @@ def _group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, 
         zero = torch.full_like(scale, (qmax + 1) / 2)
     else:
         scale = ((hi - lo) / qmax).clamp(min=1e-8)
-        zero = torch.round(-lo / scale)
+        # the format stores zero - 1 in `bits` bits, so a zero of 0 cannot be written: use 1 (the grid
+        # then reaches down to -scale and up to (qmax - 1) * scale)
+        scale = torch.where(lo == 0, (hi / (qmax - 1)).clamp(min=1e-8), scale)
+        zero = torch.round(-lo / scale).clamp(min=1)
     # the checkpoint stores scales in fp16: use the rounded value for the codes too
     scale = scale.half().float()
     return scale, zero
