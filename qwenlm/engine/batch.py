@@ -232,7 +232,7 @@ class BatchEngine:
         return ForwardContext(cos=cos, sin=sin, logn=logn, mask=mask, cache=None)
 
     def _decode(self) -> None:
-        m, c, dev = self.model, self.cfg, self.device
+        m, dev = self.model, self.device
         seqs = list(self.active)
         n = len(seqs)
         tok = torch.tensor([s.generated[-1] for s in seqs], device=dev)
@@ -240,16 +240,12 @@ class BatchEngine:
         length = int(pos.max()) + 1
         ctx = self._context(pos[:, None], [s.alpha for s in seqs], mask=None)
         if self._packs:
-            from ..quant.q4 import decode_block
+            from ..quant.q4 import fused_decode
 
             valid = torch.arange(self.max_model_len, device=dev)[None] <= pos[:, None]  # (n, S)
-            h = m.embed(tok).float().contiguous()
-            cos, sin = ctx.cos[:, 0].contiguous(), ctx.sin[:, 0].contiguous()
-            logn = ctx.logn[:, 0].contiguous() if ctx.logn is not None else torch.empty(0)
-            for i, w in enumerate(self._packs):
-                decode_block(h, w, c.rms_eps, cos, sin, logn, self.k[i, :n], self.v[i, :n], pos, valid,
-                             length, c.num_heads, c.num_kv_heads)
-            h = m.final_norm(h)
+            logn = ctx.logn[:, 0] if ctx.logn is not None else None
+            h = fused_decode(m, self._packs, tok, ctx.cos[:, 0], ctx.sin[:, 0], logn, self.k, self.v, pos, valid,
+                             length)
         else:
             ctx.mask = (torch.arange(length, device=dev)[None] <= pos[:, None])[:, None, None, :]
             ctx.cache = _StepWriter(self, n, pos, length)

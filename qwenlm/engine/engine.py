@@ -140,7 +140,7 @@ class Engine:
         if self._packs is None:
             from ..quant.q4 import pack_blocks
 
-            self._packs = (pack_blocks(self.model) if self.device.type == "cpu" else None) or []
+            self._packs = pack_blocks(self.model) or []
         if self._packs:
             return self._fused_decode(st, length)
         kpos = torch.arange(length, device=self.device)
@@ -151,20 +151,13 @@ class Engine:
 
     def _fused_decode(self, st: dict, length: int) -> torch.Tensor:
         """The same step with each block in one call of the 4-bit CPU kernel (quant/csrc)."""
-        from ..quant.q4 import decode_block
+        from ..quant.q4 import fused_decode
 
-        m, c, b = self.model, self.cfg, st["b"]
         rows, pos = st["table_rows"][:, 0], st["pos"][:, 0]
-        cos, sin = st["cos"][rows, pos].contiguous(), st["sin"][rows, pos].contiguous()  # (B, D)
-        logn = st["logn"][pos].contiguous() if st["logn"] is not None else torch.empty(0)
-        slot = st["slot"].expand(b).contiguous()
-        valid = st["valid"] if st["valid"].is_contiguous() else st["valid"].contiguous()
-        h = m.embed(st["tok"][:, 0]).float().contiguous()  # (B, H)
-        cache = st["cache"]
-        for i, w in enumerate(self._packs):
-            decode_block(h, w, c.rms_eps, cos, sin, logn, cache.k[i], cache.v[i], slot, valid, length,
-                         c.num_heads, c.num_kv_heads)
-        return m.lm_head(m.final_norm(h)).float()
+        logn = st["logn"][pos] if st["logn"] is not None else None
+        h = fused_decode(self.model, self._packs, st["tok"][:, 0], st["cos"][rows, pos], st["sin"][rows, pos], logn,
+                         st["cache"].k, st["cache"].v, st["slot"].expand(st["b"]), st["valid"], length)
+        return self.model.lm_head(h).float()
 
     @torch.inference_mode()
     def _decode_step(self, st: dict, length: int) -> torch.Tensor:

@@ -170,5 +170,17 @@ def pack_blocks(model) -> list[list[torch.Tensor]] | None:
     return packs
 
 
-def decode_block(*args) -> None:
-    _extension().decode_block(*args)
+def fused_decode(model, packs, tok: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None,
+                 k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, length: int) -> torch.Tensor:
+    """One decode step of B = len(tok) rows, each block in one kernel call: cos/sin (B, D), logn (B)
+    or None, k/v (layers, >= B, H_kv, S, D) caches (rows [0, B) used), slot (B,) where each row writes,
+    valid (B, S) the slots each row reads among the first `length`. Returns the final-normed hidden (B, H)."""
+    c, ext = model.config, _extension()
+    b = tok.shape[0]
+    h = model.embed(tok).float().contiguous()
+    logn = logn.contiguous() if logn is not None else torch.empty(0)
+    cos, sin, slot, valid = cos.contiguous(), sin.contiguous(), slot.contiguous(), valid.contiguous()
+    for i, w in enumerate(packs):
+        ext.decode_block(h, w, c.rms_eps, cos, sin, logn, k[i, :b], v[i, :b], slot, valid, length,
+                         c.num_heads, c.num_kv_heads)
+    return model.final_norm(h)
