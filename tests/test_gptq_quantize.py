@@ -79,8 +79,7 @@ def test_quantize_command_round_trip(tmp_path):
     model = load_model(out, dtype="float32", device="cpu")
     ref = load_model(src, dtype="float32", device="cpu")
     rtn = load_model(src, dtype="float32", device="cpu")  # the same layers rounded without GPTQ
-    from qwenlm.quant.gptq import target_linears
-    for _, lin in target_linears(rtn):
+    for _, lin in rtn.block_linears():
         lin.weight.data = _rtn(lin.weight.data, 4, 32)
     from qwenlm import QwenTokenizer
     ids = torch.tensor([QwenTokenizer.from_pretrained(src).encode(calib.read_text())[:128]])

@@ -33,7 +33,6 @@ def run(args) -> int:
     from ..auto import load
     from ..errors import UserError
     from ..hub import resolve_model
-    from ..quant.gptq import target_linears
     from ..quant.gptq_quantize import calibration_tokens, quantize_model, save_gptq_checkpoint
 
     if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
@@ -49,7 +48,7 @@ def run(args) -> int:
     model, tok = load(src, dtype="float32", device=args.device)
     if getattr(model, "quantization", None):
         raise UserError(f"{args.model} is already quantized ({model.quantization})")
-    k_sizes = {m.in_features for _, m in target_linears(model)}
+    k_sizes = {m.in_features for _, m in model.block_linears()}
     if args.group_size > 0 and any(k % args.group_size for k in k_sizes):
         raise UserError(f"--group-size {args.group_size} does not divide the layers' input sizes {sorted(k_sizes)}")
     tokens = calibration_tokens(tok, args.calib, args.samples, args.seq_len)

@@ -108,6 +108,22 @@ class QwenCausalLM(GenerationMixin, nn.Module):
             h = block(h, ctx, i)
         return self.final_norm(h)
 
+    def replace_module(self, name: str, new: nn.Module) -> None:
+        """Put `new` where the submodule `name` is (quantized layers replacing linear ones)."""
+        parent, _, attr = name.rpartition(".")
+        setattr(self.get_submodule(parent) if parent else self, attr, new)
+
+    def block_linears(self) -> list[tuple[str, nn.Linear]]:
+        """(full name, layer) of every nn.Linear inside the decoder blocks (not the head)."""
+        inside = {id(b) for b in self.blocks}
+        out, prefix = [], None
+        for name, mod in self.named_modules():
+            if id(mod) in inside:
+                prefix = name + "."
+            elif prefix and name.startswith(prefix) and isinstance(mod, nn.Linear):
+                out.append((name, mod))
+        return out
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -125,35 +125,15 @@ class GPTQLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-def target_linears(model) -> list[tuple[str, nn.Linear]]:
-    """The linear layers GPTQ quantizes: every nn.Linear inside the decoder blocks (not the head)."""
-    out = []
-    for i, block in enumerate(model.blocks):
-        for name, mod in block.named_modules():
-            if isinstance(mod, nn.Linear):
-                prefix = _block_prefix(model, i)
-                out.append((f"{prefix}.{name}", mod))
-    return out
-
-
-def _block_prefix(model, i: int) -> str:
-    for name, mod in model.named_modules():
-        if mod is model.blocks[i]:
-            return name
-    raise LookupError(f"block {i} not found")
-
-
 def install_gptq_layers(model, cfg: GPTQConfig, names_in_checkpoint: set[str]) -> int:
     """Replace the target nn.Linear layers of a (meta) model by GPTQLinear, with a bias wherever
     the checkpoint has one (AutoGPTQ stores one for every layer, often zeros)."""
     n = 0
-    for name, lin in target_linears(model):
+    for name, lin in model.block_linears():
         if f"{name}.qweight" not in names_in_checkpoint:
             continue
-        parent_name, _, attr = name.rpartition(".")
-        layer = GPTQLinear(lin.in_features, lin.out_features, cfg.bits, cfg.group_size,
-                           bias=f"{name}.bias" in names_in_checkpoint)
-        setattr(model.get_submodule(parent_name), attr, layer)
+        model.replace_module(name, GPTQLinear(lin.in_features, lin.out_features, cfg.bits, cfg.group_size,
+                                              bias=f"{name}.bias" in names_in_checkpoint))
         n += 1
     if n == 0:
         raise ValueError("the config says GPTQ, but the checkpoint has no `.qweight` tensors for the decoder layers")
@@ -162,7 +142,7 @@ def install_gptq_layers(model, cfg: GPTQConfig, names_in_checkpoint: set[str]) -
 
 def gptq_to_q4(layer: GPTQLinear):
     """A 4-bit GPTQ layer -> Q4Linear with the same values (scales and zeros to fp16 rounding)."""
-    from .q4 import BLOCK, Q4Linear
+    from .q4 import BLOCK, Q4Linear, pack_q4
 
     q, zeros = layer.codes()  # (K, N), (G, N)
     g = layer.g_idx.long()
@@ -179,17 +159,9 @@ def gptq_to_q4(layer: GPTQLinear):
     bg = blocks[:, 0]  # group of each block
     scale = layer.scales.float()[bg].t()  # (N, K/32)
     zero = zeros.float()[bg].t()
-    out = Q4Linear.__new__(Q4Linear)
-    nn.Module.__init__(out)
-    out.in_features, out.out_features = k, n
-    qt = q.t().contiguous().view(n, k // BLOCK, BLOCK).to(torch.uint8)  # (N, K/32, 32)
-    out.register_buffer("codes", (qt[..., :16] | (qt[..., 16:] << 4)).contiguous())
-    out.register_buffer("d", scale.half().contiguous())
-    out.register_buffer("m", (-scale * zero).half().contiguous())
-    out.register_buffer("perm", perm)
-    out.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(),
-                                                           requires_grad=False)
-    return out
+    qt = q.t().contiguous().view(n, k // BLOCK, BLOCK)  # (N, K/32, 32)
+    return Q4Linear(codes=pack_q4(qt), d=scale.half().contiguous(), m=(-scale * zero).half().contiguous(),
+                    bias=None if layer.bias is None else layer.bias.detach(), perm=perm)
 
 
 def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
@@ -205,7 +177,6 @@ def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, GPTQLinear):
             continue
-        parent_name, _, attr = name.rpartition(".")
         if use_q4:
             new = gptq_to_q4(mod)
         else:
@@ -213,7 +184,7 @@ def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
             new.weight = nn.Parameter(mod.weight(dtype), requires_grad=False)
             if mod.bias is not None:
                 new.bias = nn.Parameter(mod.bias.detach().to(dtype), requires_grad=False)
-        setattr(model.get_submodule(parent_name), attr, new)
+        model.replace_module(name, new)
     if use_q4:
         return f"gptq-{cfg.bits}bit-g{cfg.group_size} on the 4-bit CPU kernel"
     why = ("no 8-bit kernel yet" if cfg.bits == 8 else "no GPU kernel yet" if model.device.type != "cpu"

@@ -21,7 +21,7 @@ import shutil
 import torch
 from torch import nn
 
-from .gptq import pack_cols, pack_rows, target_linears
+from .gptq import pack_cols, pack_rows
 
 log = logging.getLogger("qwenlm")
 
@@ -163,11 +163,11 @@ def quantize_model(model, tokens: torch.Tensor, bits: int, group_size: int, act_
     n, t = tokens.shape
     ctx = model._context(None, None, batch, t, None, dev)
     h = torch.cat([model.embed(tokens[i:i + batch].to(dev)).float() for i in range(0, n, batch)])
-    targets = dict(target_linears(model))
+    targets = model.block_linears()
     result: dict[str, dict[str, torch.Tensor]] = {}
     for bi, block in enumerate(model.blocks):
-        prefix = next(name for name, m in model.named_modules() if m is block)
-        layers = {name: m for name, m in targets.items() if name.startswith(prefix + ".")}
+        inside = {id(m) for m in block.modules()}
+        layers = {name: m for name, m in targets if id(m) in inside}
         hess = {name: torch.zeros(m.in_features, m.in_features, device=dev) for name, m in layers.items()}
         count = {name: 0 for name in layers}
 

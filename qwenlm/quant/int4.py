@@ -83,9 +83,7 @@ def quantize_model_int4(model: nn.Module, group_size: int = 32) -> nn.Module:
     model.to(torch.float32 if use_q4 else torch.bfloat16)
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for name, mod in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, q4.Q4Linear(mod) if use_q4 else Int4Linear(mod, group_size))
+        model.replace_module(name, q4.Q4Linear(mod) if use_q4 else Int4Linear(mod, group_size))
     # a tied embedding keeps its bf16 table: only the head's copy is quantized
     model.quantization = "q4-avx2" if use_q4 else f"int4-g{group_size}"
     log.info("quantized %d linear layers to 4 bits (%s)", len(targets), model.quantization)

@@ -80,8 +80,13 @@ def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     d = ((w.amax(-1) - m.float()) / 15).half()
     dd = d.float().clamp(min=1e-12)
     q = ((w - m.float()[..., None]) / dd[..., None]).round().clamp(0, 15).to(torch.uint8)
-    codes = q[..., :16] | (q[..., 16:] << 4)
-    return codes.contiguous(), d, m, q
+    return pack_q4(q), d, m, q
+
+
+def pack_q4(q: torch.Tensor) -> torch.Tensor:
+    """0..15 codes (N, K/32, 32) -> the kernel's bytes (N, K/32, 16): code j low, code j+16 high."""
+    q = q.to(torch.uint8)
+    return (q[..., :16] | (q[..., 16:] << 4)).contiguous()
 
 
 def dequantize_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -93,15 +98,20 @@ def dequantize_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torc
 class Q4Linear(nn.Module):
     """y = x @ W.T + b, W in Q4 blocks; decode rows go through the AVX2 GEMV."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear | None = None, *, codes=None, d=None, m=None, bias=None, perm=None):
+        """From an nn.Linear (quantized here), or from ready blocks: `codes` (N, K/32, 16) as
+        `pack_q4` makes them, `d`/`m` (N, K/32) fp16, and optionally `perm`, the input-column order
+        the blocks were built in (GPTQ act-order checkpoints)."""
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        codes, d, m, _ = quantize_q4(linear.weight.detach())
+        if linear is not None:
+            codes, d, m, _ = quantize_q4(linear.weight.detach())
+            bias = None if linear.bias is None else linear.bias.detach()
+        self.out_features, self.in_features = codes.shape[0], codes.shape[1] * BLOCK
         self.register_buffer("codes", codes)
         self.register_buffer("d", d)
         self.register_buffer("m", m)
-        self.register_buffer("perm", None)  # input-column order (GPTQ act-order checkpoints), or None
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.register_buffer("perm", perm)
+        self.bias = None if bias is None else nn.Parameter(bias.float().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
