@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 
 import torch
 from safetensors.torch import save_file
@@ -98,28 +97,11 @@ def tiny_hf_qwen2(path: str, vocab=1000, hidden=64, layers=2, heads=4, kv_heads=
     return path
 
 
-@contextmanager
 def running_server(app):
-    """Run an ASGI app with uvicorn on a free loopback port in a thread; yields the base URL."""
-    import threading
-    import time
+    """Run an ASGI app on a free loopback port in a thread; a context manager yielding the base URL."""
+    from qwenlm.serve import serve_in_thread
 
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    return serve_in_thread(app)
 
 
 def tiny_model(kind: str, path: str, quantize: str | None = None, **qwen2_kw):

@@ -68,31 +68,15 @@ async def _level(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
 
 def bench_serve(model, tokenizer, levels: list[int], max_tokens: int, prompt_len: int, progress=print) -> list[dict]:
     """Start a server in this process and measure each concurrency level."""
-    import threading
-
-    import uvicorn
-
-    from ..serve import ServerOptions, create_app
+    from ..serve import ServerOptions, create_app, serve_in_thread
 
     top = max(levels)
     opts = ServerOptions(served_model_name="bench", max_model_len=prompt_len + max_tokens + 8, max_num_seqs=top,
                          max_queue=4 * top)
-    server = uvicorn.Server(uvicorn.Config(create_app(model, tokenizer, opts), host="127.0.0.1", port=0,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the benchmark server did not start")
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     rows = []
-    try:
+    with serve_in_thread(create_app(model, tokenizer, opts)) as url:
         for c in levels:
             progress(f"{c} concurrent stream(s) of {max_tokens} tokens, then the same requests one at a time...")
             rows.append(asyncio.run(_level(url, prompts_for(c, prompt_len, model.config.vocab_size, seed=c),
                                            max_tokens)))
-    finally:
-        server.should_exit = True
-        thread.join(30)
     return rows

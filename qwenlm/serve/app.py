@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import uuid
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -406,10 +407,31 @@ class Server:
                 "usage": job.usage()}
 
 
+@contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 60):
+    """Run an app with uvicorn on a free port of `host` in a daemon thread; yields the base URL
+    (benchmarks and tests; `qwen serve` runs uvicorn in the foreground)."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
 def create_app(model, tokenizer, opts: ServerOptions | None = None, engine: BatchEngine | None = None) -> FastAPI:
     """The FastAPI application (the engine thread starts with the app and stops with it)."""
-    from contextlib import asynccontextmanager
-
     opts = opts or ServerOptions()
     server = Server(model, tokenizer, opts, engine)
 
