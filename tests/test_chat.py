@@ -127,3 +127,17 @@ def test_stop_checker_and_stop_strings(v1_tokenizer):
     assert split_on_stop("hello Obs", ["Observation:"]) == ("Obs", "hello ", False)
     assert split_on_stop("hello Observation: z", ["Observation:"]) == ("", "hello ", True)
     assert split_on_stop("hello O", ["Observation:"], final=True) == ("", "hello O", False)
+
+
+def test_sampling_survives_overflowing_settings():
+    # a repetition penalty near 0 divides the seen tokens' logits into +inf; sampling must still
+    # return a token (the overflowing ones), not fail on a NaN distribution
+    from qwenlm.generation.sampling import next_tokens
+
+    logits = torch.tensor([[2.0, 1.0, 3.0, -1.0]])
+    seen = torch.tensor([[True, False, False, False]])
+    cfg = GenerationConfig(do_sample=True, temperature=1.0, top_p=0.9, top_k=0, repetition_penalty=1e-300, seed=1)
+    g = torch.Generator().manual_seed(0)
+    assert next_tokens(logits, seen, cfg, g).tolist() == [0]
+    cfg = cfg.update(repetition_penalty=1.0, temperature=1e-38)
+    assert next_tokens(logits, seen, cfg, g).tolist() == [2]

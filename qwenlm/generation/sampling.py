@@ -53,6 +53,9 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerationConfig,
     if cfg.greedy:
         return logits.argmax(-1)
     logits = logits / cfg.temperature
+    # extreme settings (a penalty near 0, a temperature near 0) can overflow to +inf: keep such
+    # tokens the most likely ones instead of turning the distribution into NaN
+    logits = logits.clamp(max=torch.finfo(logits.dtype).max)
     logits = top_p_filter(top_k_filter(logits, cfg.top_k), cfg.top_p)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
