@@ -107,6 +107,8 @@ class _Job:
                 loop.call_soon_threadsafe(self.queue.put_nowait, (i, tok, reason))
             stop = StopChecker(cfg, extra_stop_ids, server.tokenizer)
             self.seqs.append(Sequence(prompt=p, cfg=cfg, stop=stop, emit=emit))
+        # each choice's text as it streams: stop tokens and stop strings cut it
+        self.texts = [TextAssembler(server.tokenizer, s.stop.ids, s.cfg.stop or []) for s in self.seqs]
 
     def submit(self) -> None:
         try:
@@ -151,8 +153,9 @@ class _Job:
             self.abort()
             self.server.metrics.latency.observe(time.monotonic() - self.started)
 
-    async def collect(self, texts: list[TextAssembler]) -> list[str | None]:
-        """Run every choice to its end (non-streaming): feeds `texts`, returns finish reasons."""
+    async def collect(self) -> list[str | None]:
+        """Run every choice to its end (non-streaming): fills `texts`, returns finish reasons."""
+        texts = self.texts
         reasons: list[str | None] = [None] * len(self.seqs)
         async for i, tok, reason in self.events():
             if tok is not None:
@@ -255,12 +258,12 @@ class Server:
         job.submit()
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        texts = [TextAssembler(self.tokenizer, s.stop.ids, c.stop or []) for s, c in zip(job.seqs, cfgs)]
+        texts = job.texts
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._chat_stream(job, texts, names, legacy, rid, created, include_usage),
                                      media_type="text/event-stream")
-        reasons = await job.collect(texts)
+        reasons = await job.collect()
         if any(r == "abort" for r in reasons):
             return Response(status_code=499)
         choices = []
@@ -369,7 +372,7 @@ class Server:
         job.prompt_tokens = sum(len(p) for p in prompts)
         job.submit()
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
-        texts = [TextAssembler(self.tokenizer, s.stop.ids, c.stop or []) for s, c in zip(job.seqs, cfgs)]
+        texts = job.texts
         echo = [self.tokenizer.decode(p) if req.echo else "" for p in all_prompts]
         rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.opts.served_model_name
         if req.stream:
@@ -397,7 +400,7 @@ class Server:
                 except APIError as e:
                     yield _sse_error(e)
             return StreamingResponse(stream(), media_type="text/event-stream")
-        reasons = await job.collect(texts)
+        reasons = await job.collect()
         if any(r == "abort" for r in reasons):
             return Response(status_code=499)
         self.metrics.generation_tokens.inc(job.completion_tokens)
