@@ -28,7 +28,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
 # transformers-only arguments: accepted and ignored
 _IGNORED = {"trust_remote_code", "resume_download", "revision", "low_cpu_mem_usage", "use_flash_attn",
             "attn_implementation", "cache_dir", "local_files_only", "token", "use_safetensors",
-            "offload_folder", "max_memory", "use_cache_quantization", "use_cache_kernel"}
+            "offload_folder", "max_memory", "use_cache_kernel"}
+KV_CACHES = ("float", "int8")
 
 
 def resolve_device(device_map: Any = None, device: str | None = None) -> torch.device:
@@ -75,12 +76,16 @@ def resolve_dtype(dtype: Any, device: torch.device, config: ModelConfig) -> torc
     return torch.float32
 
 
-def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str | None = None
-               ) -> QwenCausalLM:
+def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str | None = None,
+               kv_cache: str | None = None) -> QwenCausalLM:
     """Build the model of a checkpoint directory and load its weights (strictly).
-    `quantize="int4"`: 4-bit weight-only linear layers (CPU; ~4x fewer bytes per token than bf16)."""
+    `quantize="int4"`: 4-bit weight-only linear layers (CPU; ~4x fewer bytes per token than bf16).
+    `kv_cache`: "int8" keeps the engines' KV cache in 8 bits, "float" in the model's dtype; None
+    follows config.json's `use_cache_quantization` (the original's switch)."""
     if quantize not in (None, "none", "int4"):
         raise ValueError(f"quantize must be 'int4' or None, not {quantize!r}")
+    if kv_cache not in (None, "auto", *KV_CACHES):
+        raise ValueError(f"kv_cache must be 'int8', 'float' or None, not {kv_cache!r}")
     start = time.perf_counter()
     config = ModelConfig.from_pretrained(path)
     dev = resolve_device(device)
@@ -100,6 +105,9 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
         from .quant import quantize_model_int4
 
         quantize_model_int4(model)
+    if kv_cache in (None, "auto"):
+        kv_cache = "int8" if config.use_cache_quantization else "float"
+    model.kv_cache = kv_cache
     model.generation_config = GenerationConfig.from_pretrained(path)
     model.name_or_path = path
     model.eval()
@@ -107,12 +115,12 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
     return model
 
 
-def load(path: str | None = None, dtype: Any = "auto", device: Any = None, quantize: str | None = None
-         ) -> tuple[QwenCausalLM, QwenTokenizer]:
+def load(path: str | None = None, dtype: Any = "auto", device: Any = None, quantize: str | None = None,
+         kv_cache: str | None = None) -> tuple[QwenCausalLM, QwenTokenizer]:
     """`model, tokenizer = qwenlm.load()` — the offline default model when `path` is None;
     otherwise a checkpoint directory, a .gguf file or a hub id."""
     local = resolve_model(path)
-    return load_model(local, dtype, device, quantize), QwenTokenizer.from_pretrained(local)
+    return load_model(local, dtype, device, quantize, kv_cache), QwenTokenizer.from_pretrained(local)
 
 
 class AutoModelForCausalLM:
@@ -121,7 +129,8 @@ class AutoModelForCausalLM:
     @staticmethod
     def from_pretrained(path: str | None = None, *args: Any, device_map: Any = None,
                         torch_dtype: Any = None, dtype: Any = None, bf16: bool = False, fp16: bool = False,
-                        fp32: bool = False, device: str | None = None, **kwargs: Any) -> QwenCausalLM:
+                        fp32: bool = False, device: str | None = None,
+                        use_cache_quantization: bool | None = None, **kwargs: Any) -> QwenCausalLM:
         for k in _IGNORED & kwargs.keys():
             kwargs.pop(k)
         if kwargs:
@@ -132,7 +141,8 @@ class AutoModelForCausalLM:
         chosen = dtype if dtype is not None else torch_dtype
         if flags:
             chosen = flags[0]
-        return load_model(resolve_model(path), chosen, device if device is not None else device_map)
+        kv = None if use_cache_quantization is None else ("int8" if use_cache_quantization else "float")
+        return load_model(resolve_model(path), chosen, device if device is not None else device_map, kv_cache=kv)
 
 
 class AutoTokenizer:

@@ -31,6 +31,7 @@ class ModelConfig:
     use_logn_attn: bool = False
     torch_dtype: str | None = None  # what the checkpoint says it was saved in
     precision_flags: dict = field(default_factory=dict)  # Qwen v1 bf16/fp16/fp32 switches
+    use_cache_quantization: bool = False  # Qwen v1: keep the KV cache in 8 bits
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -76,6 +77,7 @@ class ModelConfig:
             use_logn_attn=bool(d.get("use_logn_attn", True)),
             torch_dtype=d.get("torch_dtype"),
             precision_flags={k: bool(d.get(k, False)) for k in ("bf16", "fp16", "fp32")},
+            use_cache_quantization=bool(d.get("use_cache_quantization", False)),
             raw=d,
         )
 
@@ -101,6 +103,7 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             seq_length=d.get("max_position_embeddings", 32768),
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            use_cache_quantization=bool(d.get("use_cache_quantization", False)),
             raw=d,
         )
 

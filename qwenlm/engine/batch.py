@@ -2,7 +2,7 @@
 slot is free and leaves it the step it finishes (or is aborted), without waiting for the others.
 
 Memory is managed in slots: the KV cache holds `max_num_seqs` rows of `max_model_len` positions,
-allocated once. Running sequences always occupy rows [0, n): when one leaves, the last row's
+allocated once, in the model's dtype or in 8 bits (`model.kv_cache == "int8"`, see cache.py). Running sequences always occupy rows [0, n): when one leaves, the last row's
 filled positions move into its place, so a decode step works on one contiguous block of rows.
 Submitting to a full queue raises `QueueFull` (the server answers 429).
 
@@ -27,6 +27,7 @@ from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, make_generator
 from ..generation.sampling import apply_presence_frequency, next_tokens
 from ..models.layers import ForwardContext, logn_scale, ntk_alpha, rotary_cos_sin
+from .cache import KVStore
 
 log = logging.getLogger("qwenlm")
 
@@ -66,13 +67,12 @@ class Sequence:
 class _RowWriter:
     """KV cache adapter for a prefill into one row: write the chunk, attend to the chunk."""
 
-    def __init__(self, eng: "BatchEngine", row: int):
-        self.eng, self.row = eng, row
+    def __init__(self, kv: KVStore, row: int):
+        self.kv, self.row = kv, row
 
     def update(self, i, k, v):
-        t = k.shape[2]
-        self.eng.k[i, self.row, :, :t] = k[0]
-        self.eng.v[i, self.row, :, :t] = v[0]
+        t, row = k.shape[2], self.row
+        self.kv.store(i, k, v, lambda dst, x: dst[row, :, :t].copy_(x[0]))
         return k, v
 
 
@@ -80,15 +80,17 @@ class _StepWriter:
     """KV cache adapter for a decode step of rows [0, n): row r writes its token at slot pos[r]
     and reads slots [0, length)."""
 
-    def __init__(self, eng: "BatchEngine", n: int, pos: torch.Tensor, length: int):
-        self.eng, self.n, self.pos, self.length = eng, n, pos, length
+    def __init__(self, kv: KVStore, n: int, pos: torch.Tensor, length: int):
+        self.kv, self.n, self.pos, self.length = kv, n, pos, length
         self.rows = torch.arange(n, device=pos.device)
 
+    def _put(self, dst, x):
+        dst[self.rows, :, self.pos] = x[:, :, 0]
+
     def update(self, i, k, v):
-        kc, vc = self.eng.k[i, :self.n], self.eng.v[i, :self.n]
-        kc[self.rows, :, self.pos] = k[:, :, 0]
-        vc[self.rows, :, self.pos] = v[:, :, 0]
-        return kc[:, :, :self.length], vc[:, :, :self.length]
+        self.kv.store(i, k, v, self._put)
+        n, length = self.n, self.length
+        return self.kv.load(i, lambda t: t[:n, :, :length])
 
 
 class BatchEngine:
@@ -103,10 +105,9 @@ class BatchEngine:
         self.max_num_seqs, self.max_model_len, self.max_queue = max_num_seqs, max_model_len, max_queue
         self.vocab_limit = vocab_limit
         c = self.cfg
-        shape = (len(model.blocks), max_num_seqs, c.num_kv_heads, max_model_len, c.head_dim)
-        self.k = torch.zeros(shape, dtype=model.dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=model.dtype, device=self.device)
-        self.kv_bytes = 2 * self.k.numel() * self.k.element_size()
+        self.kv = KVStore(len(model.blocks), max_num_seqs, c.num_kv_heads, max_model_len, c.head_dim, model.dtype,
+                          self.device, int8=model.kv_cache == "int8")
+        self.kv_bytes = self.kv.nbytes
         from ..quant.q4 import pack_blocks
 
         self._packs = pack_blocks(model) if self.device.type == "cpu" else None
@@ -121,7 +122,8 @@ class BatchEngine:
     @staticmethod
     def kv_bytes_per_token(model) -> int:
         c = model.config
-        return 2 * len(model.blocks) * c.num_kv_heads * c.head_dim * torch.finfo(model.dtype).bits // 8
+        return KVStore.bytes_per_token(len(model.blocks), c.num_kv_heads, c.head_dim, model.dtype,
+                                       model.kv_cache == "int8")
 
     def start(self) -> "BatchEngine":
         if self._thread is None:
@@ -216,7 +218,7 @@ class BatchEngine:
         ids = torch.tensor([seq.prompt], device=self.device)
         pos = torch.arange(n, device=self.device)[None]
         ctx = self._context(pos, [seq.alpha], mask=None)
-        ctx.cache = _RowWriter(self, seq.row)
+        ctx.cache = _RowWriter(self.kv, seq.row)
         h = m.run_blocks(ids, ctx)
         seq.cached = n
         self.stats["prompt_tokens"] += n
@@ -244,11 +246,10 @@ class BatchEngine:
 
             valid = torch.arange(self.max_model_len, device=dev)[None] <= pos[:, None]  # (n, S)
             logn = ctx.logn[:, 0] if ctx.logn is not None else None
-            h = fused_decode(m, self._packs, tok, ctx.cos[:, 0], ctx.sin[:, 0], logn, self.k, self.v, pos, valid,
-                             length)
+            h = fused_decode(m, self._packs, tok, ctx.cos[:, 0], ctx.sin[:, 0], logn, self.kv, pos, valid, length)
         else:
             ctx.mask = (torch.arange(length, device=dev)[None] <= pos[:, None])[:, None, None, :]
-            ctx.cache = _StepWriter(self, n, pos, length)
+            ctx.cache = _StepWriter(self.kv, n, pos, length)
             h = m.run_blocks(tok[:, None], ctx)[:, -1]
         for s in seqs:
             s.cached += 1
@@ -295,9 +296,7 @@ class BatchEngine:
         row, last = seq.row, len(self.active) - 1
         if row != last:
             mover = self.active[last]
-            n = mover.cached
-            self.k[:, row, :, :n] = self.k[:, last, :, :n]
-            self.v[:, row, :, :n] = self.v[:, last, :, :n]
+            self.kv.move_row(last, row, mover.cached)
             self.active[row] = mover
             mover.row = row
         self.active.pop()

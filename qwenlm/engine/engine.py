@@ -77,12 +77,13 @@ class Engine:
         valid = torch.zeros((b, max_len), dtype=torch.bool, device=dev)
         valid[:, :w] = mask.bool()
         shape = (len(m.blocks), b, c.num_kv_heads, max_len, c.head_dim)
+        int8 = m.kv_cache == "int8"
         prev = self._state["cache"] if self._state is not None else None
-        if prev is not None and tuple(prev.k.shape) == shape and prev.k.dtype == m.dtype:
+        if prev is not None and prev.shape == shape and prev.dtype == m.dtype and prev.int8 == int8:
             cache = prev  # stale slots are masked out by `valid`
         else:
             self.release()  # free the old cache before allocating the new one
-            cache = StaticKVCache(*shape, m.dtype, dev)
+            cache = StaticKVCache(*shape, m.dtype, dev, int8=int8)
         self.last_kv_bytes, self.last_max_len = cache.nbytes, max_len
         return {"ids": ids, "mask": mask, "b": b, "w": w, "cos": cos_t, "sin": sin_t, "logn": logn_t,
                 "valid": valid, "cache": cache, "table_rows": torch.arange(cos_t.shape[0], device=dev)[:, None]
@@ -100,7 +101,7 @@ class Engine:
         if old is not None and all(
                 (old[k] is None and st[k] is None) or (old[k] is not None and st[k] is not None
                                                        and old[k].shape == st[k].shape)
-                for k in self._GRAPH_INPUTS) and old["cache"].k.shape == st["cache"].k.shape:
+                for k in self._GRAPH_INPUTS) and old["cache"] is st["cache"]:
             for k in self._GRAPH_INPUTS:
                 if st[k] is not None:
                     old[k].copy_(st[k])
@@ -156,7 +157,7 @@ class Engine:
         rows, pos = st["table_rows"][:, 0], st["pos"][:, 0]
         logn = st["logn"][pos] if st["logn"] is not None else None
         h = fused_decode(self.model, self._packs, st["tok"][:, 0], st["cos"][rows, pos], st["sin"][rows, pos], logn,
-                         st["cache"].k, st["cache"].v, st["slot"].expand(st["b"]), st["valid"], length)
+                         st["cache"], st["slot"].expand(st["b"]), st["valid"], length)
         return self.model.lm_head(h).float()
 
     @torch.inference_mode()

@@ -33,6 +33,8 @@ class QwenCausalLM(GenerationMixin, nn.Module):
     """Base of the architecture classes. `forward(input_ids, attention_mask=None, ...)`."""
 
     config: ModelConfig
+    # how the engines keep keys/values: "float" (the model's dtype) or "int8" (engine/cache.py)
+    kv_cache: str = "float"
 
     def __init__(self, config: ModelConfig, use_dynamic_ntk: bool, use_logn_attn: bool):
         super().__init__()

@@ -181,9 +181,9 @@ def pack_blocks(model) -> list[list[torch.Tensor]] | None:
 
 
 def fused_decode(model, packs, tok: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None,
-                 k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, length: int) -> torch.Tensor:
+                 kv, slot: torch.Tensor, valid: torch.Tensor, length: int) -> torch.Tensor:
     """One decode step of B = len(tok) rows, each block in one kernel call: cos/sin (B, D), logn (B)
-    or None, k/v (layers, >= B, H_kv, S, D) caches (rows [0, B) used), slot (B,) where each row writes,
+    or None, kv an engine KVStore (float32 or int8; rows [0, B) used), slot (B,) where each row writes,
     valid (B, S) the slots each row reads among the first `length`. Returns the final-normed hidden (B, H)."""
     c, ext = model.config, _extension()
     b = tok.shape[0]
@@ -191,6 +191,6 @@ def fused_decode(model, packs, tok: torch.Tensor, cos: torch.Tensor, sin: torch.
     logn = logn.contiguous() if logn is not None else torch.empty(0)
     cos, sin, slot, valid = cos.contiguous(), sin.contiguous(), slot.contiguous(), valid.contiguous()
     for i, w in enumerate(packs):
-        ext.decode_block(h, w, c.rms_eps, cos, sin, logn, k[i, :b], v[i, :b], slot, valid, length,
+        ext.decode_block(h, w, c.rms_eps, cos, sin, logn, list(kv.kernel_layer(i, b)), slot, valid, length,
                          c.num_heads, c.num_kv_heads)
     return model.final_norm(h)

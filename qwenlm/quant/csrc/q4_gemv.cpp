@@ -144,6 +144,94 @@ inline void rotate(float* x, const float* cos, const float* sin, int64_t D) {
   }
 }
 
+// One layer's keys or values, (B, Hkv, S, D): float32, or uint8 codes with an fp16 scale and low
+// per (B, Hkv, S) slot (x ~ q * scale + low; engine/cache.py quantize_kv is the same arithmetic).
+struct KVView {
+  float* f = nullptr;
+  uint8_t* q = nullptr;
+  at::Half* scale = nullptr;
+  at::Half* low = nullptr;
+  int64_t S = 0, D = 0;
+
+  KVView(torch::Tensor t, torch::Tensor sc, torch::Tensor lo) {
+    TORCH_CHECK(t.is_contiguous() && t.dim() == 4, "kv cache: contiguous (B, Hkv, S, D)");
+    S = t.size(2);
+    D = t.size(3);
+    if (t.dtype() == torch::kFloat32) {
+      f = t.data_ptr<float>();
+    } else {
+      TORCH_CHECK(t.dtype() == torch::kUInt8 && sc.dtype() == torch::kFloat16 && lo.dtype() == torch::kFloat16 &&
+                  sc.is_contiguous() && lo.is_contiguous() && sc.numel() * D == t.numel() && lo.numel() == sc.numel(),
+                  "kv cache: float32, or uint8 with fp16 (B, Hkv, S) scales and lows");
+      q = t.data_ptr<uint8_t>();
+      scale = sc.data_ptr<at::Half>();
+      low = lo.data_ptr<at::Half>();
+    }
+  }
+  // slot index of (row-and-head bh, position j)
+  int64_t at(int64_t bh, int64_t j) const { return bh * S + j; }
+
+  void write(int64_t bh, int64_t j, const float* x) {
+    const int64_t o = at(bh, j);
+    if (f) {
+      std::memcpy(f + o * D, x, D * sizeof(float));
+      return;
+    }
+    float lo = INFINITY, hi = -INFINITY;
+    for (int64_t i = 0; i < D; ++i) {
+      lo = std::min(lo, x[i]);
+      hi = std::max(hi, x[i]);
+    }
+    lo = std::min(std::max(lo, -65504.f), 65504.f);
+    hi = std::min(std::max(hi, -65504.f), 65504.f);
+    const at::Half sc16((hi - lo) / 255.f), lo16(lo);
+    scale[o] = sc16;
+    low[o] = lo16;
+    float sc = static_cast<float>(sc16);
+    if (!(sc > 0.f)) sc = 1.f;
+    const float l = static_cast<float>(lo16);
+    uint8_t* dst = q + o * D;
+    for (int64_t i = 0; i < D; ++i)
+      dst[i] = (uint8_t)std::min(255.f, std::max(0.f, std::nearbyint((x[i] - l) / sc)));
+  }
+
+  // dot(x, stored vector); sum_x = sum of x (used by the uint8 form: sc * dot(x, q) + low * sum(x))
+  float dot(int64_t bh, int64_t j, const float* x, float sum_x) const {
+    const int64_t o = at(bh, j);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    float s = 0.f;
+    if (f) {
+      const float* k = f + o * D;
+      for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(k + i), acc);
+      s = hsum(acc);
+      for (; i < D; ++i) s += x[i] * k[i];
+      return s;
+    }
+    const uint8_t* k = q + o * D;
+    for (; i + 8 <= D; i += 8) {
+      const __m256 kv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(k + i))));
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), kv, acc);
+    }
+    s = hsum(acc);
+    for (; i < D; ++i) s += x[i] * k[i];
+    return static_cast<float>(scale[o]) * s + static_cast<float>(low[o]) * sum_x;
+  }
+
+  // out += e * stored vector
+  void axpy(int64_t bh, int64_t j, float e, float* out) const {
+    const int64_t o = at(bh, j);
+    if (f) {
+      const float* v = f + o * D;
+      for (int64_t i = 0; i < D; ++i) out[i] += e * v[i];
+      return;
+    }
+    const uint8_t* v = q + o * D;
+    const float a = e * static_cast<float>(scale[o]), b = e * static_cast<float>(low[o]);
+    for (int64_t i = 0; i < D; ++i) out[i] += a * v[i] + b;
+  }
+};
+
 }  // namespace
 
 // x (M, K) float32; codes (N, K/32, 16) uint8; d, m (N, K/32) float16 -> y (M, N) float32
@@ -163,19 +251,21 @@ torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor d, tor
 //   h += o(attention(rotary(qkv(rmsnorm1(h)))))   (the new k/v written at slot[b] of the cache)
 //   h += down(silu(gate) * up)  with [gate; up] = gu(rmsnorm2(h))
 // w: {ln1, qkv codes, d, m, qkv bias (or empty), o codes, d, m, ln2, gu codes, d, m, down codes, d, m}
-// cos/sin (B, D); logn (B) or empty; kc/vc (B, Hkv, S, D) of this layer; slot (B) int64;
+// cos/sin (B, D); logn (B) or empty; kv: this layer's {k, v, k scale, k low, v scale, v low}, k/v
+// (B, Hkv, S, D) float32 (scales empty) or uint8 (scales (B, Hkv, S) fp16); slot (B) int64;
 // valid (B, S) bool: the slots row b attends to, among the first L.
 void decode_block(torch::Tensor h, std::vector<torch::Tensor> w, double eps, torch::Tensor cos,
-                  torch::Tensor sin, torch::Tensor logn, torch::Tensor kc, torch::Tensor vc,
+                  torch::Tensor sin, torch::Tensor logn, std::vector<torch::Tensor> kv,
                   torch::Tensor slot, torch::Tensor valid, int64_t L, int64_t heads, int64_t kv_heads) {
   TORCH_CHECK(w.size() == 15, "decode_block: 15 weight tensors expected");
+  TORCH_CHECK(kv.size() == 6, "decode_block: 6 kv cache tensors expected");
   TORCH_CHECK(h.dtype() == torch::kFloat32 && h.is_contiguous() && h.dim() == 2, "h: contiguous (B, H) float32");
-  TORCH_CHECK(kc.dtype() == torch::kFloat32 && vc.dtype() == torch::kFloat32 && kc.is_contiguous() &&
-              vc.is_contiguous() && kc.dim() == 4, "kv cache: contiguous (B, Hkv, S, D) float32");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && valid.is_contiguous() && slot.is_contiguous(),
               "tables must be contiguous");
-  const int64_t B = h.size(0), H = h.size(1), S = kc.size(2), D = kc.size(3);
-  TORCH_CHECK(kc.size(0) == B && kc.size(1) == kv_heads && heads % kv_heads == 0 && L <= S, "kv cache shape");
+  KVView K_(kv[0], kv[2], kv[3]), V_(kv[1], kv[4], kv[5]);
+  const int64_t B = h.size(0), H = h.size(1), S = K_.S, D = K_.D;
+  TORCH_CHECK(kv[0].size(0) == B && kv[0].size(1) == kv_heads && heads % kv_heads == 0 && L <= S &&
+              kv[1].sizes() == kv[0].sizes(), "kv cache shape");
   const Q4Weight Wqkv(w[1], w[2], w[3]), Wo(w[5], w[6], w[7]), Wgu(w[9], w[10], w[11]), Wd(w[12], w[13], w[14]);
   const int64_t nq = heads * D, nkv = kv_heads * D, I = Wgu.N / 2;
   TORCH_CHECK(Wqkv.K == H && Wqkv.N == nq + 2 * nkv && Wo.K == nq && Wo.N == H && Wgu.K == H && Wd.K == I &&
@@ -187,8 +277,6 @@ void decode_block(torch::Tensor h, std::vector<torch::Tensor> w, double eps, tor
   const float* lg = logn.numel() ? logn.data_ptr<float>() : nullptr;
   const int64_t* sl = slot.data_ptr<int64_t>();
   const bool* vl = valid.data_ptr<bool>();
-  float* K_ = kc.data_ptr<float>();
-  float* V_ = vc.data_ptr<float>();
 
   std::vector<float> x(B * std::max(H, nq)), qkv(B * Wqkv.N), att(B * nq), gu(B * 2 * I), y(B * H);
   QuantRows q;
@@ -202,30 +290,24 @@ void decode_block(torch::Tensor h, std::vector<torch::Tensor> w, double eps, tor
     if (lg)
       for (int64_t i = 0; i < nq; ++i) row[i] *= lg[b];
     for (int64_t kh = 0; kh < kv_heads; ++kh) {
-      const int64_t off = ((b * kv_heads + kh) * S + sl[b]) * D;
-      std::memcpy(K_ + off, row + nq + kh * D, D * sizeof(float));
-      std::memcpy(V_ + off, row + nq + nkv + kh * D, D * sizeof(float));
+      K_.write(b * kv_heads + kh, sl[b], row + nq + kh * D);
+      V_.write(b * kv_heads + kh, sl[b], row + nq + nkv + kh * D);
     }
   }
   const float scale = 1.f / std::sqrt((float)D);
   const int64_t group = heads / kv_heads;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t bh = 0; bh < B * heads; ++bh) {
-    const int64_t b = bh / heads, hq = bh % heads, kh = hq / group;
+    const int64_t b = bh / heads, hq = bh % heads, kvh = b * kv_heads + hq / group;
     const float* qv = qkv.data() + b * Wqkv.N + hq * D;
-    const float* Kb = K_ + (b * kv_heads + kh) * S * D;
-    const float* Vb = V_ + (b * kv_heads + kh) * S * D;
+    float sum_q = 0.f;
+    for (int64_t i = 0; i < D; ++i) sum_q += qv[i];
     const bool* ok = vl + b * S;
     std::vector<float> p(L);
     float mx = -INFINITY;
     for (int64_t j = 0; j < L; ++j) {
       if (!ok[j]) { p[j] = -INFINITY; continue; }
-      __m256 acc = _mm256_setzero_ps();
-      int64_t i = 0;
-      for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i), _mm256_loadu_ps(Kb + j * D + i), acc);
-      float s = hsum(acc);
-      for (; i < D; ++i) s += qv[i] * Kb[j * D + i];
-      p[j] = s * scale;
+      p[j] = K_.dot(kvh, j, qv, sum_q) * scale;
       mx = std::max(mx, p[j]);
     }
     float* o = att.data() + b * nq + hq * D;
@@ -236,8 +318,7 @@ void decode_block(torch::Tensor h, std::vector<torch::Tensor> w, double eps, tor
       if (p[j] == -INFINITY) continue;
       const float e = std::exp(p[j] - mx);
       den += e;
-      const float* vj = Vb + j * D;
-      for (int64_t i = 0; i < D; ++i) o[i] += e * vj[i];
+      V_.axpy(kvh, j, e, o);
     }
     const float inv = 1.f / den;
     for (int64_t i = 0; i < D; ++i) o[i] *= inv;
