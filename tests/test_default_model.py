@@ -88,3 +88,6 @@ def test_int4_cpu_path_still_answers(default_dir):
     assert model.quantization in ("q4-avx2", "int4-g32")
     assert model.chat(tokenizer, PARIS, do_sample=False)[0].strip().rstrip(".") == "Paris"
     assert re.search(r"[\u4e00-\u9fff]", model.chat(tokenizer, "你好", do_sample=False)[0])
+    model.kv_cache = "int8"  # the fused 4-bit step with 8-bit keys/values: the answers stay right
+    assert model.chat(tokenizer, PARIS, do_sample=False)[0].strip().rstrip(".") == "Paris"
+    assert re.search(r"[\u4e00-\u9fff]", model.chat(tokenizer, "你好", do_sample=False)[0])

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from helpers import random_prompts, tiny_model, v1_config, v1_state_dict, write_checkpoint
+from helpers import FakeQuantCache, random_prompts, tiny_model, v1_config, v1_state_dict, write_checkpoint
 from qwenlm import GenerationConfig, load_model
 from qwenlm.engine import Engine
 from qwenlm.engine.batch import BatchEngine, Sequence
@@ -48,17 +48,6 @@ def test_store_sizes():
     assert plain / KVStore.bytes_per_token(2, 4, 128, torch.bfloat16, True) > 1.9  # about twice the tokens
 
 
-class FakeQuantCache(KVCache):
-    """The reference loop's cache holding dequantize(quantize(k, v)); a prefill attends to its own
-    exact chunk (as the engine does), later steps to the stored values."""
-
-    def update(self, i, k, v):
-        fq = [dequantize_kv(*quantize_kv(x), x.dtype) for x in (k, v)]
-        first = self.layers[i] is None
-        ks, vs = super().update(i, *fq)
-        return (k, v) if first else (ks, vs)
-
-
 @pytest.fixture(scope="module", params=["v1", "qwen2"])
 def model(request, tmp_path_factory):
     m = tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))
@@ -67,11 +56,8 @@ def model(request, tmp_path_factory):
 
 
 def _reference(model, prompts, cfg):
-    model.new_cache = lambda: FakeQuantCache(len(model.blocks))
-    try:
+    with FakeQuantCache.installed(model):
         return generate(model, prompts, cfg)
-    finally:
-        del model.new_cache
 
 
 @pytest.mark.parametrize("cfg", [GREEDY, SAMPLED], ids=["greedy", "sampled"])

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from helpers import running_server
+from helpers import FakeQuantCache, running_server
 from qwenlm import load
 from qwenlm.generation import StopChecker, generate
 from qwenlm.serve import ServerOptions, create_app
@@ -187,3 +187,22 @@ def test_queue_full_is_429_and_disconnect_frees_the_slot(model_tok):
         assert eng.running == 0 and eng.queue_length == 0
         assert eng.stats["finished_abort"] >= 1
         assert httpx.get(url + "/health").status_code == 200
+
+
+def test_int8_kv_cache_server(v1_chat_dir):
+    """`--kv-cache int8`: the engine keeps 8-bit slots (and says so in /metrics), and a greedy reply
+    equals the reference loop whose cache holds the same quantized values."""
+    model, tok = load(v1_chat_dir, dtype="float32", device="cpu", kv_cache="int8")
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=128, max_num_seqs=2))
+    eng = app.state.server.engine
+    c = model.config
+    # 2 slots x 128 positions of keys and values: one byte per element plus fp16 scale and low per head
+    assert eng.kv.int8 and eng.kv_bytes == 2 * c.num_layers * c.num_kv_heads * (c.head_dim + 4) * 2 * 128
+    with running_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=12)
+        assert f"qwenlm_kv_cache_bytes {float(eng.kv_bytes)}" in httpx.get(url + "/metrics").text
+    ids = build_chat_prompt(tok, MSGS, []).ids
+    with FakeQuantCache.installed(model):
+        text, finish, _ = _expected((model, tok), ids, 12)
+    assert r.choices[0].message.content == text and r.choices[0].finish_reason == finish
