@@ -43,3 +43,31 @@ def test_bench_serve_json(v1_chat_dir):
     assert [x["concurrency"] for x in rows] == [1, 3]
     assert [x["tokens"] for x in rows] == [6, 18]  # ignore_eos: every request gives all its tokens
     assert all(x["tokens_per_s"] > 0 and x["ttft_p50_s"] <= x["latency_p50_s"] for x in rows)
+
+
+def test_bench_kv_table(v1_chat_dir, capsys):
+    """Both caches per cell, sizes following each layout, peaks measured (CPU: the process's resident
+    high-water mark, which holds the cache). The peak saving itself is measured on the real model in
+    BENCHMARKS.md: on a 2-layer model the per-op path's one-layer dequantized copy is half the cache."""
+    assert main(["bench", "-m", v1_chat_dir, "--device", "cpu", "--dtype", "float32", "--kv-table",
+                 "--kv-batches", "1,64", "--kv-lengths", "4096", "--kv-table-length", "2048", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["kv_table"]
+    assert [(r["batch"], r["length"]) for r in rows] == [(1, 2048), (64, 2048), (1, 4096)]
+    from qwenlm import load_model
+
+    c = load_model(v1_chat_dir, "float32", "cpu").config
+    for r in rows:
+        tokens = r["batch"] * r["length"]
+        assert r["float"]["kv_cache_bytes"] == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * tokens
+        assert r["int8"]["kv_cache_bytes"] == 2 * c.num_layers * c.num_kv_heads * (c.head_dim + 4) * tokens
+        assert r["float"]["kv_cache"] == "float" and r["int8"]["kv_cache"] == "int8"
+        for kind in ("float", "int8"):
+            peak = r[kind]["peak_memory_bytes"]
+            assert peak is None or peak > r[kind]["kv_cache_bytes"]
+
+
+def test_bench_decode_with_int8_kv(v1_chat_dir, capsys):
+    assert main(["bench", "-m", v1_chat_dir, "--device", "cpu", "--dtype", "float32", "--gen", "8",
+                 "--prefill", "0", "--kv-cache", "int8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["kv_cache"] == "int8" and res["decode"][0]["tokens"] == 8

@@ -20,6 +20,14 @@ def add_parser(sub) -> None:
     p.add_argument("--gen", default="2048,8192", help="comma-separated decode lengths (default 2048,8192)")
     p.add_argument("--prefill", type=int, default=2048, help="prefill length (0 to skip)")
     p.add_argument("--quantize", choices=["int4"], default=None, help="4-bit weight-only layers (CPU)")
+    p.add_argument("--kv-cache", choices=["auto", "float", "int8"], default="auto",
+                   help="keep keys/values in the model's dtype or in 8 bits (auto: config.json)")
+    p.add_argument("--kv-table", action="store_true",
+                   help="instead: peak memory with the float and the int8 KV cache by batch size (at "
+                        "--kv-table-length tokens) and by length (batch 1), like the original README's table")
+    p.add_argument("--kv-batches", default="1,4,16,32,64,100", help="with --kv-table: batch sizes")
+    p.add_argument("--kv-lengths", default="512,1024,2048,4096,8192", help="with --kv-table: lengths")
+    p.add_argument("--kv-table-length", type=int, default=1024, help="with --kv-table: length of the batch rows")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument("--compare", choices=["hf"], help="also run transformers' Qwen2 on the same weights")
@@ -39,6 +47,56 @@ def _gib(n):
     return "-" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    from ..errors import UserError
+
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, not {text!r}") from None
+    if not out or min(out) < 1:
+        raise UserError(f"{flag} needs integers >= 1, e.g. 1,8,32,64")
+    return out
+
+
+def _device_name(model) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
+
+
+def _dtype_name(model) -> str:
+    return getattr(model, "quantization", str(model.dtype).replace("torch.", ""))
+
+
+def _kv_table(args, model, name: str, notes: list[str]) -> int:
+    from ..engine import Engine
+    from ..eval import bench as B
+
+    batches, lengths = _ints(args.kv_batches, "--kv-batches"), _ints(args.kv_lengths, "--kv-lengths")
+    # eager steps: a captured graph per cell would only add memory the table is not about
+    engine = Engine(model, cuda_graphs=False)
+    rows = B.kv_table(engine, batches, lengths, args.kv_table_length, progress=lambda m: print(m, file=sys.stderr))
+    device, dtype = _device_name(model), _dtype_name(model)
+    if args.json:
+        print(json.dumps({"model": name, "device": device, "dtype": dtype, "notes": notes, "kv_table": rows},
+                         indent=2))
+        return 0
+    print(f"model {name} | {dtype} | {device} | peak memory ({'allocated' if model.device.type == 'cuda' else 'process resident'})")
+    for n in notes:
+        print(f"note: {n}")
+
+    def cell(r):
+        return "OOM" if r.get("out_of_memory") else _gib(r["peak_memory_bytes"])
+
+    print(f"{'batch':>6} {'tokens':>7} {'float KV':>10} {'peak':>11} {'int8 KV':>10} {'peak':>11}")
+    for r in rows:
+        f, q = r["float"], r["int8"]
+        print(f"{r['batch']:>6} {r['length']:>7} {_gib(f['kv_cache_bytes']):>10} {cell(f):>11} "
+              f"{_gib(q['kv_cache_bytes']):>10} {cell(q):>11}")
+    return 0
+
+
 def run(args) -> int:
     import torch
 
@@ -47,10 +105,7 @@ def run(args) -> int:
     from ..errors import UserError
     from ..eval import bench as B
 
-    try:
-        lengths = [int(x) for x in args.gen.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--gen must be comma-separated integers, not {args.gen!r}") from None
+    lengths = _ints(args.gen, "--gen")
     if args.compare == "hf" and args.quantize:
         raise UserError("--compare hf runs transformers on the same weights: drop --quantize")
     device = resolve_device(args.device)
@@ -74,6 +129,10 @@ def run(args) -> int:
         print(f"building random {args.shape} weights ({cfg.num_layers} layers, {dtype}) on {device}...",
               file=sys.stderr)
         model = B.random_model(cfg, dtype, device)
+        if args.quantize == "int4":
+            from ..quant import quantize_model_int4
+
+            quantize_model_int4(model)
         name = f"random {args.shape} (Qwen v1 shape)"
         path = None
     else:
@@ -82,13 +141,17 @@ def run(args) -> int:
         path = resolve_model(args.model)
         model = load_model(path, args.dtype, device, args.quantize)
         name = path
+    if args.kv_cache != "auto":
+        model.kv_cache = args.kv_cache
+    if args.kv_table:
+        return _kv_table(args, model, name, notes)
     if args.serve:
         return _serve(args, model, name, path if not args.shape else None)
     engine = Engine(model, cuda_graphs=False if args.no_graphs else None)
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    res = B.BenchResult(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                        dtype=getattr(model, "quantization", str(model.dtype).replace("torch.", "")), model=name,
-                        layers=f"{model.config.num_layers}", weight_bytes=weights, notes=notes)
+    res = B.BenchResult(device=_device_name(model), dtype=_dtype_name(model), model=name,
+                        layers=f"{model.config.num_layers}", weight_bytes=weights, notes=notes,
+                        kv_cache=model.kv_cache)
     for n in lengths:
         print(f"decoding {n} tokens (batch {args.batch})...", file=sys.stderr)
         res.decode.append(B.bench_decode(engine, n, batch=args.batch))
@@ -101,7 +164,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
         return 0
-    print(f"model {name} | {res.dtype} | {res.device} | weights {_gib(weights)}")
+    print(f"model {name} | {res.dtype} | KV cache {model.kv_cache} | {res.device} | weights {_gib(weights)}")
     for n in res.notes:
         print(f"note: {n}")
     print(f"{'decode':>8} {'tok/s':>10} {'TTFT ms':>9} {'peak mem':>11} {'KV cache':>10} {'roofline':>9}")
@@ -122,24 +185,16 @@ def run(args) -> int:
 
 
 def _serve(args, model, name: str, path: str | None) -> int:
-    import torch
 
-    from ..errors import UserError
     from ..eval.serve_bench import bench_serve
     from ..hub import resolve_model
     from ..tokenizer import QwenTokenizer
 
-    try:
-        levels = [int(x) for x in args.serve.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--serve must be comma-separated integers, not {args.serve!r}") from None
-    if not levels or min(levels) < 1:
-        raise UserError("--serve needs concurrency levels >= 1, e.g. 1,8,32,64")
+    levels = _ints(args.serve, "--serve")
     tokenizer = QwenTokenizer.from_pretrained(args.tokenizer or path or resolve_model(None))
     rows = bench_serve(model, tokenizer, levels, args.serve_tokens, args.prompt_len,
                        progress=lambda m: print(m, file=sys.stderr))
-    device = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu"
-    dtype = getattr(model, "quantization", str(model.dtype).replace("torch.", ""))
+    device, dtype = _device_name(model), _dtype_name(model)
     if args.json:
         print(json.dumps({"model": name, "device": device, "dtype": dtype, "serve": rows}, indent=2))
         return 0

@@ -16,6 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..engine import Engine
+from ..engine.cache import KVStore
 from ..generation.config import GenerationConfig
 from ..models import build_model
 
@@ -72,6 +73,7 @@ class BenchResult:
     prefill: dict | None = None
     hf: dict | None = None
     notes: list[str] = field(default_factory=list)
+    kv_cache: str = "float"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,12 +85,44 @@ def _sync(device: torch.device) -> None:
 
 
 def _reset_peak(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or on CPU the process's resident high-water
+    mark (Linux resets VmHWM when "5" is written to /proc/self/clear_refs)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _peak(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    """Peak bytes since `_reset_peak`: allocated GPU memory, or the process's resident memory on CPU
+    (weights, KV cache, activations and the Python process itself); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _bandwidth(device: torch.device) -> float | None:
@@ -131,7 +165,8 @@ def bench_decode(engine: Engine, n_tokens: int, batch: int = 1, context: int = 1
     dt = time.perf_counter() - t0
     assert all(len(r) == n_tokens for r in out)
     c = model.config
-    kv_per_slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize * batch
+    kv_per_slot = KVStore.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype,
+                                          model.kv_cache == "int8") * batch
     # KV bytes read on average: the buckets the steps attended over
     b = engine.bucket
     kv_read = sum(min(b * math.ceil((context + s + 1) / b), engine.last_max_len) for s in range(n_tokens))
@@ -163,6 +198,67 @@ def bench_prefill(engine: Engine, n_tokens: int = 2048, repeats: int = 3) -> dic
     dt = min(times)
     return {"tokens": n_tokens, "seconds": dt, "tokens_per_s": n_tokens / dt, "ms": 1000 * dt,
             "peak_memory_bytes": _peak(dev)}
+
+
+def bench_kv_memory(engine: Engine, batch: int, length: int, steps: int = 2) -> dict:
+    """Peak memory of generating up to `length` tokens in `batch` rows, the KV cache kept as
+    `engine.model.kv_cache` says: the cache sized for `length`, every slot attended to, the last
+    `steps` decode steps run (where a generation peaks; the slots' values do not change the memory).
+    Like the original's KV-cache table, from a 1-token context."""
+    model, dev = engine.model, engine.device
+    c = model.config
+    need = KVStore.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype,
+                                   model.kv_cache == "int8") * batch * length
+    res = {"batch": batch, "length": length, "kv_cache": model.kv_cache, "kv_cache_bytes": need}
+    free = _free_bytes(dev)
+    engine.release()
+    if free is not None and need > 0.9 * free:
+        res["peak_memory_bytes"] = None
+        res["out_of_memory"] = True
+        return res
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=length - 1, eos_token_id=None, pad_token_id=0)
+    _sync(dev)
+    _reset_peak(dev)
+    try:
+        with torch.inference_mode():
+            st = engine._adopt(engine._setup([[1]] * batch, cfg, length))
+            engine._prefill(st)
+            st["valid"].fill_(True)
+            for s in range(steps):
+                slot = length - steps + s
+                st["slot"].fill_(slot)
+                st["pos"].fill_(slot)
+                engine._decode(st, length)
+        _sync(dev)
+        res["peak_memory_bytes"] = _peak(dev)
+    except torch.cuda.OutOfMemoryError:
+        res["peak_memory_bytes"] = None
+        res["out_of_memory"] = True
+    finally:
+        engine.release()
+    return res
+
+
+def kv_table(engine: Engine, batches: list[int], lengths: list[int], batch_length: int = 1024,
+             progress=None) -> list[dict]:
+    """The original README's KV-cache table: batch sizes at `batch_length` tokens, then lengths at
+    batch 1, each with the float and the int8 cache."""
+    model = engine.model
+    before = model.kv_cache
+    cells = [(b, batch_length) for b in batches] + [(1, n) for n in lengths]
+    rows = []
+    try:
+        for b, n in cells:
+            row = {"batch": b, "length": n}
+            for kind in ("float", "int8"):
+                model.kv_cache = kind
+                if progress:
+                    progress(f"KV cache {kind}: batch {b}, {n} tokens...")
+                row[kind] = bench_kv_memory(engine, b, n)
+            rows.append(row)
+    finally:
+        model.kv_cache = before
+    return rows
 
 
 def hf_twin(model):
