@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
 import torch
 from safetensors.torch import save_file
 
-from qwenlm.engine.cache import dequantize_kv, quantize_kv
-from qwenlm.models.layers import KVCache
 from qwenlm.weights.mapping import qwen_v1_to_qwen2
 
 
@@ -124,23 +121,3 @@ def random_prompts(*lengths: int) -> list[list[int]]:
     """Reproducible random prompts (ids < 1000) of the given lengths."""
     return [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
 
-
-class FakeQuantCache(KVCache):
-    """The reference loop's cache holding dequantize(quantize(k, v)) (the int8 KV cache's values); a
-    prefill attends to its own exact chunk, as the engines do, later steps to the stored values."""
-
-    def update(self, i, k, v):
-        fq = [dequantize_kv(*quantize_kv(x), x.dtype) for x in (k, v)]
-        first = self.layers[i] is None
-        ks, vs = super().update(i, *fq)
-        return (k, v) if first else (ks, vs)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def installed(model):
-        """The model's reference forward uses this cache inside the block."""
-        model.new_cache = lambda: FakeQuantCache(len(model.blocks))
-        try:
-            yield
-        finally:
-            del model.new_cache

@@ -1,5 +1,5 @@
-"""The 8-bit KV cache: the quantizer's error bound, the engines against a reference loop whose cache
-holds the same quantized values, the fused 4-bit CPU kernel against the per-op path, closeness to
+"""The 8-bit KV cache: the quantizer's error bound, the engines against the reference loop whose
+cache holds the same quantized values (concatenated, not written by index), the fused 4-bit CPU kernel against the per-op path, closeness to
 the float cache (and closer than the original's per-chunk truncating scheme), memory, and the
 switches (config.json's use_cache_quantization, load(kv_cache=...), from_pretrained)."""
 
@@ -9,14 +9,15 @@ import os
 import pytest
 import torch
 
-from helpers import FakeQuantCache, random_prompts, tiny_model, v1_config, v1_state_dict, write_checkpoint
+from helpers import random_prompts, tiny_model, v1_config, v1_state_dict, write_checkpoint
 from qwenlm import GenerationConfig, load_model
 from qwenlm.engine import Engine
 from qwenlm.engine.batch import BatchEngine, Sequence
-from qwenlm.engine.cache import KVStore, dequantize_kv, quantize_kv
+from qwenlm.engine.cache import KVStore
 from qwenlm.generation import StopChecker, generate
 from qwenlm.models.layers import KVCache
 from qwenlm.quant import q4
+from qwenlm.quant.kv import dequantize_kv, fake_quantize_original, quantize_kv
 
 GREEDY = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=20, eos_token_id=None,
                           pad_token_id=0)
@@ -56,8 +57,16 @@ def model(request, tmp_path_factory):
 
 
 def _reference(model, prompts, cfg):
-    with FakeQuantCache.installed(model):
+    model.kv_cache = "int8"
+    try:
+        assert model.new_cache().int8
         return generate(model, prompts, cfg)
+    finally:
+        model.kv_cache = "float"
+
+
+def _int8_cache(model):
+    return KVCache(len(model.blocks), int8=True)
 
 
 @pytest.mark.parametrize("cfg", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
@@ -93,7 +102,7 @@ def test_engine_step_logits_equal_reference_with_quantized_cache(model):
     finally:
         model.kv_cache = "float"
     got = torch.stack(got)
-    want = _decode_logits(model, prompt, lambda: FakeQuantCache(len(model.blocks)))
+    want = _decode_logits(model, prompt, lambda: _int8_cache(model))
     exact = _decode_logits(model, prompt, lambda: KVCache(len(model.blocks)))
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
     assert (got - exact).abs().max() > 1e-3 * exact.abs().max()
@@ -125,17 +134,9 @@ def test_batch_engine_equals_reference_with_quantized_cache(model):
 def _original_scheme_cache(model):
     """The original's use_cache_quantization (spec §2.7): one scale per (row, head, chunk), truncation."""
 
-    def fq(x):
-        f = x.flatten(2)
-        lo, hi = f.amin(-1, keepdim=True), f.amax(-1, keepdim=True)
-        scale = (hi - lo) / 255
-        zero = -lo / scale
-        q = (x / scale[..., None] + zero[..., None]).clamp(0, 255).to(torch.uint8)
-        return (scale[..., None] * (q.float() - zero[..., None])).to(x.dtype)
-
     class Original(KVCache):
         def update(self, i, k, v):
-            return super().update(i, fq(k), fq(v))
+            return super().update(i, fake_quantize_original(k), fake_quantize_original(v))
 
     return Original(len(model.blocks))
 
@@ -155,7 +156,7 @@ def _decode_logits(model, prompt, new_cache, steps=6):
 def test_int8_cache_is_close_to_float_and_closer_than_the_original_scheme(model):
     prompt = random_prompts(40)[0]
     exact = _decode_logits(model, prompt, lambda: KVCache(len(model.blocks)))
-    ours = _decode_logits(model, prompt, lambda: FakeQuantCache(len(model.blocks)))
+    ours = _decode_logits(model, prompt, lambda: _int8_cache(model))
     orig = _decode_logits(model, prompt, lambda: _original_scheme_cache(model))
     spread = exact.std()
     err_ours, err_orig = (ours - exact).abs().max(), (orig - exact).abs().max()

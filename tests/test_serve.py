@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from helpers import FakeQuantCache, running_server
+from helpers import running_server
 from qwenlm import load
 from qwenlm.generation import StopChecker, generate
 from qwenlm.serve import ServerOptions, create_app
@@ -191,7 +191,7 @@ def test_queue_full_is_429_and_disconnect_frees_the_slot(model_tok):
 
 def test_int8_kv_cache_server(v1_chat_dir):
     """`--kv-cache int8`: the engine keeps 8-bit slots (and says so in /metrics), and a greedy reply
-    equals the reference loop whose cache holds the same quantized values."""
+    equals the reference loop's, whose cache then holds the same quantized values."""
     model, tok = load(v1_chat_dir, dtype="float32", device="cpu", kv_cache="int8")
     app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=128, max_num_seqs=2))
     eng = app.state.server.engine
@@ -203,6 +203,6 @@ def test_int8_kv_cache_server(v1_chat_dir):
         r = client.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=12)
         assert f"qwenlm_kv_cache_bytes {float(eng.kv_bytes)}" in httpx.get(url + "/metrics").text
     ids = build_chat_prompt(tok, MSGS, []).ids
-    with FakeQuantCache.installed(model):
-        text, finish, _ = _expected((model, tok), ids, 12)
+    assert model.new_cache().int8
+    text, finish, _ = _expected((model, tok), ids, 12)
     assert r.choices[0].message.content == text and r.choices[0].finish_reason == finish

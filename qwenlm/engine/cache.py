@@ -1,14 +1,8 @@
 """KV caches of the engines: preallocated (L, B, H_kv, S, D) tensors written by index, never
 reallocated, so a decode step has fixed shapes and can be captured in a CUDA graph.
 
-Keys and values are kept in the model's dtype, or in 8 bits (`int8=True`). The 8-bit scheme
-(docs/quantization.md) is asymmetric uint8 with one fp16 scale and one fp16 minimum per token and
-head, rounded to nearest: x ~ q * scale + low. It differs from the original's `use_cache_quantization`
-(spec §2.7) on purpose: the original shares one scale per head over a whole prefill chunk (one
-outlier token coarsens every other token of the prompt, and a token's stored value depends on how
-the prompt was chunked) and truncates instead of rounding (a biased error, twice as large). Per-token
-scales cost 4 bytes per token and head, so the cache stores D + 4 bytes where bf16 stores 2·D:
-1.94x the tokens for D = 128, 3.8x against fp32 (the CPU dtype).
+Keys and values are kept in the model's dtype, or in 8 bits (`int8=True`, the format and why it
+differs from the original's: quant/kv.py).
 """
 
 from __future__ import annotations
@@ -17,23 +11,7 @@ from typing import Callable
 
 import torch
 
-_FP16_MAX = 65504.0
-
-
-def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(..., D) float -> codes (..., D) uint8, scale (...) fp16, low (...) fp16."""
-    xf = x.float()
-    lo = xf.amin(-1).clamp(-_FP16_MAX, _FP16_MAX)
-    hi = xf.amax(-1).clamp(-_FP16_MAX, _FP16_MAX)
-    scale, low = ((hi - lo) / 255).half(), lo.half()
-    s = scale.float()
-    s = torch.where(s > 0, s, torch.ones_like(s))  # a constant vector: every code 0
-    q = ((xf - low.float()[..., None]) / s[..., None]).round_().clamp_(0, 255).to(torch.uint8)
-    return q, scale, low
-
-
-def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale.float()[..., None] + low.float()[..., None]).to(dtype)
+from ..quant.kv import dequantize_kv, quantize_kv
 
 
 class KVStore:

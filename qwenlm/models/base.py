@@ -50,7 +50,7 @@ class QwenCausalLM(GenerationMixin, nn.Module):
     lm_head: nn.Linear
 
     def new_cache(self) -> KVCache:
-        return KVCache(len(self.blocks))
+        return KVCache(len(self.blocks), int8=self.kv_cache == "int8")
 
     def _context(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                  b: int, t: int, cache: KVCache | None, device) -> ForwardContext:

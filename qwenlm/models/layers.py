@@ -128,22 +128,32 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float,
 
 
 class KVCache:
-    """Per-layer keys/values (B, H_kv, S, D), grown by concatenation: the simple reference cache."""
+    """Per-layer keys/values (B, H_kv, S, D), grown by concatenation: the simple reference cache.
 
-    def __init__(self, num_layers: int):
+    `int8=True` keeps the values an 8-bit cache would give back (quant/kv.py), with the engines'
+    semantics: the first chunk attends to its own exact keys/values, later chunks to stored ones."""
+
+    def __init__(self, num_layers: int, int8: bool = False):
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.ntk_alphas: torch.Tensor | None = None  # frozen at prefill
+        self.int8 = int8
 
     @property
     def seq_len(self) -> int:
         return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
 
     def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.layers[i] is not None:
+        exact = (k, v)
+        if self.int8:
+            from ..quant.kv import fake_quantize
+
+            k, v = fake_quantize(k), fake_quantize(v)
+        first = self.layers[i] is None
+        if not first:
             k = torch.cat((self.layers[i][0], k), dim=2)
             v = torch.cat((self.layers[i][1], v), dim=2)
         self.layers[i] = (k, v)
-        return k, v
+        return exact if first else (k, v)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (used when finished sequences leave the batch)."""
