@@ -43,8 +43,9 @@ def test_quantizer_error_is_half_a_step_per_token_and_head():
 
 def test_store_sizes():
     kv = KVStore(2, 3, 4, 16, 64, torch.bfloat16, "cpu", int8=True)
-    assert kv.nbytes == 2 * 2 * 3 * 4 * 16 * (64 + 4)
-    assert kv.nbytes == KVStore.bytes_per_token(2, 4, 64, torch.bfloat16, True) * 3 * 16
+    centers = 2 * 3 * 4 * 64 * 4  # one fp32 key center per layer, row and head
+    assert kv.nbytes == 2 * 2 * 3 * 4 * 16 * (64 + 4) + centers
+    assert kv.nbytes == KVStore.bytes_per_token(2, 4, 64, torch.bfloat16, True) * 3 * 16 + centers
     plain = KVStore.bytes_per_token(2, 4, 128, torch.bfloat16, False)
     assert plain / KVStore.bytes_per_token(2, 4, 128, torch.bfloat16, True) > 1.9  # about twice the tokens
 
@@ -77,8 +78,9 @@ def test_engine_equals_reference_with_quantized_cache(model, cfg):
         eng = Engine(model, bucket=8)
         got = eng.generate(prompts, cfg)
         assert eng._state is None or eng._state["cache"].int8
-        assert eng.last_kv_bytes == KVStore.bytes_per_token(len(model.blocks), model.config.num_kv_heads,
-                                                            model.config.head_dim, model.dtype, True) * 3 * 56
+        c = model.config
+        assert eng.last_kv_bytes == (KVStore.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype,
+                                                             True) * 3 * 56 + c.num_layers * 3 * c.num_kv_heads * c.head_dim * 4)
     finally:
         model.kv_cache = "float"
     assert got == _reference(model, prompts, cfg)
@@ -127,7 +129,7 @@ def test_batch_engine_equals_reference_with_quantized_cache(model):
                 eng.step(new)
     finally:
         model.kv_cache = "float"
-    ref = _reference(model, [p for p in prompts], GREEDY)
+    ref = _reference(model, prompts, GREEDY)  # a padded batch: key centers leave the padding out
     assert [outs[i] for i in range(4)] == ref
 
 

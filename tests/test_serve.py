@@ -196,8 +196,10 @@ def test_int8_kv_cache_server(v1_chat_dir):
     app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=128, max_num_seqs=2))
     eng = app.state.server.engine
     c = model.config
-    # 2 slots x 128 positions of keys and values: one byte per element plus fp16 scale and low per head
-    assert eng.kv.int8 and eng.kv_bytes == 2 * c.num_layers * c.num_kv_heads * (c.head_dim + 4) * 2 * 128
+    # 2 slots x 128 positions of keys and values: one byte per element plus fp16 scale and low per head;
+    # and one fp32 key center per slot, layer and head
+    assert eng.kv.int8 and eng.kv_bytes == (2 * c.num_layers * c.num_kv_heads * (c.head_dim + 4) * 2 * 128
+                                            + c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4)
     with running_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         r = client.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=12)

@@ -72,7 +72,7 @@ class _RowWriter:
 
     def update(self, i, k, v):
         t, row = k.shape[2], self.row
-        self.kv.store(i, k, v, lambda dst, x: dst[row, :, :t].copy_(x[0]))
+        self.kv.store(i, k, v, lambda dst, x: dst[row, :, :t].copy_(x[0]), slice(row, row + 1), first=True)
         return k, v
 
 
@@ -88,7 +88,7 @@ class _StepWriter:
         dst[self.rows, :, self.pos] = x[:, :, 0]
 
     def update(self, i, k, v):
-        self.kv.store(i, k, v, self._put)
+        self.kv.store(i, k, v, self._put, slice(0, self.n))
         n, length = self.n, self.length
         return self.kv.load(i, lambda t: t[:n, :, :length])
 

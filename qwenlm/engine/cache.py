@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..quant.kv import dequantize_kv, quantize_kv
+from ..quant.kv import dequantize_kv, key_center, quantize_kv
 
 
 class KVStore:
@@ -29,6 +29,9 @@ class KVStore:
         meta = shape[:-1] if int8 else (num_layers, 0)
         self.k_scale, self.k_low, self.v_scale, self.v_low = (
             torch.zeros(meta, dtype=torch.float16, device=device) for _ in range(4))
+        # per (layer, row, head): the vector subtracted from every key of the row (quant/kv.py)
+        self.k_center = torch.zeros((num_layers, batch, kv_heads, head_dim) if int8 else (num_layers, 0),
+                                    dtype=torch.float32, device=device)
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, int8: bool) -> int:
@@ -37,7 +40,7 @@ class KVStore:
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.k, self.v, self.k_scale, self.k_low, self.v_scale, self.v_low)
+        return (self.k, self.v, self.k_scale, self.k_low, self.v_scale, self.v_low, self.k_center)
 
     @property
     def nbytes(self) -> int:
@@ -47,12 +50,18 @@ class KVStore:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.k.shape)
 
-    def store(self, i: int, k: torch.Tensor, v: torch.Tensor, put: Callable) -> None:
-        """Write layer i's new keys/values (B', H_kv, T, D) with `put(layer_tensor, value)`."""
+    def store(self, i: int, k: torch.Tensor, v: torch.Tensor, put: Callable, rows: slice = slice(None),
+              first: bool = False, mask: torch.Tensor | None = None) -> None:
+        """Write layer i's new keys/values (B', H_kv, T, D) of cache rows `rows` with
+        `put(layer_tensor, value)`; `first`: the rows' first chunk, which sets their key centers
+        (over the chunk's real tokens, `mask` (B', T))."""
         if not self.int8:
             put(self.k[i], k)
             put(self.v[i], v)
             return
+        if first:
+            self.k_center[i, rows] = key_center(k, mask)
+        k = k.float() - self.k_center[i, rows][:, :, None]
         for x, codes, scale, low in ((k, self.k, self.k_scale, self.k_low), (v, self.v, self.v_scale, self.v_low)):
             q, s, lo = quantize_kv(x)
             put(codes[i], q)
@@ -68,13 +77,18 @@ class KVStore:
 
     def move_row(self, src: int, dst: int, n: int) -> None:
         """Copy the first n slots of row src into row dst, in every layer."""
-        for t in self.tensors:
-            if t.dim() > 2:
-                t[:, dst, :, :n] = t[:, src, :, :n]
+        if not self.int8:
+            self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+            self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+            return
+        for t in self.tensors[:-1]:
+            t[:, dst, :, :n] = t[:, src, :, :n]
+        self.k_center[:, dst] = self.k_center[:, src]
 
     def kernel_layer(self, i: int, b: int) -> tuple[torch.Tensor, ...]:
-        """Layer i's rows [0, b) for the fused CPU decode kernel: k, v and the four scale tensors."""
-        return tuple(t[i, :b] if t.dim() > 2 else t[i] for t in self.tensors)
+        """Layer i's rows [0, b) for the fused CPU decode kernel: k, v, the four scale tensors and the
+        key centers (all but k and v empty for a float cache)."""
+        return tuple(t[i, :b] if self.int8 or j < 2 else t[i] for j, t in enumerate(self.tensors))
 
 
 class StaticKVCache(KVStore):
@@ -86,10 +100,12 @@ class StaticKVCache(KVStore):
         super().__init__(*args, **kwargs)
         self.write_pos: torch.Tensor | None = None  # (T,) slots of the current chunk
         self.read_len: int | None = None
+        self.chunk_mask: torch.Tensor | None = None  # (B, T) real tokens of a prefill chunk (None: all)
 
     def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pos = self.write_pos
-        self.store(i, k, v, lambda dst, x: dst.index_copy_(2, pos, x))
+        self.store(i, k, v, lambda dst, x: dst.index_copy_(2, pos, x), first=self.read_len is None,
+                   mask=self.chunk_mask)
         if self.read_len is None:
             return k, v
         n = self.read_len

@@ -131,6 +131,7 @@ class Engine:
         padded = not bool(mask.all())
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         st["cache"].write_pos = torch.arange(w, device=self.device)
+        st["cache"].chunk_mask = mask if padded else None
         amask = attention_mask_4d(mask, w) if padded else None
         h = self.model.run_blocks(ids, self._ctx(st, positions, amask, None))
         return self.model.lm_head(h[:, -1]).float()  # only the last position's logits

@@ -94,6 +94,8 @@ class QwenCausalLM(GenerationMixin, nn.Module):
         """input_ids (B, T); attention_mask (B, past+T) of 1/0; returns logits (B, T, V)."""
         b, t = input_ids.shape
         cache = past_key_values if past_key_values is not None else (self.new_cache() if use_cache else None)
+        if cache is not None:  # an int8 cache centers keys over the valid tokens of the first chunk
+            cache.chunk_mask = attention_mask[:, -t:] if attention_mask is not None else None
         ctx = self._context(attention_mask, position_ids, b, t, cache, input_ids.device)
         logits = self.lm_head(self.run_blocks(input_ids, ctx))
         loss = None

@@ -130,13 +130,15 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float,
 class KVCache:
     """Per-layer keys/values (B, H_kv, S, D), grown by concatenation: the simple reference cache.
 
-    `int8=True` keeps the values an 8-bit cache would give back (quant/kv.py), with the engines'
-    semantics: the first chunk attends to its own exact keys/values, later chunks to stored ones."""
+    `int8=True` keeps the values an 8-bit cache would give back (quant/kv.py: centered keys), with the
+    engines' semantics: the first chunk attends to its own exact keys/values, later chunks to stored ones."""
 
     def __init__(self, num_layers: int, int8: bool = False):
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.ntk_alphas: torch.Tensor | None = None  # frozen at prefill
         self.int8 = int8
+        self.key_centers: list[torch.Tensor | None] = [None] * num_layers
+        self.chunk_mask: torch.Tensor | None = None  # (B, T) the current chunk's real tokens
 
     @property
     def seq_len(self) -> int:
@@ -144,11 +146,14 @@ class KVCache:
 
     def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         exact = (k, v)
-        if self.int8:
-            from ..quant.kv import fake_quantize
-
-            k, v = fake_quantize(k), fake_quantize(v)
         first = self.layers[i] is None
+        if self.int8:
+            from ..quant.kv import fake_quantize, key_center
+
+            if first:
+                self.key_centers[i] = key_center(k, self.chunk_mask)
+            k = fake_quantize(k.float() - self.key_centers[i][:, :, None]).to(v.dtype)
+            v = fake_quantize(v)
         if not first:
             k = torch.cat((self.layers[i][0], k), dim=2)
             v = torch.cat((self.layers[i][1], v), dim=2)
@@ -158,6 +163,7 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (used when finished sequences leave the batch)."""
         self.layers = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.layers]
+        self.key_centers = [None if c is None else c[rows] for c in self.key_centers]
         if self.ntk_alphas is not None:
             self.ntk_alphas = self.ntk_alphas[rows]
 

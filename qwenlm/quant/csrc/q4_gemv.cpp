@@ -151,9 +151,10 @@ struct KVView {
   uint8_t* q = nullptr;
   at::Half* scale = nullptr;
   at::Half* low = nullptr;
+  const float* center = nullptr;  // keys: (B, Hkv, D) subtracted before quantizing (or null)
   int64_t S = 0, D = 0;
 
-  KVView(torch::Tensor t, torch::Tensor sc, torch::Tensor lo) {
+  KVView(torch::Tensor t, torch::Tensor sc, torch::Tensor lo, torch::Tensor c = torch::Tensor()) {
     TORCH_CHECK(t.is_contiguous() && t.dim() == 4, "kv cache: contiguous (B, Hkv, S, D)");
     S = t.size(2);
     D = t.size(3);
@@ -166,16 +167,28 @@ struct KVView {
       q = t.data_ptr<uint8_t>();
       scale = sc.data_ptr<at::Half>();
       low = lo.data_ptr<at::Half>();
+      if (c.defined()) {
+        TORCH_CHECK(c.dtype() == torch::kFloat32 && c.is_contiguous() && c.numel() * S == sc.numel() * D,
+                    "kv cache: key centers must be contiguous (B, Hkv, D) float32");
+        center = c.data_ptr<float>();
+      }
     }
   }
   // slot index of (row-and-head bh, position j)
   int64_t at(int64_t bh, int64_t j) const { return bh * S + j; }
 
-  void write(int64_t bh, int64_t j, const float* x) {
+  void write(int64_t bh, int64_t j, const float* x_in) {
     const int64_t o = at(bh, j);
     if (f) {
-      std::memcpy(f + o * D, x, D * sizeof(float));
+      std::memcpy(f + o * D, x_in, D * sizeof(float));
       return;
+    }
+    std::vector<float> xc;
+    const float* x = x_in;
+    if (center) {
+      xc.resize(D);
+      for (int64_t i = 0; i < D; ++i) xc[i] = x_in[i] - center[bh * D + i];
+      x = xc.data();
     }
     float lo = INFINITY, hi = -INFINITY;
     for (int64_t i = 0; i < D; ++i) {
@@ -251,18 +264,19 @@ torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor d, tor
 //   h += o(attention(rotary(qkv(rmsnorm1(h)))))   (the new k/v written at slot[b] of the cache)
 //   h += down(silu(gate) * up)  with [gate; up] = gu(rmsnorm2(h))
 // w: {ln1, qkv codes, d, m, qkv bias (or empty), o codes, d, m, ln2, gu codes, d, m, down codes, d, m}
-// cos/sin (B, D); logn (B) or empty; kv: this layer's {k, v, k scale, k low, v scale, v low}, k/v
-// (B, Hkv, S, D) float32 (scales empty) or uint8 (scales (B, Hkv, S) fp16); slot (B) int64;
+// cos/sin (B, D); logn (B) or empty; kv: this layer's {k, v, k scale, k low, v scale, v low, k center},
+// k/v (B, Hkv, S, D) float32 (the rest empty) or uint8 (scales (B, Hkv, S) fp16, centers (B, Hkv, D)
+// fp32: keys are stored minus their row's center, which attention's softmax does not see); slot (B) int64;
 // valid (B, S) bool: the slots row b attends to, among the first L.
 void decode_block(torch::Tensor h, std::vector<torch::Tensor> w, double eps, torch::Tensor cos,
                   torch::Tensor sin, torch::Tensor logn, std::vector<torch::Tensor> kv,
                   torch::Tensor slot, torch::Tensor valid, int64_t L, int64_t heads, int64_t kv_heads) {
   TORCH_CHECK(w.size() == 15, "decode_block: 15 weight tensors expected");
-  TORCH_CHECK(kv.size() == 6, "decode_block: 6 kv cache tensors expected");
+  TORCH_CHECK(kv.size() == 7, "decode_block: 7 kv cache tensors expected");
   TORCH_CHECK(h.dtype() == torch::kFloat32 && h.is_contiguous() && h.dim() == 2, "h: contiguous (B, H) float32");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && valid.is_contiguous() && slot.is_contiguous(),
               "tables must be contiguous");
-  KVView K_(kv[0], kv[2], kv[3]), V_(kv[1], kv[4], kv[5]);
+  KVView K_(kv[0], kv[2], kv[3], kv[6]), V_(kv[1], kv[4], kv[5]);
   const int64_t B = h.size(0), H = h.size(1), S = K_.S, D = K_.D;
   TORCH_CHECK(kv[0].size(0) == B && kv[0].size(1) == kv_heads && heads % kv_heads == 0 && L <= S &&
               kv[1].sizes() == kv[0].sizes(), "kv cache shape");
