@@ -28,19 +28,13 @@ def add_parser(sub) -> None:
 
 
 def _available_bytes(device) -> int:
-    import torch
+    """What the KV cache may take: 85% of free GPU memory, or half of the machine's available memory."""
+    from ..memory import free_bytes
 
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.85)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    return 4 << 30
+    free = free_bytes(device)
+    if free is None:
+        return 4 << 30
+    return int(free * 0.85) if device.type == "cuda" else free // 2
 
 
 def plan_memory(model, max_num_seqs: int | None, max_model_len: int | None) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from ..config import ModelConfig
 from ..engine import Engine
 from ..engine.cache import KVStore
 from ..generation.config import GenerationConfig
+from ..memory import free_bytes, proc_bytes
 from ..models import build_model
 
 # Qwen v1 shapes (spec §1.1); config values as in config.json (intermediate_size is 2x the MLP width)
@@ -102,27 +103,7 @@ def _peak(device: torch.device) -> int | None:
     (weights, KV cache, activations and the Python process itself); None where unknown."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _free_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info()[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_bytes("/proc/self/status", "VmHWM")
 
 
 def _bandwidth(device: torch.device) -> float | None:
@@ -210,7 +191,7 @@ def bench_kv_memory(engine: Engine, batch: int, length: int, steps: int = 2) -> 
     need = KVStore.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype,
                                    model.kv_cache == "int8") * batch * length
     res = {"batch": batch, "length": length, "kv_cache": model.kv_cache, "kv_cache_bytes": need}
-    free = _free_bytes(dev)
+    free = free_bytes(dev)
     engine.release()
     if free is not None and need > 0.9 * free:
         res["peak_memory_bytes"] = None
