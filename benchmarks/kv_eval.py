@@ -40,7 +40,7 @@ def main():
     n = args.prefill + args.decode
     windows = torch.tensor(ids[:args.windows * n]).view(args.windows, n)
     caches = {"float": lambda: KVCache(len(model.blocks)),
-              "int8 (qwenlm: per token and head, rounded)": lambda: KVCache(len(model.blocks), int8=True),
+              "int8 (qwenlm: per token and head, rounded, keys centered)": lambda: KVCache(len(model.blocks), int8=True),
               "int8 (original: per chunk and head, truncated)": lambda: Original(len(model.blocks))}
     results = {"model": model.name_or_path, "text": "asyncio/*.py", "windows": args.windows,
                "prefill": args.prefill, "decode": args.decode}
