@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup browser chat test test-fast clean
+.PHONY: setup triton browser chat test test-fast clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,13 @@ browser:
 	   ($$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium >/dev/null 2>&1)) || \
 	  echo "note: could not install chromium; the browser test will be skipped"; }
 
-test: setup browser    ## the whole test suite (what CI runs)
+# Triton for the GPU-kernel tests, which run in its interpreter on a CPU (skipped where it cannot be
+# installed, except in CI, where .ci/run makes a missing triton a failure)
+triton: setup
+	@$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q 'triton==3.9.0' || \
+	  echo "note: could not install triton; the kernel tests will be skipped"
+
+test: setup triton browser    ## the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q
 
 test-fast: setup       ## without the tests that need the real default model

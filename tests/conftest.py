@@ -4,6 +4,11 @@ import shutil
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton reads this when it is imported: without a GPU its kernels can only run interpreted
+    # (tests/test_triton_kernels.py; the product itself routes nothing to them on a CPU)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from helpers import v1_config, v1_state_dict, write_checkpoint
 
 

@@ -71,3 +71,20 @@ def test_bench_decode_with_int8_kv(v1_chat_dir, capsys):
                  "--prefill", "0", "--kv-cache", "int8", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["kv_cache"] == "int8" and res["decode"][0]["tokens"] == 8
+
+
+def test_bench_gptq_arguments(capsys, monkeypatch):
+    monkeypatch.setenv("QWENLM_TRITON", "0")
+    from qwenlm import kernels
+
+    kernels.triton_available.cache_clear()
+    try:
+        assert main(["bench", "--quantize", "gptq4", "--device", "cpu"]) == 2
+        assert "applies to --shape" in capsys.readouterr().err
+        assert main(["bench", "--shape", "7B", "--quantize-head", "--device", "cpu"]) == 2
+        assert "goes with --quantize gptq4" in capsys.readouterr().err
+        # checked before any weights are built
+        assert main(["bench", "--shape", "72B", "--quantize", "gptq8", "--device", "cpu"]) == 2
+        assert "needs a CUDA GPU and triton" in capsys.readouterr().err
+    finally:
+        kernels.triton_available.cache_clear()

@@ -19,7 +19,11 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--gen", default="2048,8192", help="comma-separated decode lengths (default 2048,8192)")
     p.add_argument("--prefill", type=int, default=2048, help="prefill length (0 to skip)")
-    p.add_argument("--quantize", choices=["int4"], default=None, help="4-bit weight-only layers (CPU)")
+    p.add_argument("--quantize", choices=["int4", "gptq4", "gptq8"], default=None,
+                   help="int4: 4-bit weight-only layers (CPU); gptq4/gptq8: with --shape, the decoder layers in "
+                        "the GPTQ Int4/Int8 format (group 128) on the Triton kernel (GPU)")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="with --quantize gptq4/gptq8: the LM head too, in 8 bits (the embedding table stays)")
     p.add_argument("--kv-cache", choices=["auto", "float", "int8"], default="auto",
                    help="keep keys/values in the model's dtype or in 8 bits (auto: config.json)")
     p.add_argument("--kv-table", action="store_true",
@@ -108,7 +112,19 @@ def run(args) -> int:
     lengths = _ints(args.gen, "--gen")
     if args.compare == "hf" and args.quantize:
         raise UserError("--compare hf runs transformers on the same weights: drop --quantize")
+    if args.quantize in ("gptq4", "gptq8") and not args.shape:
+        raise UserError(f"--quantize {args.quantize} applies to --shape (random weights); a GPTQ checkpoint "
+                        "(-m DIR) is quantized already")
+    if args.quantize_head and args.quantize not in ("gptq4", "gptq8"):
+        raise UserError("--quantize-head goes with --quantize gptq4 or gptq8")
     device = resolve_device(args.device)
+    if args.quantize in ("gptq4", "gptq8"):
+        from ..kernels import usable_on
+
+        if not usable_on(device):
+            raise UserError(f"--quantize {args.quantize} runs the Triton GPTQ kernel: it needs a CUDA GPU and "
+                            "triton (on a CPU use --quantize int4)")
+        # the kernel's own check (kernels.kernel_works) runs on the random model's dtype in _random_gptq
     notes = []
     if args.shape:
         cfg = B.shape_config(args.shape)
@@ -133,6 +149,8 @@ def run(args) -> int:
             from ..quant import quantize_model_int4
 
             quantize_model_int4(model)
+        elif args.quantize in ("gptq4", "gptq8"):
+            _random_gptq(model, int(args.quantize[-1]), args.quantize_head, notes)
         name = f"random {args.shape} (Qwen v1 shape)"
         path = None
     else:
@@ -182,6 +200,31 @@ def run(args) -> int:
         print(f"transformers {h['tokens']} tokens: {h['tokens_per_s']:.1f} tok/s, peak {_gib(h['peak_memory_bytes'])}"
               f" -> qwenlm is {ratio:.1f}x; greedy tokens agree for the first {h['agree_tokens']}")
     return 0
+
+
+def _random_gptq(model, bits: int, head: bool, notes: list[str]) -> None:
+    """Replace the decoder's linear layers (and the head) of a random model by GPTQ layers."""
+    import torch
+
+    from ..errors import UserError
+    from ..kernels import kernel_works
+    from ..kernels.gptq import GPTQTritonLinear
+
+    if not kernel_works("gptq", model.device, model.dtype, bits=bits):
+        raise UserError(f"the Triton GPTQ kernel failed its check on {model.device} (see the warning above)")
+
+    with torch.no_grad():
+        for name, lin in list(model.block_linears()):
+            model.replace_module(name, GPTQTritonLinear.from_linear(lin, bits))
+        if head:
+            if model.config.tie_word_embeddings:
+                raise UserError("--quantize-head: this shape ties the head to the embedding table")
+            model.lm_head = GPTQTritonLinear.from_linear(model.lm_head, 8)
+    model.quantization = f"gptq-{bits}bit-g128 (random weights, round-to-nearest)"
+    notes.append(f"decoder linear layers in the GPTQ {bits}-bit format, group 128, on the Triton kernel"
+                 + ("; LM head in 8 bits" if head else "; LM head in the model dtype"))
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _serve(args, model, name: str, path: str | None) -> int:

@@ -102,11 +102,38 @@ class StaticKVCache(KVStore):
         self.read_len: int | None = None
         self.chunk_mask: torch.Tensor | None = None  # (B, T) real tokens of a prefill chunk (None: all)
 
+    def put_at_write_pos(self, dst: torch.Tensor, x: torch.Tensor) -> None:
+        dst.index_copy_(2, self.write_pos, x)
+
     def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = self.write_pos
-        self.store(i, k, v, lambda dst, x: dst.index_copy_(2, pos, x), first=self.read_len is None,
-                   mask=self.chunk_mask)
+        self.store(i, k, v, self.put_at_write_pos, first=self.read_len is None, mask=self.chunk_mask)
         if self.read_len is None:
             return k, v
         n = self.read_len
         return self.load(i, lambda t: t[:, :, :n])
+
+
+class KernelAttention:
+    """A decode step's attention through the Triton kernel (kernels/attention.py): layer i writes the
+    new token's key/value with `write(i, k, v)`, then its rows [0, B) attend to their slots
+    [start, end) read straight from the store (8-bit codes included). Set as `ForwardContext.decode`."""
+
+    def __init__(self, kv: KVStore, write: Callable, start: torch.Tensor, end: torch.Tensor, length: int):
+        self.kv, self.write, self.length = kv, write, length
+        self.start, self.end = start.to(torch.int32), end.to(torch.int32)
+
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from ..kernels.attention import decode_attention
+
+        self.write(i, k, v)
+        b = q.shape[0]
+        layer = tuple(t[i, :b] if self.kv.int8 or j < 2 else t[i] for j, t in enumerate(self.kv.tensors[:6]))
+        return decode_attention(q[:, :, 0], layer, self.start, self.end, self.length)[:, :, None]
+
+
+def kernel_attention_on(device, dtype: torch.dtype, int8: bool) -> bool:
+    """Whether the engines' decode steps use the Triton attention kernel on `device` for this cache
+    (checked once against plain attention: kernels.kernel_works)."""
+    from ..kernels import kernel_works
+
+    return kernel_works("attention", device, dtype, int8=int8)

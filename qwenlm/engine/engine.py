@@ -19,7 +19,7 @@ from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, collect, left_pad, make_generator, record_step
 from ..generation.sampling import next_tokens
 from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, ntk_alpha
-from .cache import StaticKVCache
+from .cache import KernelAttention, StaticKVCache, kernel_attention_on
 
 log = logging.getLogger("qwenlm")
 
@@ -90,9 +90,10 @@ class Engine:
                 if cos_t.shape[0] > 1 else torch.zeros((b, 1), dtype=torch.long, device=dev),
                 "tok": torch.zeros((b, 1), dtype=torch.long, device=dev),
                 "slot": torch.zeros((1,), dtype=torch.long, device=dev),
-                "pos": (torch.tensor(lengths, device=dev) - 1)[:, None].clone()}
+                "pos": (torch.tensor(lengths, device=dev) - 1)[:, None].clone(),
+                "start": (w - torch.tensor(lengths, device=dev)).to(torch.int32)}  # left padding
 
-    _GRAPH_INPUTS = ("valid", "cos", "sin", "logn", "table_rows", "tok", "slot", "pos")
+    _GRAPH_INPUTS = ("valid", "cos", "sin", "logn", "table_rows", "tok", "slot", "pos", "start")
 
     def _adopt(self, st: dict) -> dict:
         """Reuse the previous generation's buffers (and so its captured graphs) when the shapes
@@ -145,10 +146,17 @@ class Engine:
             self._packs = pack_blocks(self.model) or []
         if self._packs:
             return self._fused_decode(st, length)
-        kpos = torch.arange(length, device=self.device)
-        mask = (st["valid"][:, :length] & (kpos <= st["slot"]))[:, None, None, :]  # (B, 1, 1, L)
-        st["cache"].write_pos = st["slot"]
-        h = self.model.run_blocks(st["tok"], self._ctx(st, st["pos"], mask, length))
+        cache = st["cache"]
+        cache.write_pos = st["slot"]
+        if kernel_attention_on(self.device, self.model.dtype, cache.int8):  # Triton: reads slots [start, slot]
+            ctx = self._ctx(st, st["pos"], None, None)
+            ctx.decode = KernelAttention(cache, lambda i, k, v: cache.store(i, k, v, cache.put_at_write_pos),
+                                         st["start"], (st["slot"] + 1).expand(st["b"]), length)
+        else:
+            kpos = torch.arange(length, device=self.device)
+            mask = (st["valid"][:, :length] & (kpos <= st["slot"]))[:, None, None, :]  # (B, 1, 1, L)
+            ctx = self._ctx(st, st["pos"], mask, length)
+        h = self.model.run_blocks(st["tok"], ctx)
         return self.model.lm_head(h[:, -1]).float()
 
     def _fused_decode(self, st: dict, length: int) -> torch.Tensor:

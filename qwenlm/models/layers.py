@@ -177,6 +177,9 @@ class ForwardContext:
     logn: torch.Tensor | None  # (B, T) fp32, or None when inactive
     mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None = plain causal
     cache: KVCache | None
+    # a one-token step's cache write + attention in one object (`attend(layer, q, k, v)`, engines on
+    # GPU: engine/cache.py KernelAttention); None: write through `cache`, attend with SDPA
+    decode: object | None = None
 
 
 def attention_mask_4d(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -194,6 +197,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContex
            layer: int) -> torch.Tensor:
     """q (B, H, T, D), k/v (B, H_kv, T, D) -> (B, T, H*D): rotary, LogN, cache, SDPA."""
     q, k = rotary_qk(q, k, ctx.cos, ctx.sin, ctx.logn)
+    if ctx.decode is not None:
+        out = ctx.decode.attend(layer, q, k, v)  # (B, H, 1, D)
+        b, h, t, d = out.shape
+        return out.transpose(1, 2).reshape(b, t, h * d)
     if ctx.cache is not None:
         k, v = ctx.cache.update(layer, k, v)
     gqa = k.shape[1] != q.shape[1]  # grouped-query attention: SDPA shares kv heads, no copies

@@ -9,8 +9,9 @@ Per quantized linear layer (in_features K, out_features N, b bits, group size g)
 
 On a CPU, 4-bit layers become `Q4Linear` layers of the same values (a GPTQ group of 128 is four Q4
 blocks of 32 with d = scale and m = -scale * zero), so they run on the AVX2 kernel; act-order
-(desc_act) checkpoints permute the input columns so that groups are contiguous. 8-bit layers, and
-layers on a GPU for now, are dequantized to the model's dtype once at load.
+(desc_act) checkpoints permute the input columns so that groups are contiguous. On a GPU, 4- and
+8-bit layers stay packed and run on a Triton kernel (kernels/gptq.py). 8-bit layers on a CPU, and
+layers on a GPU without Triton, are dequantized to the model's dtype once at load.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     if k % per:
         raise ValueError(f"in_features {k} is not a multiple of {per}")
     q = (q.to(torch.int64) & ((1 << bits) - 1)).view(k // per, per, n)
-    shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, :, None]
+    shifts = (torch.arange(per, dtype=torch.int64, device=q.device) * bits)[None, :, None]
     return _to_int32((q << shifts).sum(1))
 
 
@@ -85,7 +86,7 @@ def pack_cols(z: torch.Tensor, bits: int) -> torch.Tensor:
     if n % per:
         raise ValueError(f"out_features {n} is not a multiple of {per}")
     z = (z.to(torch.int64) & ((1 << bits) - 1)).view(g, n // per, per)
-    shifts = (torch.arange(per, dtype=torch.int64) * bits)[None, None, :]
+    shifts = (torch.arange(per, dtype=torch.int64, device=z.device) * bits)[None, None, :]
     return _to_int32((z << shifts).sum(-1))
 
 
@@ -168,7 +169,10 @@ def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
     """After loading: make the GPTQ layers fast on this device. Returns a short description."""
     from . import q4
 
+    from ..kernels import kernel_works
+
     use_q4 = model.device.type == "cpu" and cfg.bits == 4 and q4.available()
+    use_triton = not use_q4 and kernel_works("gptq", model.device, dtype, bits=cfg.bits)
     for mod in model.modules():  # AutoGPTQ's extra all-zero biases: drop them (they cost a kernel each)
         if isinstance(mod, GPTQLinear) and mod.bias is not None and not bool(mod.bias.any()):
             mod.bias = None
@@ -179,6 +183,10 @@ def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
             continue
         if use_q4:
             new = gptq_to_q4(mod)
+        elif use_triton:
+            from ..kernels.gptq import GPTQTritonLinear
+
+            new = GPTQTritonLinear.from_gptq(mod)
         else:
             new = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
             new.weight = nn.Parameter(mod.weight(dtype), requires_grad=False)
@@ -187,7 +195,9 @@ def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
         model.replace_module(name, new)
     if use_q4:
         return f"gptq-{cfg.bits}bit-g{cfg.group_size} on the 4-bit CPU kernel"
-    why = ("no 8-bit kernel yet" if cfg.bits == 8 else "no GPU kernel yet" if model.device.type != "cpu"
-           else "the 4-bit CPU kernel is unavailable here")
+    if use_triton:
+        return f"gptq-{cfg.bits}bit-g{cfg.group_size} on the Triton kernel"
+    why = ("no working Triton kernel" if model.device.type != "cpu" else "no 8-bit CPU kernel yet"
+           if cfg.bits == 8 else "the 4-bit CPU kernel is unavailable here")
     log.warning("GPTQ %d-bit layers dequantized to %s at load (%s)", cfg.bits, str(dtype).replace("torch.", ""), why)
     return f"gptq-{cfg.bits}bit-g{cfg.group_size} dequantized"

@@ -1,0 +1,226 @@
+"""GPTQ layers on the GPU: one Triton kernel reads the packed 4- or 8-bit codes, dequantizes them in
+registers and multiplies, so the weights stay packed in memory (7B Int4: about a quarter of bf16's
+bytes) and a decode step reads only those bytes.
+
+Layout (from the checkpoint, quant/gptq.py): codes packed along the input dimension, 32/bits per
+int32 (`qweight` (K*bits/32, N)); per group of `group` input rows, a scale and a zero per output
+column, kept here as two fp16 (G, N) tensors (the zero unpacked, stored + 1). Act-order checkpoints
+are sorted at load so that groups are contiguous; the activations are permuted to match.
+
+Two shapes of the same kernel:
+* rows <= 4 (decode): one program per (column block, K split, row); products summed in fp32 without
+  tensor cores; the K splits add into an fp32 output (enough programs to fill the GPU at batch 1);
+* more rows (prefill, batches): tiles of rows times columns through `tl.dot` in the activations' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+
+@triton.jit
+def _gptq_mm(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, k_per_split,
+             stride_xm, stride_qk, stride_sg, stride_ym,
+             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    k_start = pid_k * k_per_split
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        packed = tl.load(qw_ptr + (kk // PER)[:, None] * stride_qk + rn[None, :],
+                         mask=k_ok[:, None] & n_ok[None, :], other=0)
+        q = (packed >> ((kk % PER) * BITS)[:, None]) & MAXQ  # (BLOCK_K, BLOCK_N)
+        # BLOCK_K divides GROUP, so the whole K block shares one group
+        g = k0 // GROUP
+        s = tl.load(s_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
+        w = (q.to(tl.float32) - z[None, :]) * s[None, :]
+        if BLOCK_M == 1:
+            x = tl.load(x_ptr + pid_m * stride_xm + kk, mask=k_ok, other=0).to(tl.float32)
+            acc += tl.sum(x[:, None] * w, axis=0)
+        else:
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+            if IEEE:  # fp32 activations: full-precision products, not TF32
+                acc += tl.dot(x, w, input_precision="ieee")
+            else:
+                acc += tl.dot(x, w.to(x.dtype))
+    if BLOCK_M == 1:
+        ptr = y_ptr + pid_m * stride_ym + rn
+        if ATOMIC:
+            tl.atomic_add(ptr, acc, mask=n_ok)
+        else:
+            tl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        ptr = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+        tl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_GEMV_ROWS = 4  # up to this many rows, the per-row kernel; above, tl.dot tiles
+_TARGET_PROGRAMS = 512  # enough concurrent programs to keep an H100's 132 SMs reading
+
+
+def _block_k(group: int, cap: int) -> int:
+    """The largest power of two <= cap dividing the group size (a K block never spans two groups)."""
+    b = cap
+    while group % b:
+        b //= 2
+    return b
+
+
+def _gemv_plan(n: int, k: int, block_n: int, block_k: int) -> int:
+    """How many K splits: enough programs for the GPU, each split at least 8 K blocks long."""
+    col_blocks = triton.cdiv(n, block_n)
+    k_blocks = triton.cdiv(k, block_k)
+    return max(1, min(_TARGET_PROGRAMS // col_blocks, k_blocks // 8))
+
+
+def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                bits: int, group: int) -> torch.Tensor:
+    """x (M, K) @ W (K, N) with W dequantized from (qweight, scales, zeros) inside the kernel.
+    `group` must be a multiple of 32 dividing K."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    x = x.contiguous()
+    if m <= _GEMV_ROWS:
+        block_n, block_k = 64, _block_k(group, 128)
+        split = _gemv_plan(n, k, block_n, block_k)
+        k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+        split = triton.cdiv(k, k_per_split)
+        atomic = split > 1
+        y = torch.zeros((m, n), dtype=torch.float32, device=x.device) if atomic else \
+            torch.empty((m, n), dtype=x.dtype, device=x.device)
+        grid = (triton.cdiv(n, block_n), split, m)
+        _gptq_mm[grid](x, qweight, scales, zeros, y, m, n, k, k_per_split, x.stride(0), qweight.stride(0),
+                       scales.stride(0), y.stride(0), BITS=bits, GROUP=group, BLOCK_M=1, BLOCK_N=block_n,
+                       BLOCK_K=block_k, ATOMIC=atomic, IEEE=False)
+        return y.to(x.dtype) if atomic else y
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n, block_k = 64, _block_k(group, 64)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n), 1, triton.cdiv(m, block_m))
+    _gptq_mm[grid](x, qweight, scales, zeros, y, m, n, k, k, x.stride(0), qweight.stride(0), scales.stride(0),
+                   y.stride(0), BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                   ATOMIC=False, IEEE=x.dtype == torch.float32)
+    return y
+
+
+class GPTQTritonLinear(nn.Module):
+    """A GPTQ layer kept packed and run by the kernel above."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
+                 perm: torch.Tensor | None, bias: torch.Tensor | None):
+        super().__init__()
+        self.bits, self.group = bits, group
+        self.in_features = qweight.shape[0] * 32 // bits
+        self.out_features = qweight.shape[1]
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(torch.float16).contiguous())
+        self.register_buffer("zeros", zeros.to(torch.float16).contiguous())
+        self.register_buffer("perm", perm)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_gptq(cls, layer) -> "GPTQTritonLinear":
+        """From a loaded `quant.gptq.GPTQLinear` (same values; act-order rows sorted by group)."""
+        from ..quant.gptq import pack_rows
+
+        q, zeros = layer.codes()  # (K, N) codes, (G, N) zeros
+        g = layer.g_idx.long()
+        k = q.shape[0]
+        group = layer.in_features if layer.scales.shape[0] == 1 else None
+        perm = None
+        if bool((g[1:] < g[:-1]).any()):
+            perm = torch.argsort(g, stable=True)
+            q, g = q[perm], g[perm]
+        if group is None:
+            group = int((g == g[0]).sum())  # rows per group once sorted
+        expected = torch.arange(k, device=g.device) // group
+        if not bool((g == expected).all()):
+            raise ValueError("GPTQ groups of unequal sizes are not supported by the GPU kernel")
+        if group % 32 or k % group:
+            raise ValueError(f"group size {group} / in_features {k} not supported by the GPU kernel")
+        return cls(pack_rows(q, layer.bits).to(layer.qweight.device), layer.scales, zeros.to(torch.float16),
+                   layer.bits, group, None if perm is None else perm.to(layer.qweight.device), layer.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group: int = 128) -> "GPTQTritonLinear":
+        """Round-to-nearest quantization of a float layer into the same format (symmetric: zero
+        2**(bits-1), like GPTQ's default), on the layer's device. For benchmarks on random weights:
+        the speed is the kernel's whatever the values; `qwen quantize` (GPTQ) is what keeps quality."""
+        from ..quant.gptq import pack_rows
+
+        w = linear.weight.detach().float().t()  # (K, N)
+        k, n = w.shape
+        if k % group:
+            raise ValueError(f"in_features {k} is not a multiple of the group size {group}")
+        half = 2 ** (bits - 1)
+        amax = w.view(k // group, group, n).abs().amax(1).clamp(min=1e-8)  # (G, N)
+        scales = (amax / (half - 1)).half()
+        s_k = scales.float().repeat_interleave(group, 0)
+        q = torch.round(w / s_k + half).clamp(0, 2**bits - 1)
+        del w, s_k
+        zeros = torch.full_like(scales, half)
+        return cls(pack_rows(q, bits), scales, zeros, bits, group, None, linear.bias)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+    def weight(self, dtype=torch.float32) -> torch.Tensor:
+        """The dequantized (N, K) weight in the original input order (for tests and conversions)."""
+        from ..quant.gptq import unpack_rows
+
+        q = unpack_rows(self.qweight, self.bits).float()
+        g = torch.arange(q.shape[0], device=q.device) // self.group
+        w = (q - self.zeros.float()[g]) * self.scales.float()[g]
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(0, self.perm, w)
+        return w.t().to(dtype).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        y = gptq_matmul(x2, self.qweight, self.scales, self.zeros, self.bits, self.group)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def self_check(device: torch.device, dtype: torch.dtype, bits: int) -> str | None:
+    """None if both shapes of the kernel (one row, and tiles) give the dequantized weight's product."""
+    from ..quant.gptq import pack_rows
+
+    g = torch.Generator().manual_seed(bits)
+    k, n, group = 256, 128, 128
+    q = torch.randint(0, 2**bits, (k, n), generator=g)
+    scales = (torch.rand(k // group, n, generator=g) * 0.02 + 1e-3).half()
+    zeros = torch.randint(1, 2**bits, (k // group, n), generator=g).half()
+    w = (q.float() - zeros.float().repeat_interleave(group, 0)) * scales.float().repeat_interleave(group, 0)
+    args = (pack_rows(q, bits).to(device), scales.to(device), zeros.to(device), bits, group)
+    for m in (1, 24):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        y = gptq_matmul(x.to(device), *args).float().cpu()
+        want = x.float() @ w
+        err = ((y - want).abs().max() / want.abs().max()).item()
+        if not err <= (1e-5 if dtype == torch.float32 else 3e-2):
+            return f"relative error {err:.3g} with {m} row(s)"
+    return None

@@ -1,0 +1,254 @@
+"""The Triton kernels (qwenlm/kernels): GPTQ dequantize-and-multiply and decode attention over the
+float and 8-bit KV store, against plain torch arithmetic, then inside the engines and a loaded GPTQ
+checkpoint. On a GPU they run compiled; elsewhere in Triton's interpreter (QWENLM_TRITON=interpret),
+which checks the arithmetic, not the speed. Skipped when Triton is not installed (CI installs it:
+QWENLM_REQUIRE_TRITON=1 turns the skip into a failure)."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_prompts, tiny_model
+
+from qwenlm import GenerationConfig, load_model
+from qwenlm.engine import Engine
+from qwenlm.engine.batch import BatchEngine, Sequence
+from qwenlm.engine.cache import KVStore
+from qwenlm.generation import StopChecker, generate
+from qwenlm.quant import gptq, q4
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+if not HAVE_TRITON and os.environ.get("QWENLM_REQUIRE_TRITON") == "1":
+    raise RuntimeError("QWENLM_REQUIRE_TRITON=1 but triton is not installed")
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (pip install triton)")
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+GREEDY = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=12, eos_token_id=None,
+                          pad_token_id=0)
+
+
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    """Kernels on for this test: compiled on a GPU, interpreted elsewhere."""
+    from qwenlm import kernels
+
+    if not CUDA:
+        monkeypatch.setenv("QWENLM_TRITON", "interpret")
+    kernels.triton_available.cache_clear()
+    assert kernels.usable_on(torch.device(DEV))
+    yield
+    kernels.triton_available.cache_clear()
+    kernels._checked.clear()
+
+
+def _gptq_tensors(k, n, bits, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (k, n), generator=g)
+    scales = (torch.rand(k // group, n, generator=g) * 0.02 + 1e-3).half()
+    zeros = torch.randint(1, 2**bits, (k // group, n), generator=g).half()
+    w = (q.float() - zeros.float().repeat_interleave(group, 0)) * scales.float().repeat_interleave(group, 0)
+    return gptq.pack_rows(q, bits), scales, zeros, w  # w: (K, N), computed here without the kernel
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,k,n,group", [(1, 512, 96, 128), (3, 256, 64, 64), (20, 256, 80, 128), (70, 128, 64, 32)])
+def test_gptq_matmul_equals_dequantized_matmul(bits, m, k, n, group):
+    from qwenlm.kernels.gptq import gptq_matmul
+
+    qweight, scales, zeros, w = _gptq_tensors(k, n, bits, group, seed=m + bits)
+    # the interpreter multiplies bf16 tiles as raw integers, so bf16 through tl.dot is checked on GPU only
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA or m <= 4 else [])
+    for dt in dtypes:
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dt)
+        y = gptq_matmul(x.to(DEV), qweight.to(DEV), scales.to(DEV), zeros.to(DEV), bits, group).cpu()
+        assert y.dtype == dt and y.shape == (m, n)
+        want = x.float() @ w
+        tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dt]
+        assert (y.float() - want).abs().max() <= tol * want.abs().max(), dt
+
+
+def test_gptq_layer_with_act_order_equals_its_weight():
+    """A layer as a checkpoint stores it (act-order group indices, packed zeros - 1, a bias)."""
+    from qwenlm.kernels.gptq import GPTQTritonLinear
+
+    k, n, group, bits = 256, 64, 64, 4
+    g = torch.Generator().manual_seed(0)
+    layer = gptq.GPTQLinear(k, n, bits, group, bias=True)
+    q = torch.randint(0, 16, (k, n), generator=g)
+    zeros = torch.randint(0, 16, (k // group, n), generator=g)
+    order = torch.randperm(k, generator=g)
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = torch.arange(k, dtype=torch.int32) // group
+    layer.qweight.copy_(gptq.pack_rows(q, bits))
+    layer.qzeros.copy_(gptq.pack_cols(zeros - 1, bits))
+    layer.scales.copy_((torch.rand(k // group, n, generator=g) * 0.05 + 1e-3).half())
+    layer.g_idx.copy_(g_idx)
+    layer.bias.data.copy_(torch.randn(n, generator=g))
+    fast = GPTQTritonLinear.from_gptq(layer)
+    assert fast.perm is not None and fast.group == group
+    assert torch.equal(fast.weight(), layer.weight())  # same values, original input order
+    assert fast.nbytes < k * n  # packed: half a byte per weight plus the group tensors
+    x = torch.randn(2, 3, k, generator=g)
+    got = fast.to(DEV)(x.to(DEV)).cpu()
+    want = layer(x)
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("b,h,hk,s,d,length", [(2, 4, 4, 300, 64, 300), (3, 14, 2, 100, 64, 90),
+                                               (1, 2, 1, 1000, 128, 1000)])
+def test_decode_attention_equals_sdpa(int8, b, h, hk, s, d, length):
+    from qwenlm.kernels.attention import decode_attention
+
+    g = torch.Generator().manual_seed(b * h)
+    kv = KVStore(1, b + 1, hk, s, d, torch.float32, DEV, int8=int8)
+    k = torch.randn(b + 1, hk, s, d, generator=g) + 3 * torch.randn(1, hk, 1, d, generator=g)  # an offset
+    v = torch.randn(b + 1, hk, s, d, generator=g)
+    kv.store(0, k.to(DEV), v.to(DEV), lambda dst, x: dst.copy_(x), first=True)
+    start = torch.randint(0, 10, (b,), generator=g, dtype=torch.int32)
+    end = torch.randint(length // 2, length + 1, (b,), generator=g, dtype=torch.int32)
+    q = torch.randn(b, h, d, generator=g)
+    layer = tuple(t[0, :b] for t in kv.tensors[:6]) if int8 else (kv.k[0, :b], kv.v[0, :b]) + (kv.k_scale[0],) * 4
+    out = decode_attention(q.to(DEV), layer, start.to(DEV), end.to(DEV), length).cpu()
+    # reference: what the cache gives back (centered keys plus their center), SDPA over [start, end)
+    kk, vv = (t.cpu().float() for t in kv.load(0, lambda t: t[:b]))
+    if int8:
+        kk = kk + kv.k_center[0, :b, :, None].cpu()
+    slots = torch.arange(s)
+    mask = (slots[None] >= start[:, None]) & (slots[None] < end[:, None])
+    want = F.scaled_dot_product_attention(q[:, :, None], kk, vv, attn_mask=mask[:, None, None],
+                                          enable_gqa=h != hk)[:, :, 0]
+    assert (out - want).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module", params=["v1", "qwen2"])
+def model(request, tmp_path_factory):
+    m = tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))
+    m.to(DEV)
+    yield m
+    m.kv_cache = "float"
+
+
+def _batch_engine_outputs(model, prompts, cfg):
+    eng = BatchEngine(model, max_num_seqs=2, max_model_len=64)  # rows move when sequences leave
+    assert eng._kernel_attention
+    outs = {}
+    for i, p in enumerate(prompts):
+        eng.submit(Sequence(p, cfg, StopChecker(cfg), lambda t, r, i=i: outs.setdefault(i, []).append(t)))
+    while eng.waiting or eng.active:
+        new = []
+        while eng.waiting and len(eng.active) + len(new) < eng.max_num_seqs:
+            new.append(eng.waiting.popleft())
+        with torch.inference_mode():
+            eng.step(new)
+    return [outs[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("kv_cache", ["float", "int8"])
+def test_engines_with_kernel_attention_equal_the_reference(model, kv_cache):
+    prompts = random_prompts(3, 12, 30)  # a padded batch; v1: NTK and LogN past 16 tokens
+    model.kv_cache = kv_cache
+    try:
+        from qwenlm.engine.cache import kernel_attention_on
+
+        assert kernel_attention_on(model.device, model.dtype, kv_cache == "int8")
+        eng = Engine(model, cuda_graphs=False, bucket=8)
+        got = eng.generate(prompts, GREEDY)
+        batch = _batch_engine_outputs(model, prompts, GREEDY)
+        want = generate(model, prompts, GREEDY)  # the reference loop, SDPA, same cache format
+    finally:
+        model.kv_cache = "float"
+    assert got == want and batch == want
+
+
+@pytest.fixture(scope="module")
+def gptq_pair(tmp_path_factory):
+    from helpers import v1_config, v1_state_dict, write_checkpoint
+    from test_gptq import V1_TARGETS, _gptq_checkpoint
+
+    d = tmp_path_factory.mktemp("gptq_triton")
+    cfg = v1_config(hidden=64, heads=4, layers=2, mlp=64)
+    src = write_checkpoint(str(d / "src"), cfg, v1_state_dict(cfg, seed=5))
+    return {bits: _gptq_checkpoint(src, str(d / f"g{bits}"), V1_TARGETS, bits, 32, True, False, True)
+            for bits in (4, 8)}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_checkpoint_runs_on_the_kernel(gptq_pair, monkeypatch, bits):
+    from qwenlm.kernels.gptq import GPTQTritonLinear
+
+    monkeypatch.setattr(q4, "available", lambda: False)  # on CPU, 4 bits would take the AVX2 kernel
+    path, ref_path = gptq_pair[bits]
+    model = load_model(path, dtype="float32", device=DEV)
+    ref = load_model(ref_path, dtype="float32", device=DEV)
+    assert model.quantization == f"gptq-{bits}bit-g32 on the Triton kernel"
+    assert sum(isinstance(m, GPTQTritonLinear) for m in model.modules()) == 10
+    ids = torch.tensor([list(range(5, 40, 3))], device=DEV)
+    with torch.inference_mode():
+        got, want = model(ids).logits.float(), ref(ids).logits.float()
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    prompts = random_prompts(4, 9)
+    assert Engine(model, cuda_graphs=False).generate(prompts, GREEDY) == generate(ref, prompts, GREEDY)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_to_nearest_layer_is_within_half_a_step(bits):
+    from qwenlm.kernels.gptq import GPTQTritonLinear
+
+    lin = torch.nn.Linear(256, 48, bias=False)
+    torch.nn.init.normal_(lin.weight, 0, 0.02, generator=torch.Generator().manual_seed(bits))
+    fast = GPTQTritonLinear.from_linear(lin, bits, group=64)
+    w = fast.weight()
+    step = fast.scales.float().repeat_interleave(64, 0).t()  # (N, K)
+    assert ((w - lin.weight).abs() <= step / 2 * 1.001).all()
+    assert (w - lin.weight).abs().max() > 0  # really quantized
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0))
+    got = fast.to(DEV)(x.to(DEV)).cpu()
+    assert (got - x @ w.t()).abs().max() <= 1e-5 * got.abs().max()
+
+
+def test_bench_random_gptq_model_generates_like_the_reference(tmp_path):
+    """`qwen bench --shape … --quantize gptq4 --quantize-head` on a tiny model: every decoder linear and
+    the head on the kernel, fewer bytes streamed per token, the engine still equal to the reference loop."""
+    from helpers import v1_config, v1_state_dict, write_checkpoint
+
+    from qwenlm.commands.bench import _random_gptq
+    from qwenlm.eval.bench import streamed_weight_bytes
+    from qwenlm.kernels.gptq import GPTQTritonLinear
+
+    cfg = v1_config(hidden=128, mlp=256, heads=4, seq_length=16)  # dimensions that groups of 128 divide
+    model = load_model(write_checkpoint(str(tmp_path), cfg, v1_state_dict(cfg, seed=3)), dtype="float32", device=DEV)
+    before = streamed_weight_bytes(model)
+    notes = []
+    _random_gptq(model, 4, True, notes)
+    assert isinstance(model.lm_head, GPTQTritonLinear) and model.lm_head.bits == 8
+    assert sum(isinstance(m, GPTQTritonLinear) for m in model.modules()) == 2 * 5 + 1
+    assert streamed_weight_bytes(model) < before / 3 and "LM head in 8 bits" in notes[0]
+    prompts = random_prompts(5, 11)
+    assert Engine(model, cuda_graphs=False).generate(prompts, GREEDY) == generate(model, prompts, GREEDY)
+
+
+def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch, caplog, tmp_path):
+    """A Triton or driver the kernel does not suit: one warning, and the torch path still answers."""
+    from qwenlm import kernels
+    from qwenlm.kernels import attention
+
+    def broken(*a, **k):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(attention, "self_check", broken)
+    kernels._checked.clear()
+    with caplog.at_level("WARNING", logger="qwenlm"):
+        assert not kernels.kernel_works("attention", DEV, torch.float32, int8=False)
+    assert "PassManager::run failed" in caplog.text and "using the torch path" in caplog.text
+    model = tiny_model("qwen2", str(tmp_path)).to(DEV)
+    eng = BatchEngine(model, max_num_seqs=2, max_model_len=64)
+    assert not eng._kernel_attention
+    prompts = random_prompts(4, 9)
+    assert Engine(model, cuda_graphs=False).generate(prompts, GREEDY) == generate(model, prompts, GREEDY)
+    monkeypatch.setattr(attention, "self_check", lambda *a, **k: "max error 0.5 against plain attention")
+    kernels._checked.clear()
+    assert not kernels.kernel_works("attention", DEV, torch.float32, int8=True)
+    assert kernels.kernel_works("gptq", DEV, torch.float32, bits=4)  # the other kernel is unaffected
