@@ -150,3 +150,22 @@ def test_threaded_loop_serves_concurrent_submissions(model):
         eng.shutdown()
     for p, out in zip(prompts, outs):
         assert out["tokens"] == generate(model, [p], GREEDY)[0]
+
+
+@pytest.mark.parametrize("kv_cache", ["float", "int8"])
+def test_fixed_shape_steps_equal_the_reference(model, kv_cache):
+    """The shapes a CUDA graph replays (rows padded to a power of two, slots to a bucket), run here
+    without capturing: padding rows and bucket slots change nothing (graphs themselves: test_gpu.py)."""
+    if q4.pack_blocks(model):
+        pytest.skip("the fused 4-bit CPU step has no fixed-shape variant")
+    prompts = random_prompts(5, 20, 9, 31)
+    arrivals = {0: [(p, GREEDY) for p in prompts[:3]], 2: [(prompts[3], GREEDY)]}
+    model.kv_cache = kv_cache
+    try:
+        eng = BatchEngine(model, max_num_seqs=4, max_model_len=64, fixed_shapes=True, bucket=16)
+        assert eng.static_shapes and not eng.cuda_graphs
+        outs = _run(eng, arrivals)
+        want = [generate(model, [p], GREEDY)[0] for p in prompts]
+    finally:
+        model.kv_cache = "float"
+    assert [o["tokens"] for o in outs] == want

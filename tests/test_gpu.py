@@ -68,13 +68,15 @@ def test_cuda_graph_engine_equals_eager_and_reference(tmp_path):
 
 
 def test_continuous_batching_on_cuda_fp32(tmp_path):
-    """The serving engine on CUDA (fp32, so token-exact): staggered sequences get their solo tokens."""
+    """The serving engine on CUDA (fp32, so token-exact), with and without CUDA graphs: staggered
+    sequences get their solo tokens."""
     from qwenlm.engine.batch import BatchEngine, Sequence
     from qwenlm.generation import StopChecker
 
-    for path in _checkpoints(tmp_path):
+    for path, graphs in [(p, g) for p in _checkpoints(tmp_path) for g in (True, False)]:
         model = load_model(path, dtype="float32", device="cuda")
-        eng = BatchEngine(model, max_num_seqs=3, max_model_len=128)
+        eng = BatchEngine(model, max_num_seqs=3, max_model_len=128, cuda_graphs=graphs, bucket=16)
+        assert eng.cuda_graphs == graphs
         prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                    for n in (5, 21, 9, 30)]
         outs = [[] for _ in prompts]
@@ -87,3 +89,5 @@ def test_continuous_batching_on_cuda_fp32(tmp_path):
                 eng.step([seqs[3]] if len(eng.active) < 3 and seqs[3].row < 0 and not seqs[3].generated else [])
         for p, o in zip(prompts, outs):
             assert o == generate(model, [p], GREEDY)[0]
+        if graphs:  # one graph per (rows, slot bucket, LogN) shape met, replayed for the other steps
+            assert 1 < eng.stats["graphs"] < eng.stats["steps"]

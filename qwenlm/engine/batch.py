@@ -2,7 +2,8 @@
 slot is free and leaves it the step it finishes (or is aborted), without waiting for the others.
 
 Memory is managed in slots: the KV cache holds `max_num_seqs` rows of `max_model_len` positions,
-allocated once, in the model's dtype or in 8 bits (`model.kv_cache == "int8"`, see cache.py). Running sequences always occupy rows [0, n): when one leaves, the last row's
+allocated once, in the model's dtype or in 8 bits (`model.kv_cache == "int8"`, see cache.py).
+Running sequences always occupy rows [0, n): when one leaves, the last row's
 filled positions move into its place, so a decode step works on one contiguous block of rows.
 Submitting to a full queue raises `QueueFull` (the server answers 429).
 
@@ -27,7 +28,7 @@ from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, make_generator
 from ..generation.sampling import apply_presence_frequency, next_tokens
 from ..models.layers import ForwardContext, logn_scale, ntk_alpha, rotary_cos_sin
-from .cache import KVStore
+from .cache import KernelAttention, KVStore, kernel_attention_on
 
 log = logging.getLogger("qwenlm")
 
@@ -87,8 +88,11 @@ class _StepWriter:
     def _put(self, dst, x):
         dst[self.rows, :, self.pos] = x[:, :, 0]
 
-    def update(self, i, k, v):
+    def write(self, i, k, v):
         self.kv.store(i, k, v, self._put, slice(0, self.n))
+
+    def update(self, i, k, v):
+        self.write(i, k, v)
         n, length = self.n, self.length
         return self.kv.load(i, lambda t: t[:n, :, :length])
 
@@ -97,7 +101,8 @@ class BatchEngine:
     """`submit(seq)` from any thread; `start()` runs the loop in a daemon thread."""
 
     def __init__(self, model, max_num_seqs: int = 8, max_model_len: int = 4096, max_queue: int = 256,
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, cuda_graphs: bool | None = None, fixed_shapes: bool | None = None,
+                 bucket: int = 256):
         if max_num_seqs < 1 or max_model_len < 2:
             raise ValueError("max_num_seqs must be >= 1 and max_model_len >= 2")
         self.model, self.cfg = model, model.config
@@ -111,6 +116,16 @@ class BatchEngine:
         from ..quant.q4 import pack_blocks
 
         self._packs = pack_blocks(model) if self.device.type == "cpu" else None
+        self._kernel_attention = not self._packs and kernel_attention_on(self.device, model.dtype, self.kv.int8)
+        # Per-op decode steps run at fixed shapes: rows padded to a power of two, slots to a multiple of
+        # `bucket`. On CUDA each shape is captured once in a graph and replayed (no launch overhead);
+        # `fixed_shapes=True` alone keeps the shapes without capturing (what the CPU tests exercise).
+        self.cuda_graphs = not self._packs and ((self.device.type == "cuda") if cuda_graphs is None else cuda_graphs)
+        self.static_shapes = self.cuda_graphs or (not self._packs and bool(fixed_shapes))
+        self.bucket = bucket
+        self._graphs: dict[tuple, tuple] = {}
+        self._pool = None
+        self._buf: dict[str, torch.Tensor] | None = None
         self.active: list[Sequence] = []
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._cv = threading.Condition()
@@ -217,19 +232,20 @@ class BatchEngine:
             seq.seen[torch.tensor(seq.prompt, device=self.device)] = True
         ids = torch.tensor([seq.prompt], device=self.device)
         pos = torch.arange(n, device=self.device)[None]
-        ctx = self._context(pos, [seq.alpha], mask=None)
+        ctx = self._context(pos, [seq.alpha], mask=None, last=n - 1)
         ctx.cache = _RowWriter(self.kv, seq.row)
         h = m.run_blocks(ids, ctx)
         seq.cached = n
         self.stats["prompt_tokens"] += n
         self._sample([seq], m.lm_head(h[:, -1]).float())
 
-    def _context(self, pos: torch.Tensor, alphas: list[float], mask) -> ForwardContext:
+    def _context(self, pos: torch.Tensor, alphas: list[float], mask, last: int) -> ForwardContext:
+        """Rotary tables (and LogN past the trained length) for positions `pos`, the largest `last`."""
         m, c = self.model, self.cfg
         a = None if all(x == 1.0 for x in alphas) else torch.tensor(alphas)
         cos, sin = rotary_cos_sin(pos, c.head_dim, c.rope_theta, a)
         logn = None
-        if m.use_logn_attn and int(pos.max()) + 1 > c.seq_length:
+        if m.use_logn_attn and last + 1 > c.seq_length:
             logn = logn_scale(pos, c.seq_length)
         return ForwardContext(cos=cos, sin=sin, logn=logn, mask=mask, cache=None)
 
@@ -239,23 +255,86 @@ class BatchEngine:
         n = len(seqs)
         tok = torch.tensor([s.generated[-1] for s in seqs], device=dev)
         pos = torch.tensor([s.cached for s in seqs], device=dev)  # the new token's slot and position
-        length = int(pos.max()) + 1
-        ctx = self._context(pos[:, None], [s.alpha for s in seqs], mask=None)
+        length = max(s.cached for s in seqs) + 1
+        ctx = self._context(pos[:, None], [s.alpha for s in seqs], mask=None, last=length - 1)
         if self._packs:
             from ..quant.q4 import fused_decode
 
             valid = torch.arange(self.max_model_len, device=dev)[None] <= pos[:, None]  # (n, S)
             logn = ctx.logn[:, 0] if ctx.logn is not None else None
             h = fused_decode(m, self._packs, tok, ctx.cos[:, 0], ctx.sin[:, 0], logn, self.kv, pos, valid, length)
+            logits = m.lm_head(h)
+        elif self.static_shapes:
+            logits = self._fixed_shape_step(n, tok, pos, ctx, length)
         else:
-            ctx.mask = (torch.arange(length, device=dev)[None] <= pos[:, None])[:, None, None, :]
-            ctx.cache = _StepWriter(self.kv, n, pos, length)
-            h = m.run_blocks(tok[:, None], ctx)[:, -1]
+            logits = self._rows_step(n, length, tok, pos, ctx.cos[:, 0], ctx.sin[:, 0],
+                                     ctx.logn[:, 0] if ctx.logn is not None else None)
         for s in seqs:
             s.cached += 1
         self.stats["steps"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], n)
-        self._sample(seqs, m.lm_head(h).float())
+        self._sample(seqs, logits.float())
+
+    def _rows_step(self, n: int, length: int, tok, pos, cos, sin, logn) -> torch.Tensor:
+        """The per-op decode step of rows [0, n) reading slots [0, length): only tensor operations on
+        the given tensors, so that it can be captured in a CUDA graph. Returns the logits."""
+        m, dev = self.model, self.device
+        ctx = ForwardContext(cos=cos[:, None], sin=sin[:, None], logn=None if logn is None else logn[:, None],
+                             mask=None, cache=None)
+        writer = _StepWriter(self.kv, n, pos, length)
+        if self._kernel_attention:  # Triton: reads the valid slots (and 8-bit codes) directly
+            ctx.decode = KernelAttention(self.kv, writer.write, torch.zeros_like(pos), pos + 1, length)
+        else:
+            ctx.mask = (torch.arange(length, device=dev)[None] <= pos[:, None])[:, None, None, :]
+            ctx.cache = writer
+        return m.lm_head(m.run_blocks(tok[:, None], ctx)[:, -1])
+
+    def _fixed_shape_step(self, n: int, tok, pos, ctx, length: int) -> torch.Tensor:
+        """The step at a fixed shape: rows [0, n) copied into buffers padded to `nb` rows (the padding
+        rows are free cache rows: what they write there is overwritten before anyone reads it), slots
+        rounded up to the bucket; on CUDA, replayed from a graph captured the first time."""
+        nb = min(1 << (n - 1).bit_length(), self.max_num_seqs)
+        lb = min(self.bucket * -(-length // self.bucket), self.max_model_len)
+        if self._buf is None:
+            rows, d, dev = self.max_num_seqs, self.cfg.head_dim, self.device
+            self._buf = {"tok": torch.zeros(rows, dtype=torch.long, device=dev),
+                         "pos": torch.zeros(rows, dtype=torch.long, device=dev),
+                         "cos": torch.ones(rows, d, device=dev), "sin": torch.zeros(rows, d, device=dev),
+                         "logn": torch.ones(rows, device=dev)}
+        b = self._buf
+        b["tok"][:n] = tok
+        b["pos"][:n] = pos
+        b["pos"][n:nb] = 0
+        b["cos"][:n] = ctx.cos[:, 0]
+        b["sin"][:n] = ctx.sin[:, 0]
+        with_logn = ctx.logn is not None
+        if with_logn:
+            b["logn"][:n] = ctx.logn[:, 0]
+
+        def run():
+            return self._rows_step(nb, lb, b["tok"][:nb], b["pos"][:nb], b["cos"][:nb], b["sin"][:nb],
+                                   b["logn"][:nb] if with_logn else None)
+
+        if not self.cuda_graphs:
+            return run()[:n]
+        key = (nb, lb, with_logn)
+        if key not in self._graphs:
+            # warm up on a side stream (repeating the step rewrites the same slots), then capture
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                run()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = run()
+            self._graphs[key] = (graph, out)
+            self.stats["graphs"] = len(self._graphs)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out[:n]
 
     # ---- choosing tokens, finishing -------------------------------------------------------
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
