@@ -169,3 +169,42 @@ def test_fixed_shape_steps_equal_the_reference(model, kv_cache):
     finally:
         model.kv_cache = "float"
     assert [o["tokens"] for o in outs] == want
+
+
+@pytest.mark.parametrize("kv_cache", ["float", "int8"])
+def test_prompts_prefilled_together_get_their_solo_tokens(model, kv_cache):
+    """Several arrivals in one step share one right-padded prefill (the GPU default): each row still
+    computes what it computes alone (its own positions, NTK alpha, key center; padding unseen), also
+    when the token budget splits the arrivals into several prefills."""
+    if q4.pack_blocks(model):
+        pytest.skip("the fused 4-bit CPU path prefills one prompt at a time")
+    prompts = random_prompts(5, 20, 9, 31, 3)  # v1: 20 and 31 tokens switch NTK and LogN on
+    cfgs = [GREEDY, SAMPLED.update(seed=5), GREEDY.update(max_new_tokens=1), GREEDY, SAMPLED]
+    model.kv_cache = kv_cache
+    try:
+        eng = BatchEngine(model, max_num_seqs=5, max_model_len=64, batch_prefill=True, max_prefill_tokens=100)
+        outs = _run(eng, {0: list(zip(prompts[:4], cfgs[:4])), 1: [(prompts[4], cfgs[4])]})
+        want = [generate(model, [p], c)[0] for p, c in zip(prompts, cfgs)]
+    finally:
+        model.kv_cache = "float"
+    assert eng.stats["prefills"] == 3  # 5+20+9 padded to 3x20 = 60 tokens; 31 alone; then the late one
+    assert [o["tokens"] for o in outs] == want
+    assert outs[2]["reason"] == "length" and len(outs[2]["tokens"]) == 1  # finished at prefill, rows moved
+
+
+def test_padded_prefill_keeps_padding_out_of_the_key_centers(model):
+    if q4.pack_blocks(model):
+        pytest.skip("the fused 4-bit CPU path prefills one prompt at a time")
+    prompts = random_prompts(5, 20)
+    model.kv_cache = "int8"
+    try:
+        centers = []
+        for together in (True, False):
+            eng = BatchEngine(model, max_num_seqs=2, max_model_len=64, batch_prefill=together)
+            with torch.inference_mode():
+                eng.step([_seq(p, GREEDY, {"tokens": [], "reason": None}) for p in prompts])
+            assert eng.stats["prefills"] == (1 if together else 2)
+            centers.append(eng.kv.k_center.clone())
+    finally:
+        model.kv_cache = "float"
+    assert torch.allclose(centers[0], centers[1], atol=1e-5, rtol=1e-5)

@@ -37,12 +37,13 @@ class ScriptedEngine(BatchEngine):
             out[i, self.script[k] if k < len(self.script) else self.end_id] = 0.0
         return out
 
-    def _prefill(self, seq):
-        ScriptedEngine.prompts.append(list(seq.prompt))
-        seq.row, seq.cached = len(self.active), len(seq.prompt)
-        seq.generator = make_generator(seq.cfg.seed, self.device)
-        self.active.append(seq)
-        self._sample([seq], self._logits([seq]))
+    def _prefill(self, seqs):
+        for seq in seqs:
+            ScriptedEngine.prompts.append(list(seq.prompt))
+            seq.row, seq.cached = len(self.active), len(seq.prompt)
+            seq.generator = make_generator(seq.cfg.seed, self.device)
+            self.active.append(seq)
+        self._sample(seqs, self._logits(seqs))
 
     def _decode(self):
         seqs = list(self.active)

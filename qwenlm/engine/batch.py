@@ -7,9 +7,10 @@ Running sequences always occupy rows [0, n): when one leaves, the last row's
 filled positions move into its place, so a decode step works on one contiguous block of rows.
 Submitting to a full queue raises `QueueFull` (the server answers 429).
 
-A sequence is prefilled alone (its own forward pass), then decoded together with the others; a
-row's arithmetic does not depend on the other rows on the fused 4-bit CPU path (per-row kernels),
-so a greedy request gives the same tokens alone or in a crowd there. Each sequence has its own
+Sequences that arrive together are prefilled in one forward pass (right-padded; on GPU, or with
+`batch_prefill=True`), otherwise one by one, then decoded together with the others; a row's arithmetic
+does not depend on the other rows on the fused 4-bit CPU path (per-row kernels, prompts prefilled
+alone), so a greedy request gives the same tokens alone or in a crowd there. Each sequence has its own
 sampling settings, random generator, stop rules and token budget.
 """
 
@@ -27,7 +28,7 @@ import torch
 from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, make_generator
 from ..generation.sampling import apply_presence_frequency, next_tokens
-from ..models.layers import ForwardContext, logn_scale, ntk_alpha, rotary_cos_sin
+from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, ntk_alpha, rotary_cos_sin
 from .cache import KernelAttention, KVStore, kernel_attention_on
 
 log = logging.getLogger("qwenlm")
@@ -66,14 +67,16 @@ class Sequence:
 
 
 class _RowWriter:
-    """KV cache adapter for a prefill into one row: write the chunk, attend to the chunk."""
+    """KV cache adapter for a prefill into rows [row, row + B): write the chunk, attend to the chunk.
+    `valid` (B, T): the real tokens of right-padded prompts (None: all)."""
 
-    def __init__(self, kv: KVStore, row: int):
-        self.kv, self.row = kv, row
+    def __init__(self, kv: KVStore, row: int, valid: torch.Tensor | None = None):
+        self.kv, self.row, self.valid = kv, row, valid
 
     def update(self, i, k, v):
-        t, row = k.shape[2], self.row
-        self.kv.store(i, k, v, lambda dst, x: dst[row, :, :t].copy_(x[0]), slice(row, row + 1), first=True)
+        b, t, row = k.shape[0], k.shape[2], self.row
+        self.kv.store(i, k, v, lambda dst, x: dst[row:row + b, :, :t].copy_(x), slice(row, row + b), first=True,
+                      mask=self.valid)
         return k, v
 
 
@@ -102,7 +105,7 @@ class BatchEngine:
 
     def __init__(self, model, max_num_seqs: int = 8, max_model_len: int = 4096, max_queue: int = 256,
                  vocab_limit: int | None = None, cuda_graphs: bool | None = None, fixed_shapes: bool | None = None,
-                 bucket: int = 256):
+                 bucket: int = 256, batch_prefill: bool | None = None, max_prefill_tokens: int = 8192):
         if max_num_seqs < 1 or max_model_len < 2:
             raise ValueError("max_num_seqs must be >= 1 and max_model_len >= 2")
         self.model, self.cfg = model, model.config
@@ -126,6 +129,12 @@ class BatchEngine:
         self._graphs: dict[tuple, tuple] = {}
         self._pool = None
         self._buf: dict[str, torch.Tensor] | None = None
+        # Prompts arriving together are prefilled in one forward pass (right-padded, up to
+        # `max_prefill_tokens` padded tokens) on GPU; one at a time on the fused CPU path, whose per-row
+        # kernels then give a request the same numbers alone or in a crowd.
+        self.batch_prefill = (self.device.type == "cuda") if batch_prefill is None else batch_prefill
+        self.batch_prefill = self.batch_prefill and not self._packs
+        self.max_prefill_tokens = max_prefill_tokens
         self.active: list[Sequence] = []
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._cv = threading.Condition()
@@ -209,35 +218,53 @@ class BatchEngine:
         """Drop aborted sequences, prefill the new ones, then one decode step for all."""
         for seq in [s for s in self.active if s.aborted]:
             self._finish(seq, "abort", emit_none=True)
+        group: list[Sequence] = []
         for seq in new:
             if seq.aborted:
                 seq.finish_reason = "abort"
                 seq.emit(None, "abort")
                 continue
-            self._prefill(seq)
+            width = max([len(seq.prompt)] + [len(s.prompt) for s in group])
+            if group and (not self.batch_prefill or width * (len(group) + 1) > self.max_prefill_tokens):
+                self._prefill(group)
+                group = []
+            group.append(seq)
+        if group:
+            self._prefill(group)
         if self.active:
             self._decode()
 
     # ---- model calls ----------------------------------------------------------------------
-    def _prefill(self, seq: Sequence) -> None:
-        m, c = self.model, self.cfg
-        seq.row = len(self.active)
-        self.active.append(seq)
-        n = len(seq.prompt)
-        if m.use_dynamic_ntk and n > c.seq_length:
-            seq.alpha = float(ntk_alpha(n, c.seq_length))
-        seq.generator = make_generator(seq.cfg.seed, self.device)
-        if seq.cfg.repetition_penalty != 1.0:
-            seq.seen = torch.zeros(c.vocab_size, dtype=torch.bool, device=self.device)
-            seq.seen[torch.tensor(seq.prompt, device=self.device)] = True
-        ids = torch.tensor([seq.prompt], device=self.device)
-        pos = torch.arange(n, device=self.device)[None]
-        ctx = self._context(pos, [seq.alpha], mask=None, last=n - 1)
-        ctx.cache = _RowWriter(self.kv, seq.row)
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prefill new sequences into the next free rows, together (right-padded) when several."""
+        m, c, dev = self.model, self.cfg, self.device
+        first_row = len(self.active)
+        lengths = [len(s.prompt) for s in seqs]
+        for seq, n in zip(seqs, lengths):
+            seq.row = len(self.active)
+            self.active.append(seq)
+            if m.use_dynamic_ntk and n > c.seq_length:
+                seq.alpha = float(ntk_alpha(n, c.seq_length))
+            seq.generator = make_generator(seq.cfg.seed, dev)
+            if seq.cfg.repetition_penalty != 1.0:
+                seq.seen = torch.zeros(c.vocab_size, dtype=torch.bool, device=dev)
+                seq.seen[torch.tensor(seq.prompt, device=dev)] = True
+        t = max(lengths)
+        ids = torch.tensor([s.prompt + [0] * (t - len(s.prompt)) for s in seqs], device=dev)
+        valid = mask = None
+        if min(lengths) < t:
+            valid = torch.arange(t, device=dev)[None] < torch.tensor(lengths, device=dev)[:, None]
+            mask = attention_mask_4d(valid, t)
+        pos = torch.arange(t, device=dev)[None].expand(len(seqs), t)
+        ctx = self._context(pos, [s.alpha for s in seqs], mask=mask, last=t - 1)
+        ctx.cache = _RowWriter(self.kv, first_row, valid)
         h = m.run_blocks(ids, ctx)
-        seq.cached = n
-        self.stats["prompt_tokens"] += n
-        self._sample([seq], m.lm_head(h[:, -1]).float())
+        last = h[torch.arange(len(seqs), device=dev), torch.tensor(lengths, device=dev) - 1]
+        for seq, n in zip(seqs, lengths):
+            seq.cached = n
+        self.stats["prompt_tokens"] += sum(lengths)
+        self.stats["prefills"] += 1
+        self._sample(seqs, m.lm_head(last).float())
 
     def _context(self, pos: torch.Tensor, alphas: list[float], mask, last: int) -> ForwardContext:
         """Rotary tables (and LogN past the trained length) for positions `pos`, the largest `last`."""
