@@ -121,3 +121,21 @@ def random_prompts(*lengths: int) -> list[list[int]]:
     """Reproducible random prompts (ids < 1000) of the given lengths."""
     return [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
 
+
+
+def drain_batch_engine(eng, prompts: list[list[int]], cfg) -> list[list[int]]:
+    """Submit every prompt to a BatchEngine, step it (admitting as rows free up) until all finish;
+    each prompt's generated tokens."""
+    from qwenlm.engine.batch import Sequence
+    from qwenlm.generation import StopChecker
+
+    outs: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        eng.submit(Sequence(p, cfg, StopChecker(cfg), lambda t, r, i=i: outs.setdefault(i, []).append(t)))
+    while eng.waiting or eng.active:
+        new = []
+        while eng.waiting and len(eng.active) + len(new) < eng.max_num_seqs:
+            new.append(eng.waiting.popleft())
+        with torch.inference_mode():
+            eng.step(new)
+    return [outs[i] for i in range(len(prompts))]

@@ -9,12 +9,12 @@ import os
 import pytest
 import torch
 
-from helpers import random_prompts, tiny_model, v1_config, v1_state_dict, write_checkpoint
+from helpers import drain_batch_engine, random_prompts, tiny_model, v1_config, v1_state_dict, write_checkpoint
 from qwenlm import GenerationConfig, load_model
 from qwenlm.engine import Engine
-from qwenlm.engine.batch import BatchEngine, Sequence
+from qwenlm.engine.batch import BatchEngine
 from qwenlm.engine.cache import KVStore
-from qwenlm.generation import StopChecker, generate
+from qwenlm.generation import generate
 from qwenlm.models.layers import KVCache
 from qwenlm.quant import q4
 from qwenlm.quant.kv import dequantize_kv, fake_quantize_original, quantize_kv
@@ -116,21 +116,11 @@ def test_batch_engine_equals_reference_with_quantized_cache(model):
     try:
         eng = BatchEngine(model, max_num_seqs=2, max_model_len=64)  # 4 sequences, 2 rows: rows move
         assert eng.kv.int8
-        outs = {}
-        seqs = [Sequence(p, GREEDY, StopChecker(GREEDY), lambda t, r, i=i: outs.setdefault(i, []).append(t))
-                for i, p in enumerate(prompts)]
-        for s in seqs:
-            eng.submit(s)
-        while eng.waiting or eng.active:
-            new = []
-            while eng.waiting and len(eng.active) + len(new) < eng.max_num_seqs:
-                new.append(eng.waiting.popleft())
-            with torch.inference_mode():
-                eng.step(new)
+        outs = drain_batch_engine(eng, prompts, GREEDY)
     finally:
         model.kv_cache = "float"
     ref = _reference(model, prompts, GREEDY)  # a padded batch: key centers leave the padding out
-    assert [outs[i] for i in range(4)] == ref
+    assert outs == ref
 
 
 def _original_scheme_cache(model):

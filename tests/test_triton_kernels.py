@@ -10,13 +10,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_prompts, tiny_model
+from helpers import drain_batch_engine, random_prompts, tiny_model
 
 from qwenlm import GenerationConfig, load_model
 from qwenlm.engine import Engine
-from qwenlm.engine.batch import BatchEngine, Sequence
+from qwenlm.engine.batch import BatchEngine
 from qwenlm.engine.cache import KVStore
-from qwenlm.generation import StopChecker, generate
+from qwenlm.generation import generate
 from qwenlm.quant import gptq, q4
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -131,21 +131,6 @@ def model(request, tmp_path_factory):
     m.kv_cache = "float"
 
 
-def _batch_engine_outputs(model, prompts, cfg):
-    eng = BatchEngine(model, max_num_seqs=2, max_model_len=64)  # rows move when sequences leave
-    assert eng._kernel_attention
-    outs = {}
-    for i, p in enumerate(prompts):
-        eng.submit(Sequence(p, cfg, StopChecker(cfg), lambda t, r, i=i: outs.setdefault(i, []).append(t)))
-    while eng.waiting or eng.active:
-        new = []
-        while eng.waiting and len(eng.active) + len(new) < eng.max_num_seqs:
-            new.append(eng.waiting.popleft())
-        with torch.inference_mode():
-            eng.step(new)
-    return [outs[i] for i in range(len(prompts))]
-
-
 @pytest.mark.parametrize("kv_cache", ["float", "int8"])
 def test_engines_with_kernel_attention_equal_the_reference(model, kv_cache):
     prompts = random_prompts(3, 12, 30)  # a padded batch; v1: NTK and LogN past 16 tokens
@@ -156,7 +141,9 @@ def test_engines_with_kernel_attention_equal_the_reference(model, kv_cache):
         assert kernel_attention_on(model.device, model.dtype, kv_cache == "int8")
         eng = Engine(model, cuda_graphs=False, bucket=8)
         got = eng.generate(prompts, GREEDY)
-        batch = _batch_engine_outputs(model, prompts, GREEDY)
+        batch_engine = BatchEngine(model, max_num_seqs=2, max_model_len=64)  # rows move as sequences leave
+        assert batch_engine._kernel_attention
+        batch = drain_batch_engine(batch_engine, prompts, GREEDY)
         want = generate(model, prompts, GREEDY)  # the reference loop, SDPA, same cache format
     finally:
         model.kv_cache = "float"
