@@ -208,3 +208,16 @@ def test_padded_prefill_keeps_padding_out_of_the_key_centers(model):
     finally:
         model.kv_cache = "float"
     assert torch.allclose(centers[0], centers[1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_step_that_cannot_be_captured_runs_without_graphs(model, caplog):
+    """Graph capture failing (here: no CUDA at all) costs one warning, not the requests."""
+    if q4.pack_blocks(model):
+        pytest.skip("the fused 4-bit CPU step is never captured")
+    prompts = random_prompts(5, 9)
+    eng = BatchEngine(model, max_num_seqs=2, max_model_len=64, cuda_graphs=True, bucket=16)
+    assert eng.cuda_graphs and eng.static_shapes
+    with caplog.at_level("WARNING", logger="qwenlm"):
+        outs = _run(eng, {0: [(p, GREEDY) for p in prompts]})
+    assert "CUDA graph capture failed" in caplog.text and not eng.cuda_graphs
+    assert [o["tokens"] for o in outs] == [generate(model, [p], GREEDY)[0] for p in prompts]

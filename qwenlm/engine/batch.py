@@ -346,22 +346,32 @@ class BatchEngine:
             return run()[:n]
         key = (nb, lb, with_logn)
         if key not in self._graphs:
-            # warm up on a side stream (repeating the step rewrites the same slots), then capture
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                run()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = run()
-            self._graphs[key] = (graph, out)
+            try:
+                self._graphs[key] = self._capture(run)
+            except Exception as e:  # a step that cannot be captured must not fail the requests
+                log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(e).__name__, e)
+                self.cuda_graphs = False
+                self._graphs.clear()
+                self._pool = None
+                return run()[:n]
             self.stats["graphs"] = len(self._graphs)
         graph, out = self._graphs[key]
         graph.replay()
         return out[:n]
+
+    def _capture(self, run) -> tuple:
+        """Warm `run` up on a side stream (repeating a step rewrites the same slots), then capture it."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = run()
+        return graph, out
 
     # ---- choosing tokens, finishing -------------------------------------------------------
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
