@@ -28,7 +28,7 @@ import torch
 from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, make_generator
 from ..generation.sampling import apply_presence_frequency, next_tokens
-from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, ntk_alpha, rotary_cos_sin
+from ..models.layers import ForwardContext, logn_scale, ntk_alpha, rotary_cos_sin
 from .cache import KernelAttention, KVStore, kernel_attention_on
 
 log = logging.getLogger("qwenlm")
@@ -251,12 +251,13 @@ class BatchEngine:
                 seq.seen[torch.tensor(seq.prompt, device=dev)] = True
         t = max(lengths)
         ids = torch.tensor([s.prompt + [0] * (t - len(s.prompt)) for s in seqs], device=dev)
-        valid = mask = None
+        # right padding: a real token's causal window never reaches the pads, so plain causal
+        # attention (the flash kernels) serves; `valid` keeps the pads out of the int8 key centers
+        valid = None
         if min(lengths) < t:
             valid = torch.arange(t, device=dev)[None] < torch.tensor(lengths, device=dev)[:, None]
-            mask = attention_mask_4d(valid, t)
         pos = torch.arange(t, device=dev)[None].expand(len(seqs), t)
-        ctx = self._context(pos, [s.alpha for s in seqs], mask=mask, last=t - 1)
+        ctx = self._context(pos, [s.alpha for s in seqs], mask=None, last=t - 1)
         ctx.cache = _RowWriter(self.kv, first_row, valid)
         h = m.run_blocks(ids, ctx)
         last = h[torch.arange(len(seqs), device=dev), torch.tensor(lengths, device=dev) - 1]
