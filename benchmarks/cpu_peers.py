@@ -85,6 +85,7 @@ def main():
     res["qwenlm fp32"], ids = ours(args.tokens, "float32")
     res["qwenlm bf16"], _ = ours(args.tokens, "bfloat16")
     res["qwenlm int4"], _ = ours(args.tokens, "auto", "int4")
+    res["qwenlm int8"], _ = ours(args.tokens, "auto", "int8")
     res["transformers fp32"] = hf(args.tokens, ids)
     if args.llama_python:
         from qwenlm.hub import default_gguf_path

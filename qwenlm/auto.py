@@ -79,11 +79,12 @@ def resolve_dtype(dtype: Any, device: torch.device, config: ModelConfig) -> torc
 def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str | None = None,
                kv_cache: str | None = None) -> QwenCausalLM:
     """Build the model of a checkpoint directory and load its weights (strictly).
-    `quantize="int4"`: 4-bit weight-only linear layers (CPU; ~4x fewer bytes per token than bf16).
+    `quantize="int4"`: 4-bit weight-only linear layers (CPU; ~4x fewer bytes per token than bf16);
+    `"int8"`: 8-bit ones (CPU with AVX2; half the bytes of bf16, closer to the original weights).
     `kv_cache`: "int8" keeps the engines' KV cache in 8 bits, "float" in the model's dtype; None
     follows config.json's `use_cache_quantization` (the original's switch)."""
-    if quantize not in (None, "none", "int4"):
-        raise ValueError(f"quantize must be 'int4' or None, not {quantize!r}")
+    if quantize not in (None, "none", "int4", "int8"):
+        raise ValueError(f"quantize must be 'int4', 'int8' or None, not {quantize!r}")
     if kv_cache not in (None, "auto", *KV_CACHES):
         raise ValueError(f"kv_cache must be 'int8', 'float' or None, not {kv_cache!r}")
     start = time.perf_counter()
@@ -105,6 +106,10 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
         from .quant import quantize_model_int4
 
         quantize_model_int4(model)
+    elif quantize == "int8":
+        from .quant import quantize_model_int8
+
+        quantize_model_int8(model)
     if kv_cache in (None, "auto"):
         kv_cache = "int8" if config.use_cache_quantization else "float"
     model.kv_cache = kv_cache

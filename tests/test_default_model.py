@@ -11,6 +11,7 @@ import torch
 
 from qwenlm import AutoModelForCausalLM, AutoTokenizer
 from qwenlm.hub import DEFAULT_MODEL, cache_dir
+from qwenlm.quant import q4
 from qwenlm.tokenizer import make_context
 
 pytestmark = pytest.mark.slow
@@ -91,3 +92,18 @@ def test_int4_cpu_path_still_answers(default_dir):
     model.kv_cache = "int8"  # the fused 4-bit step with 8-bit keys/values: the answers stay right
     assert model.chat(tokenizer, PARIS, do_sample=False)[0].strip().rstrip(".") == "Paris"
     assert re.search(r"[\u4e00-\u9fff]", model.chat(tokenizer, "你好", do_sample=False)[0])
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= q4._cpu_flags(), reason="needs AVX2/FMA/F16C")
+def test_int8_cpu_path_answers_like_fp32(default_dir):
+    """8-bit blocks (half a step of 1/127 of each block's largest weight): the greedy reply of the
+    fused 8-bit step stays the fp32 model's for a whole sentence."""
+    from qwenlm import load
+
+    model, tokenizer = load(default_dir, device="cpu", quantize="int8")
+    assert model.quantization == "q8-avx2" and model.lm_head.bits == 8
+    assert model.chat(tokenizer, PARIS, do_sample=False)[0].strip().rstrip(".") == "Paris"
+    question = "In one sentence: what does a Python list comprehension do?"
+    got = model.chat(tokenizer, question, do_sample=False, max_new_tokens=24)[0]
+    fp32, _ = load(default_dir, device="cpu", dtype="float32")
+    assert got == fp32.chat(tokenizer, question, do_sample=False, max_new_tokens=24)[0]

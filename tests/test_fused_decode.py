@@ -1,4 +1,4 @@
-"""The fused 4-bit CPU decode step (one kernel call per block) against the per-op path on the same
+"""The fused CPU decode step (one kernel call per block; 4- and 8-bit weights) against the per-op path on the same
 quantized model: same logits to float rounding, same tokens, with GQA + biases (Qwen2), full
 attention with dynamic NTK and LogN active (v1), left-padded batches and sampling."""
 
@@ -18,10 +18,11 @@ SAMPLED = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.9, top_k=40,
                            max_new_tokens=24, seed=5, eos_token_id=None, pad_token_id=0)
 
 
-@pytest.fixture(scope="module", params=["v1", "qwen2"])
+@pytest.fixture(scope="module", params=["v1-int4", "qwen2-int4", "v1-int8", "qwen2-int8"])
 def model(request, tmp_path_factory):
     # qwen2: head_dim 32, GQA 2:1
-    return tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)), "int4", hidden=128, heads=4, mlp=160)
+    kind, quant = request.param.split("-")
+    return tiny_model(kind, str(tmp_path_factory.mktemp(request.param)), quant, hidden=128, heads=4, mlp=160)
 
 
 def _engines(model):
@@ -31,7 +32,7 @@ def _engines(model):
 
 
 def test_model_is_eligible(model):
-    assert model.quantization == "q4-avx2"
+    assert model.quantization in ("q4-avx2", "q8-avx2")
     packs = q4.pack_blocks(model)
     assert packs is not None and len(packs) == len(model.blocks)
 

@@ -1,6 +1,6 @@
-"""The AVX2 4-bit kernel: equal (to float rounding) to the same arithmetic written in Python —
-int8 activation blocks, 4-bit weight blocks with fp16 scale/minimum — and the prefill path equal
-to the decode path."""
+"""The AVX2 kernel: equal (to float rounding) to the same arithmetic written in Python — int8
+activation blocks, 4-bit (or signed 8-bit) weight blocks with fp16 scale/offset — and the prefill
+path equal to the decode path."""
 
 import pytest
 import torch
@@ -21,16 +21,21 @@ def _reference(x: torch.Tensor, lin: q4.Q4Linear) -> torch.Tensor:
     xb = x.double().view(x.shape[0], k // 32, 32)
     s = xb.abs().amax(-1) / 127
     xq = torch.where(s[..., None] > 0, torch.round(xb / s[..., None].clamp(min=1e-300)), torch.zeros_like(xb))
-    q = torch.cat((lin.codes & 0x0F, lin.codes >> 4), dim=-1).double()  # (N, K/32, 32)
+    if lin.codes.dtype == torch.int8:
+        q = lin.codes.double()
+    else:
+        q = torch.cat((lin.codes & 0x0F, lin.codes >> 4), dim=-1).double()  # (N, K/32, 32)
     dots = torch.einsum("rbj,nbj->rnb", xq, q)
     return (dots * lin.d.double()[None] * s[:, None, :]).sum(-1) + (
         lin.m.double()[None] * (s * xq.sum(-1))[:, None, :]).sum(-1)
 
 
 @pytest.mark.parametrize("n,k,rows", [(96, 256, 1), (100, 896, 3), (4864, 896, 1), (33, 64, 2), (70, 128, 9), (64, 896, 64)])
-def test_kernel_equals_python_arithmetic(n, k, rows):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kernel_equals_python_arithmetic(n, k, rows, bits):
     torch.manual_seed(n)
-    lin = q4.Q4Linear(nn.Linear(k, n, bias=False))
+    lin = q4.Q4Linear(nn.Linear(k, n, bias=False), bits=bits)
+    assert lin.bits == bits
     x = torch.randn(rows, k) * 3
     got = lin(x).double()
     want = _reference(x, lin)
@@ -45,6 +50,30 @@ def test_quantization_error_bound():
     step = d.float().repeat_interleave(32, dim=1)
     assert bool(((w2 - w).abs() <= 0.5 * step + 1e-3 * step.max()).all())
     assert torch.equal(torch.cat((codes & 0x0F, codes >> 4), -1), q)
+
+
+def test_8bit_extreme_codes_do_not_saturate():
+    """Codes -128 and 127 against activations at +-127: the widest pair sums of the 8-bit dot."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(-128, 128, (6, 8, 32), generator=g, dtype=torch.int8)
+    codes[0], codes[1] = -128, 127
+    codes[2, :, ::2], codes[2, :, 1::2] = -128, 127
+    lin = q4.Q4Linear(codes=codes, d=torch.full((6, 8), 0.01).half(), m=torch.full((6, 8), 0.25).half())
+    x = torch.full((3, 256), 5.0)
+    x[1] = -5.0
+    x[2, ::2], x[2, 1::2] = -5.0, 5.0
+    got, want = lin(x).double(), _reference(x, lin)
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+    assert torch.allclose(got, x.double() @ q4.dequantize_q4(codes, lin.d, lin.m).double().t(), rtol=1e-5)
+
+
+def test_8bit_quantization_error_bound():
+    torch.manual_seed(1)
+    w = torch.randn(64, 128)
+    codes, d, m = q4.quantize_q8(w)
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) == 127 and not m.any()
+    step = d.float().repeat_interleave(32, dim=1)
+    assert bool(((q4.dequantize_q4(codes, d, m) - w).abs() <= 0.5 * step + 1e-3 * step.max()).all())
 
 
 def test_prefill_path_equals_decode_path():

@@ -19,8 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--gen", default="2048,8192", help="comma-separated decode lengths (default 2048,8192)")
     p.add_argument("--prefill", type=int, default=2048, help="prefill length (0 to skip)")
-    p.add_argument("--quantize", choices=["int4", "gptq4", "gptq8"], default=None,
-                   help="int4: 4-bit weight-only layers (CPU); gptq4/gptq8: with --shape, the decoder layers in "
+    p.add_argument("--quantize", choices=["int4", "int8", "gptq4", "gptq8"], default=None,
+                   help="int4/int8: 4-/8-bit weight-only layers (CPU); gptq4/gptq8: with --shape, the decoder layers in "
                         "the GPTQ Int4/Int8 format (group 128) on the Triton kernel (GPU)")
     p.add_argument("--quantize-head", action="store_true",
                    help="with --quantize gptq4/gptq8: the LM head too, in 8 bits (the embedding table stays)")
@@ -149,6 +149,10 @@ def run(args) -> int:
             from ..quant import quantize_model_int4
 
             quantize_model_int4(model)
+        elif args.quantize == "int8":
+            from ..quant import quantize_model_int8
+
+            quantize_model_int8(model)
         elif args.quantize in ("gptq4", "gptq8"):
             _random_gptq(model, int(args.quantize[-1]), args.quantize_head, notes)
         name = f"random {args.shape} (Qwen v1 shape)"

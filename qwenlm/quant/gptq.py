@@ -7,11 +7,11 @@ Per quantized linear layer (in_features K, out_features N, b bits, group size g)
   scales  fp16  (ceil(K/g), N);  g_idx int32 (K): the group of input row k (k // g unless desc_act)
   W[k, n] = scales[g_idx[k], n] * (q[k, n] - (stored_zero[g_idx[k], n] + 1))
 
-On a CPU, 4-bit layers become `Q4Linear` layers of the same values (a GPTQ group of 128 is four Q4
-blocks of 32 with d = scale and m = -scale * zero), so they run on the AVX2 kernel; act-order
+On a CPU, layers become `Q4Linear` blocks of the same values (a GPTQ group of 128 is four blocks of
+32; 4 bits: d = scale and m = -scale * zero; 8 bits: signed codes), so they run on the AVX2 kernel; act-order
 (desc_act) checkpoints permute the input columns so that groups are contiguous. On a GPU, 4- and
-8-bit layers stay packed and run on a Triton kernel (kernels/gptq.py). 8-bit layers on a CPU, and
-layers on a GPU without Triton, are dequantized to the model's dtype once at load.
+8-bit layers stay packed and run on a Triton kernel (kernels/gptq.py). Without either kernel
+(no AVX2, no Triton) layers are dequantized to the model's dtype once at load.
 """
 
 from __future__ import annotations
@@ -142,7 +142,9 @@ def install_gptq_layers(model, cfg: GPTQConfig, names_in_checkpoint: set[str]) -
 
 
 def gptq_to_q4(layer: GPTQLinear):
-    """A 4-bit GPTQ layer -> Q4Linear with the same values (scales and zeros to fp16 rounding)."""
+    """A GPTQ layer -> Q4Linear blocks with the same values (scales and offsets to fp16 rounding):
+    4 bits: codes q, d = scale, m = -scale * zero; 8 bits: signed codes q - 128, d = scale,
+    m = scale * (128 - zero)."""
     from .q4 import BLOCK, Q4Linear, pack_q4
 
     q, zeros = layer.codes()  # (K, N), (G, N)
@@ -161,7 +163,11 @@ def gptq_to_q4(layer: GPTQLinear):
     scale = layer.scales.float()[bg].t()  # (N, K/32)
     zero = zeros.float()[bg].t()
     qt = q.t().contiguous().view(n, k // BLOCK, BLOCK)  # (N, K/32, 32)
-    return Q4Linear(codes=pack_q4(qt), d=scale.half().contiguous(), m=(-scale * zero).half().contiguous(),
+    if layer.bits == 8:
+        codes, m = (qt - 128).to(torch.int8).contiguous(), scale * (128 - zero)
+    else:
+        codes, m = pack_q4(qt), -scale * zero
+    return Q4Linear(codes=codes, d=scale.half().contiguous(), m=m.half().contiguous(),
                     bias=None if layer.bias is None else layer.bias.detach(), perm=perm)
 
 
@@ -171,7 +177,7 @@ def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
 
     from ..kernels import kernel_works
 
-    use_q4 = model.device.type == "cpu" and cfg.bits == 4 and q4.available()
+    use_q4 = model.device.type == "cpu" and q4.available()
     use_triton = not use_q4 and kernel_works("gptq", model.device, dtype, bits=cfg.bits)
     for mod in model.modules():  # AutoGPTQ's extra all-zero biases: drop them (they cost a kernel each)
         if isinstance(mod, GPTQLinear) and mod.bias is not None and not bool(mod.bias.any()):
@@ -194,10 +200,9 @@ def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
                 new.bias = nn.Parameter(mod.bias.detach().to(dtype), requires_grad=False)
         model.replace_module(name, new)
     if use_q4:
-        return f"gptq-{cfg.bits}bit-g{cfg.group_size} on the 4-bit CPU kernel"
+        return f"gptq-{cfg.bits}bit-g{cfg.group_size} on the AVX2 CPU kernel"
     if use_triton:
         return f"gptq-{cfg.bits}bit-g{cfg.group_size} on the Triton kernel"
-    why = ("no working Triton kernel" if model.device.type != "cpu" else "no 8-bit CPU kernel yet"
-           if cfg.bits == 8 else "the 4-bit CPU kernel is unavailable here")
+    why = "no working Triton kernel" if model.device.type != "cpu" else "the AVX2 CPU kernel is unavailable here"
     log.warning("GPTQ %d-bit layers dequantized to %s at load (%s)", cfg.bits, str(dtype).replace("torch.", ""), why)
     return f"gptq-{cfg.bits}bit-g{cfg.group_size} dequantized"

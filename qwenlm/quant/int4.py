@@ -88,3 +88,22 @@ def quantize_model_int4(model: nn.Module, group_size: int = 32) -> nn.Module:
     model.quantization = "q4-avx2" if use_q4 else f"int4-g{group_size}"
     log.info("quantized %d linear layers to 4 bits (%s)", len(targets), model.quantization)
     return model
+
+
+def quantize_model_int8(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear (lm_head included) by 8-bit blocks of 32 (symmetric, fp16 scale) on the
+    AVX2 kernel: half the bytes of bf16 per token, weights within half a step of 1/127 of each block's
+    largest value."""
+    from . import q4
+
+    if model.device.type != "cpu":
+        raise ValueError("8-bit weight-only layers run on CPU only (use bf16 on GPU)")
+    if not q4.available():
+        raise ValueError("8-bit weight-only layers need the AVX2/FMA/F16C CPU kernel, unavailable here")
+    model.to(torch.float32)
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    for name, mod in targets:
+        model.replace_module(name, q4.Q4Linear(mod, bits=8))
+    model.quantization = "q8-avx2"
+    log.info("quantized %d linear layers to 8 bits", len(targets))
+    return model

@@ -1,6 +1,7 @@
 """Q4 layers: 4-bit weights (blocks of 32, fp16 scale and minimum, like llama.cpp's Q4_1) multiplied
 by int8-quantized activations in a hand-written AVX2 kernel (`csrc/q4_gemv.cpp`), built on first use
-with torch's C++ extension loader. A long prefill (many rows) dequantizes a layer to fp32 and uses
+with torch's C++ extension loader. The same layer and kernel take 8-bit blocks (signed codes, fp16
+scale and offset: GPTQ Int8 checkpoints, `quantize="int8"`). A long prefill (many rows) dequantizes a layer to fp32 and uses
 one matmul instead. `available()` says whether this machine can use it; otherwise `int4.py` serves.
 """
 
@@ -83,6 +84,19 @@ def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return pack_q4(q), d, m, q
 
 
+def quantize_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) -> 8-bit blocks: codes (N, K/32, 32) int8 in [-127, 127], d = amax/127 and m = 0
+    (N, K/32) fp16 (symmetric, rounded to nearest)."""
+    n, k = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"in_features {k} is not a multiple of {BLOCK}")
+    w = weight.float().view(n, k // BLOCK, BLOCK)
+    d = (w.abs().amax(-1) / 127).half()
+    dd = d.float().clamp(min=1e-12)
+    codes = (w / dd[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return codes.contiguous(), d, torch.zeros_like(d)
+
+
 def pack_q4(q: torch.Tensor) -> torch.Tensor:
     """0..15 codes (N, K/32, 32) -> the kernel's bytes (N, K/32, 16): code j low, code j+16 high."""
     q = q.to(torch.uint8)
@@ -90,22 +104,31 @@ def pack_q4(q: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    q = torch.cat((codes & 0x0F, codes >> 4), dim=-1).float()  # (N, K/32, 32)
+    """The (N, K) weight of 4-bit (uint8 pairs) or 8-bit (int8) blocks: d * q + m."""
+    if codes.dtype == torch.int8:
+        q = codes.float()
+    else:
+        q = torch.cat((codes & 0x0F, codes >> 4), dim=-1).float()  # (N, K/32, 32)
     w = q * d.float()[..., None] + m.float()[..., None]
     return w.view(codes.shape[0], -1)
 
 
 class Q4Linear(nn.Module):
-    """y = x @ W.T + b, W in Q4 blocks; decode rows go through the AVX2 GEMV."""
+    """y = x @ W.T + b, W in 4-bit (or 8-bit) blocks of 32; decode rows go through the AVX2 GEMV."""
 
-    def __init__(self, linear: nn.Linear | None = None, *, codes=None, d=None, m=None, bias=None, perm=None):
-        """From an nn.Linear (quantized here), or from ready blocks: `codes` (N, K/32, 16) as
-        `pack_q4` makes them, `d`/`m` (N, K/32) fp16, and optionally `perm`, the input-column order
-        the blocks were built in (GPTQ act-order checkpoints)."""
+    def __init__(self, linear: nn.Linear | None = None, *, codes=None, d=None, m=None, bias=None, perm=None,
+                 bits: int = 4):
+        """From an nn.Linear (quantized here to `bits`), or from ready blocks: `codes` (N, K/32, 16)
+        uint8 as `pack_q4` makes them or (N, K/32, 32) int8, `d`/`m` (N, K/32) fp16, and optionally
+        `perm`, the input-column order the blocks were built in (GPTQ act-order checkpoints)."""
         super().__init__()
         if linear is not None:
-            codes, d, m, _ = quantize_q4(linear.weight.detach())
+            if bits == 8:
+                codes, d, m = quantize_q8(linear.weight.detach())
+            else:
+                codes, d, m, _ = quantize_q4(linear.weight.detach())
             bias = None if linear.bias is None else linear.bias.detach()
+        self.bits = 8 if codes.dtype == torch.int8 else 4
         self.out_features, self.in_features = codes.shape[0], codes.shape[1] * BLOCK
         self.register_buffer("codes", codes)
         self.register_buffer("d", d)

@@ -1,10 +1,11 @@
-// CPU decoding with 4-bit weights (AVX2 + FMA + F16C): a matrix-vector kernel, and one whole
+// CPU decoding with 4- or 8-bit weights (AVX2 + FMA + F16C): a matrix-vector kernel, and one whole
 // transformer block of a decode step in a single call (no per-op framework overhead).
 //
-// Weights: per output row, blocks of 32 input columns; each block stores 16 bytes of 4-bit codes
-// (byte j holds code j in its low nibble and code j+16 in its high nibble) and an fp16 scale d and
-// fp16 minimum m:  w = d * q + m.  Activations are quantized per block of 32 to int8 with one fp32
-// scale s:  x = s * xq.  Then a block's dot product is  d*s*sum(q*xq) + m*s*sum(xq).
+// Weights: per output row, blocks of 32 input columns, each with an fp16 scale d and fp16 offset m:
+// w = d * q + m. 4 bits: 16 bytes of codes 0..15 per block (byte j holds code j in its low nibble and
+// code j+16 in its high nibble). 8 bits: 32 signed bytes, codes -128..127. Activations are quantized
+// per block of 32 to int8 (-127..127) with one fp32 scale s:  x = s * xq.  Then a block's dot product
+// is  d*s*sum(q*xq) + m*s*sum(xq).
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -51,19 +52,22 @@ struct QuantRows {
   }
 };
 
-// One 4-bit weight matrix: codes (N, K/32, 16) uint8, d and m (N, K/32) fp16
-struct Q4Weight {
+// One weight matrix: codes (N, K/32, 16) uint8 (4 bits) or (N, K/32, 32) int8 (8 bits), d and m
+// (N, K/32) fp16
+struct QWeight {
   const uint8_t* codes;
   const uint16_t* d;
   const uint16_t* m;
-  int64_t N, K;
-  Q4Weight(const torch::Tensor& c, const torch::Tensor& dd, const torch::Tensor& mm) {
-    TORCH_CHECK(c.dtype() == torch::kUInt8 && c.is_contiguous() && c.dim() == 3 && c.size(2) == 16,
-                "codes must be contiguous (N, K/32, 16) uint8");
+  int64_t N, K, bits;
+  QWeight(const torch::Tensor& c, const torch::Tensor& dd, const torch::Tensor& mm) {
+    TORCH_CHECK(c.is_contiguous() && c.dim() == 3 &&
+                ((c.dtype() == torch::kUInt8 && c.size(2) == 16) || (c.dtype() == torch::kInt8 && c.size(2) == 32)),
+                "codes must be contiguous (N, K/32, 16) uint8 or (N, K/32, 32) int8");
+    bits = c.size(2) == 16 ? 4 : 8;
     TORCH_CHECK(dd.dtype() == torch::kHalf && mm.dtype() == torch::kHalf && dd.is_contiguous() &&
                 mm.is_contiguous() && dd.numel() == c.size(0) * c.size(1) && mm.numel() == dd.numel(),
                 "d and m must be contiguous (N, K/32) float16");
-    codes = c.data_ptr<uint8_t>();
+    codes = static_cast<const uint8_t*>(c.data_ptr());
     d = reinterpret_cast<const uint16_t*>(dd.data_ptr<at::Half>());
     m = reinterpret_cast<const uint16_t*>(mm.data_ptr<at::Half>());
     N = c.size(0);
@@ -71,17 +75,33 @@ struct Q4Weight {
   }
 };
 
-// y (M, N) = x (M, K) @ W.T (+ bias), x already quantized into q
-void gemv(const QuantRows& q, int64_t M, const Q4Weight& W, const float* bias, float* Y) {
-  const int64_t K = W.K, N = W.N, nb = K / 32;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
+// sum(q * a) over one block of 32, as eight int32 lanes: 4-bit codes (16 bytes at c) are unsigned, so
+// maddubs takes them as they are; 8-bit codes (32 bytes) are signed: maddubs(|q|, a * sign(q)), whose
+// pair sums (at most 2 * 128 * 127) cannot saturate
+template <int BITS>
+inline __m256i block_dot(const uint8_t* c, const int8_t* a_ptr) {
   const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a_ptr));
+  if (BITS == 4) {
+    const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+    const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), _mm256_set1_epi8(0x0F));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, a), ones);
+  }
+  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(a, q)), ones);
+}
+
+// y (M, N) = x (M, K) @ W.T (+ bias), x already quantized into q
+template <int BITS>
+void gemv_bits(const QuantRows& q, int64_t M, const QWeight& W, const float* bias, float* Y) {
+  constexpr int64_t BB = BITS * 4;  // bytes of codes per block
+  const int64_t K = W.K, N = W.N, nb = K / 32;
   const int8_t* XQ = q.xq.data();
   const float* XS = q.xs.data();
   const float* MS = q.ms.data();
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* Cn = W.codes + n * nb * 16;
+    const uint8_t* Cn = W.codes + n * nb * BB;
     const uint16_t* Dn = W.d + n * nb;
     const uint16_t* Mn = W.m + n * nb;
     for (int64_t r = 0; r < M; ++r) {
@@ -98,30 +118,28 @@ void gemv(const QuantRows& q, int64_t M, const Q4Weight& W, const float* bias, f
         const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Mn + b)));
         accm = _mm256_fmadd_ps(mv, _mm256_loadu_ps(MSr + b), accm);
         for (int j = 0; j < 8; j += 2) {
-          const __m128i p0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Cn + (b + j) * 16));
-          const __m128i p1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Cn + (b + j + 1) * 16));
-          const __m256i q0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p0, 4), p0), low4);
-          const __m256i q1 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p1, 4), p1), low4);
-          const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(XQr + (b + j) * 32));
-          const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(XQr + (b + j + 1) * 32));
-          const __m256 d0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q0, a0), ones));
-          const __m256 d1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q1, a1), ones));
+          const __m256 d0 = _mm256_cvtepi32_ps(block_dot<BITS>(Cn + (b + j) * BB, XQr + (b + j) * 32));
+          const __m256 d1 = _mm256_cvtepi32_ps(block_dot<BITS>(Cn + (b + j + 1) * BB, XQr + (b + j + 1) * 32));
           acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(ds[j]), acc0);
           acc1 = _mm256_fmadd_ps(d1, _mm256_set1_ps(ds[j + 1]), acc1);
         }
       }
       float tail = 0.f;
       for (; b < nb; ++b) {  // the last nb % 8 blocks, one at a time
-        const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Cn + b * 16));
-        const __m256i qq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), low4);
-        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(XQr + b * 32));
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qq, a), ones));
+        const __m256 dot = _mm256_cvtepi32_ps(block_dot<BITS>(Cn + b * BB, XQr + b * 32));
         acc0 = _mm256_fmadd_ps(dot, _mm256_set1_ps(_cvtsh_ss(Dn[b]) * XSr[b]), acc0);
         tail += _cvtsh_ss(Mn[b]) * MSr[b];
       }
       Y[r * N + n] = hsum(_mm256_add_ps(acc0, acc1)) + hsum(accm) + tail + (bias ? bias[n] : 0.f);
     }
   }
+}
+
+void gemv(const QuantRows& q, int64_t M, const QWeight& W, const float* bias, float* Y) {
+  if (W.bits == 4)
+    gemv_bits<4>(q, M, W, bias, Y);
+  else
+    gemv_bits<8>(q, M, W, bias, Y);
 }
 
 // out (M, K) = rmsnorm(x) * w, normalised in fp32
@@ -247,10 +265,10 @@ struct KVView {
 
 }  // namespace
 
-// x (M, K) float32; codes (N, K/32, 16) uint8; d, m (N, K/32) float16 -> y (M, N) float32
+// x (M, K) float32; codes (N, K/32, 16) uint8 or (N, K/32, 32) int8; d, m (N, K/32) float16 -> y (M, N) float32
 torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor d, torch::Tensor m) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous (M, K) float32");
-  Q4Weight W(codes, d, m);
+  QWeight W(codes, d, m);
   const int64_t M = x.size(0);
   TORCH_CHECK(x.size(1) == W.K, "x has ", x.size(1), " columns, the weight ", W.K);
   QuantRows q;
@@ -280,7 +298,7 @@ void decode_block(torch::Tensor h, std::vector<torch::Tensor> w, double eps, tor
   const int64_t B = h.size(0), H = h.size(1), S = K_.S, D = K_.D;
   TORCH_CHECK(kv[0].size(0) == B && kv[0].size(1) == kv_heads && heads % kv_heads == 0 && L <= S &&
               kv[1].sizes() == kv[0].sizes(), "kv cache shape");
-  const Q4Weight Wqkv(w[1], w[2], w[3]), Wo(w[5], w[6], w[7]), Wgu(w[9], w[10], w[11]), Wd(w[12], w[13], w[14]);
+  const QWeight Wqkv(w[1], w[2], w[3]), Wo(w[5], w[6], w[7]), Wgu(w[9], w[10], w[11]), Wd(w[12], w[13], w[14]);
   const int64_t nq = heads * D, nkv = kv_heads * D, I = Wgu.N / 2;
   TORCH_CHECK(Wqkv.K == H && Wqkv.N == nq + 2 * nkv && Wo.K == nq && Wo.N == H && Wgu.K == H && Wd.K == I &&
               Wd.N == H, "decode_block: weight shapes do not match the model");
@@ -356,6 +374,6 @@ void decode_block(torch::Tensor h, std::vector<torch::Tensor> w, double eps, tor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("q4_gemv", &q4_gemv, "4-bit weight x int8 activation GEMV (AVX2)");
-  mod.def("decode_block", &decode_block, "one decoder block of a decode step, 4-bit weights (AVX2)");
+  mod.def("q4_gemv", &q4_gemv, "4- or 8-bit weight x int8 activation GEMV (AVX2)");
+  mod.def("decode_block", &decode_block, "one decoder block of a decode step, 4- or 8-bit weights (AVX2)");
 }
