@@ -29,7 +29,8 @@ browser:
 	  echo "note: could not install chromium; the browser test will be skipped"; }
 
 # Triton for the GPU-kernel tests, which run in its interpreter on a CPU (skipped where it cannot be
-# installed, except in CI, where .ci/run makes a missing triton a failure)
+# installed, except in CI, where .ci/run makes a missing triton a failure). 3.9: the interpreter of
+# earlier releases fails with numpy >= 2.4 on loops whose bounds come from program ids.
 triton: setup
 	@$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q 'triton==3.9.0' || \
 	  echo "note: could not install triton; the kernel tests will be skipped"
