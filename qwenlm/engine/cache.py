@@ -87,8 +87,13 @@ class KVStore:
 
     def kernel_layer(self, i: int, b: int) -> tuple[torch.Tensor, ...]:
         """Layer i's rows [0, b) for the fused CPU decode kernel: k, v, the four scale tensors and the
-        key centers (all but k and v empty for a float cache)."""
-        return tuple(t[i, :b] if self.int8 or j < 2 else t[i] for j, t in enumerate(self.tensors))
+        key centers (all but k and v empty for a float cache). Views, made once per (i, b): the store's
+        tensors are never reallocated."""
+        views = self.__dict__.setdefault("_kernel_views", {})
+        key = (i, b)
+        if key not in views:
+            views[key] = tuple(t[i, :b] if self.int8 or j < 2 else t[i] for j, t in enumerate(self.tensors))
+        return views[key]
 
 
 class StaticKVCache(KVStore):
