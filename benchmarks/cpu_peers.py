@@ -3,6 +3,9 @@ machine: qwenlm's engine, transformers (fp32, same converted weights), llama.cpp
 GGUF, via llama-cpp-python when it is installed). Same prompt, greedy, same number of tokens.
 
     python benchmarks/cpu_peers.py [--tokens 128] [--threads 2] [--llama-python /path/to/python]
+
+With `--prefill 128,512,1024`: prompt processing instead — the first N tokens of a Python source file
+(the standard library's os.py), qwenlm int4 against llama.cpp, same tokens (ours, given to llama.cpp).
 """
 
 import argparse
@@ -33,6 +36,53 @@ run(8)
 ttft, dt, out = run(n)
 print(json.dumps({"ttft_s": ttft, "decode_tokens_per_s": (n - 1) / dt, "tokens": out}))
 """
+
+
+LLAMA_PREFILL = r"""
+import json, sys, time
+from llama_cpp import Llama
+path, threads, batches = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+llm = Llama(model_path=path, n_ctx=4096, n_threads=threads, verbose=False, n_batch=512)
+out = {}
+for ids in batches:
+    llm.reset(); llm.eval(ids[:16]); llm.reset()
+    t0 = time.perf_counter(); llm.eval(ids); out[len(ids)] = len(ids) / (time.perf_counter() - t0)
+print(json.dumps(out))
+"""
+
+
+def prefill(lengths, threads, llama_python):
+    import inspect
+    import os
+
+    from qwenlm import GenerationConfig, load
+    from qwenlm.engine import Engine
+
+    model, tok = load(device="cpu", quantize="int4")
+    text = open(inspect.getsourcefile(os), encoding="utf-8").read()
+    all_ids = tok.encode(text)
+    eng = Engine(model)
+    cfg = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=1, eos_token_id=None)
+    rows = {}
+    for n in lengths:
+        ids = all_ids[:n]
+        eng.generate([ids], cfg)  # warm-up
+        t0 = time.perf_counter()
+        eng.generate([ids], cfg)  # the prompt plus one sampled token
+        rows[n] = {"qwenlm int4 tok/s": n / (time.perf_counter() - t0)}
+    if llama_python:
+        from qwenlm.hub import default_gguf_path
+
+        r = subprocess.run([llama_python, "-c", LLAMA_PREFILL, default_gguf_path(), str(threads),
+                            json.dumps([all_ids[:n] for n in lengths])], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(r.stderr[-500:], file=sys.stderr)
+        else:
+            for n, v in json.loads(r.stdout).items():
+                rows[int(n)]["llama.cpp tok/s"] = v
+                rows[int(n)]["ratio"] = rows[int(n)]["qwenlm int4 tok/s"] / v
+    for n, r in rows.items():
+        print(f"prefill {n:>5}: {json.dumps(r)}")
 
 
 def ours(n, dtype, quantize=None):
@@ -79,8 +129,11 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-python", default=None, help="a python with llama-cpp-python installed")
+    ap.add_argument("--prefill", default=None, help="comma-separated prompt lengths: prompt processing instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.prefill:
+        return prefill([int(x) for x in args.prefill.split(",")], args.threads, args.llama_python)
     res = {}
     res["qwenlm fp32"], ids = ours(args.tokens, "float32")
     res["qwenlm bf16"], _ = ours(args.tokens, "bfloat16")
