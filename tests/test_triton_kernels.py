@@ -138,7 +138,7 @@ def test_engines_with_kernel_attention_equal_the_reference(model, kv_cache):
     try:
         from qwenlm.engine.cache import kernel_attention_on
 
-        assert kernel_attention_on(model.device, model.dtype, kv_cache == "int8")
+        assert kernel_attention_on(model.device, model.dtype, kv_cache == "int8", model.config.head_dim)
         eng = Engine(model, cuda_graphs=False, bucket=8)
         got = eng.generate(prompts, GREEDY)
         batch_engine = BatchEngine(model, max_num_seqs=2, max_model_len=64)  # rows move as sequences leave
@@ -228,7 +228,7 @@ def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch, caplog, tmp_path
     monkeypatch.setattr(attention, "self_check", broken)
     kernels._checked.clear()
     with caplog.at_level("WARNING", logger="qwenlm"):
-        assert not kernels.kernel_works("attention", DEV, torch.float32, int8=False)
+        assert not kernels.kernel_works("attention", DEV, torch.float32, int8=False, head_dim=16)
     assert "PassManager::run failed" in caplog.text and "using the torch path" in caplog.text
     model = tiny_model("qwen2", str(tmp_path)).to(DEV)
     eng = BatchEngine(model, max_num_seqs=2, max_model_len=64)
@@ -237,5 +237,5 @@ def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch, caplog, tmp_path
     assert Engine(model, cuda_graphs=False).generate(prompts, GREEDY) == generate(model, prompts, GREEDY)
     monkeypatch.setattr(attention, "self_check", lambda *a, **k: "max error 0.5 against plain attention")
     kernels._checked.clear()
-    assert not kernels.kernel_works("attention", DEV, torch.float32, int8=True)
-    assert kernels.kernel_works("gptq", DEV, torch.float32, bits=4)  # the other kernel is unaffected
+    assert not kernels.kernel_works("attention", DEV, torch.float32, int8=True, head_dim=16)
+    assert kernels.kernel_works("gptq", DEV, torch.float32, bits=4, group=32)  # the other kernel is unaffected

@@ -214,7 +214,7 @@ def _random_gptq(model, bits: int, head: bool, notes: list[str]) -> None:
     from ..kernels import kernel_works
     from ..kernels.gptq import GPTQTritonLinear
 
-    if not kernel_works("gptq", model.device, model.dtype, bits=bits):
+    if not kernel_works("gptq", model.device, model.dtype, bits=bits, group=128):
         raise UserError(f"the Triton GPTQ kernel failed its check on {model.device} (see the warning above)")
 
     with torch.no_grad():

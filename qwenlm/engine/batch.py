@@ -119,7 +119,8 @@ class BatchEngine:
         from ..quant.q4 import pack_blocks
 
         self._packs = pack_blocks(model) if self.device.type == "cpu" else None
-        self._kernel_attention = not self._packs and kernel_attention_on(self.device, model.dtype, self.kv.int8)
+        self._kernel_attention = not self._packs and kernel_attention_on(self.device, model.dtype, self.kv.int8,
+                                                                         c.head_dim)
         # Per-op decode steps run at fixed shapes: rows padded to a power of two, slots to a multiple of
         # `bucket`. On CUDA each shape is captured once in a graph and replayed (no launch overhead);
         # `fixed_shapes=True` alone keeps the shapes without capturing (what the CPU tests exercise).

@@ -136,9 +136,11 @@ class KernelAttention:
         return decode_attention(q[:, :, 0], layer, self.start, self.end, self.length)[:, :, None]
 
 
-def kernel_attention_on(device, dtype: torch.dtype, int8: bool) -> bool:
+def kernel_attention_on(device, dtype: torch.dtype, int8: bool, head_dim: int) -> bool:
     """Whether the engines' decode steps use the Triton attention kernel on `device` for this cache
     (checked once against plain attention: kernels.kernel_works)."""
     from ..kernels import kernel_works
 
-    return kernel_works("attention", device, dtype, int8=int8)
+    if head_dim & (head_dim - 1):  # the kernel tiles whole power-of-two heads
+        return False
+    return kernel_works("attention", device, dtype, int8=int8, head_dim=head_dim)

@@ -148,7 +148,7 @@ class Engine:
             return self._fused_decode(st, length)
         cache = st["cache"]
         cache.write_pos = st["slot"]
-        if kernel_attention_on(self.device, self.model.dtype, cache.int8):  # Triton: reads slots [start, slot]
+        if kernel_attention_on(self.device, self.model.dtype, cache.int8, self.cfg.head_dim):  # Triton: reads slots [start, slot]
             ctx = self._ctx(st, st["pos"], None, None)
             ctx.decode = KernelAttention(cache, lambda i, k, v: cache.store(i, k, v, cache.put_at_write_pos),
                                          st["start"], (st["slot"] + 1).expand(st["b"]), length)

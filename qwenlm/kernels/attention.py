@@ -126,12 +126,13 @@ def decode_attention(q: torch.Tensor, layer: tuple[torch.Tensor, ...], start: to
     return out
 
 
-def self_check(device: torch.device, dtype: torch.dtype, int8: bool) -> str | None:
-    """None if the kernel gives plain attention's output on a small problem (see kernels.kernel_works)."""
+def self_check(device: torch.device, dtype: torch.dtype, int8: bool, head_dim: int) -> str | None:
+    """None if the kernel gives plain attention's output on a small problem with the model's head size
+    (see kernels.kernel_works)."""
     from ..engine.cache import KVStore
 
     g = torch.Generator().manual_seed(0)
-    b, h, hk, s, d = 2, 4, 2, 80, 64
+    b, h, hk, s, d = 2, 4, 2, 80, head_dim
     kv = KVStore(1, b, hk, s, d, dtype, device, int8=int8)
     k, v = (torch.randn(b, hk, s, d, generator=g).to(device, dtype) for _ in range(2))
     kv.store(0, k, v, lambda dst, x: dst.copy_(x), first=True)

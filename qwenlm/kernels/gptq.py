@@ -205,12 +205,13 @@ class GPTQTritonLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-def self_check(device: torch.device, dtype: torch.dtype, bits: int) -> str | None:
-    """None if both shapes of the kernel (one row, and tiles) give the dequantized weight's product."""
+def self_check(device: torch.device, dtype: torch.dtype, bits: int, group: int = 128) -> str | None:
+    """None if both shapes of the kernel (one row, and tiles) give the dequantized weight's product, for
+    the checkpoint's bits and group size."""
     from ..quant.gptq import pack_rows
 
     g = torch.Generator().manual_seed(bits)
-    k, n, group = 256, 128, 128
+    k, n = 2 * group, 128
     q = torch.randint(0, 2**bits, (k, n), generator=g)
     scales = (torch.rand(k // group, n, generator=g) * 0.02 + 1e-3).half()
     zeros = torch.randint(1, 2**bits, (k // group, n), generator=g).half()

@@ -171,6 +171,16 @@ def gptq_to_q4(layer: GPTQLinear):
                     bias=None if layer.bias is None else layer.bias.detach(), perm=perm)
 
 
+def _triton_group(model, cfg: GPTQConfig) -> int | None:
+    """The group size the GPU kernel will see (a whole column when the checkpoint has no groups), or
+    None when it cannot take it (a multiple of 32 dividing every layer's input size)."""
+    sizes = {mod.in_features for mod in model.modules() if isinstance(mod, GPTQLinear)}
+    group = cfg.group_size or None
+    if group is None:
+        return min(sizes) if len(sizes) == 1 and min(sizes) % 32 == 0 else None
+    return group if group % 32 == 0 and all(k % group == 0 for k in sizes) else None
+
+
 def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
     """After loading: make the GPTQ layers fast on this device. Returns a short description."""
     from . import q4
@@ -178,7 +188,8 @@ def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
     from ..kernels import kernel_works
 
     use_q4 = model.device.type == "cpu" and q4.available()
-    use_triton = not use_q4 and kernel_works("gptq", model.device, dtype, bits=cfg.bits)
+    use_triton = not use_q4 and _triton_group(model, cfg) is not None and kernel_works(
+        "gptq", model.device, dtype, bits=cfg.bits, group=_triton_group(model, cfg))
     for mod in model.modules():  # AutoGPTQ's extra all-zero biases: drop them (they cost a kernel each)
         if isinstance(mod, GPTQLinear) and mod.bias is not None and not bool(mod.bias.any()):
             mod.bias = None
