@@ -129,6 +129,7 @@ class BatchEngine:
         self.bucket = bucket
         self._graphs: dict[tuple, tuple] = {}
         self._pool = None
+        self._warm_stream = None
         self._buf: dict[str, torch.Tensor] | None = None
         # Prompts arriving together are prefilled in one forward pass (right-padded, up to
         # `max_prefill_tokens` padded tokens) on GPU; one at a time on the fused CPU path, whose per-row
@@ -362,8 +363,9 @@ class BatchEngine:
         return out[:n]
 
     def _capture(self, run) -> tuple:
-        """Warm `run` up on a side stream (repeating a step rewrites the same slots), then capture it."""
-        stream = torch.cuda.Stream()
+        """Warm `run` up on a side stream (repeating a step rewrites the same slots), then capture it.
+        One side stream for all captures (a new stream would get its own cuBLAS workspace each time)."""
+        stream = self._warm_stream = self._warm_stream or torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             run()

@@ -38,6 +38,7 @@ class Engine:
         self.keep_state = self.cuda_graphs if keep_state is None else keep_state
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        self._warm_stream = None
         self._state: dict | None = None
         self._packs = None  # fused CPU decode blocks (4-bit models), built on first decode
         log.info("engine: %s, cuda graphs %s", self.device, "on" if self.cuda_graphs else "off")
@@ -175,8 +176,10 @@ class Engine:
             return self._decode(st, length)
         key = length
         if key not in self._graphs:
-            # warm up on a side stream (idempotent: same inputs, same cache writes), then capture
-            s = torch.cuda.Stream()
+            # warm up on a side stream (idempotent: same inputs, same cache writes), then capture.
+            # One stream for every warm-up: each new stream would get its own cuBLAS workspace, kept for
+            # the life of the process (one per 256-slot bucket adds up to about a GiB on a 7B run)
+            s = self._warm_stream = self._warm_stream or torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(2):
