@@ -114,7 +114,7 @@ class BatchEngine:
         self.vocab_limit = vocab_limit
         c = self.cfg
         self.kv = KVStore(len(model.blocks), max_num_seqs, c.num_kv_heads, max_model_len, c.head_dim, model.dtype,
-                          self.device, int8=model.kv_cache == "int8")
+                          self.device, int8=model.kv_int8)
         self.kv_bytes = self.kv.nbytes
         from ..quant.q4 import pack_blocks
 
@@ -149,7 +149,7 @@ class BatchEngine:
     def kv_bytes_per_token(model) -> int:
         c = model.config
         return KVStore.bytes_per_token(len(model.blocks), c.num_kv_heads, c.head_dim, model.dtype,
-                                       model.kv_cache == "int8")
+                                       model.kv_int8)
 
     def start(self) -> "BatchEngine":
         if self._thread is None:

@@ -78,7 +78,7 @@ class Engine:
         valid = torch.zeros((b, max_len), dtype=torch.bool, device=dev)
         valid[:, :w] = mask.bool()
         shape = (len(m.blocks), b, c.num_kv_heads, max_len, c.head_dim)
-        int8 = m.kv_cache == "int8"
+        int8 = m.kv_int8
         prev = self._state["cache"] if self._state is not None else None
         if prev is not None and prev.shape == shape and prev.dtype == m.dtype and prev.int8 == int8:
             cache = prev  # stale slots are masked out by `valid`

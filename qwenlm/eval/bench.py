@@ -147,7 +147,7 @@ def bench_decode(engine: Engine, n_tokens: int, batch: int = 1, context: int = 1
     assert all(len(r) == n_tokens for r in out)
     c = model.config
     kv_per_slot = KVStore.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype,
-                                          model.kv_cache == "int8") * batch
+                                          model.kv_int8) * batch
     # KV bytes read on average: the buckets the steps attended over
     b = engine.bucket
     kv_read = sum(min(b * math.ceil((context + s + 1) / b), engine.last_max_len) for s in range(n_tokens))
@@ -189,7 +189,7 @@ def bench_kv_memory(engine: Engine, batch: int, length: int, steps: int = 2) -> 
     model, dev = engine.model, engine.device
     c = model.config
     need = KVStore.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype,
-                                   model.kv_cache == "int8") * batch * length
+                                   model.kv_int8) * batch * length
     res = {"batch": batch, "length": length, "kv_cache": model.kv_cache, "kv_cache_bytes": need}
     free = free_bytes(dev)
     engine.release()

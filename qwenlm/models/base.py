@@ -49,8 +49,13 @@ class QwenCausalLM(GenerationMixin, nn.Module):
     final_norm: nn.Module
     lm_head: nn.Linear
 
+    @property
+    def kv_int8(self) -> bool:
+        """Whether the engines keep keys/values in 8 bits (`kv_cache == "int8"`)."""
+        return self.kv_cache == "int8"
+
     def new_cache(self) -> KVCache:
-        return KVCache(len(self.blocks), int8=self.kv_cache == "int8")
+        return KVCache(len(self.blocks), int8=self.kv_int8)
 
     def _context(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                  b: int, t: int, cache: KVCache | None, device) -> ForwardContext:
