@@ -286,19 +286,20 @@ class BatchEngine:
         tok = torch.tensor([s.generated[-1] for s in seqs], device=dev)
         pos = torch.tensor([s.cached for s in seqs], device=dev)  # the new token's slot and position
         length = max(s.cached for s in seqs) + 1
-        ctx = self._context(pos[:, None], [s.alpha for s in seqs], mask=None, last=length - 1)
-        if self._packs:
-            from ..quant.q4 import fused_decode
-
-            valid = torch.arange(self.max_model_len, device=dev)[None] <= pos[:, None]  # (n, S)
-            logn = ctx.logn[:, 0] if ctx.logn is not None else None
-            h = fused_decode(m, self._packs, tok, ctx.cos[:, 0], ctx.sin[:, 0], logn, self.kv, pos, valid, length)
-            logits = m.lm_head(h)
-        elif self.static_shapes:
-            logits = self._fixed_shape_step(n, tok, pos, ctx, length)
+        alphas = [s.alpha for s in seqs]
+        if self.static_shapes:
+            logits = self._fixed_shape_step(n, tok, pos, alphas, length)
         else:
-            logits = self._rows_step(n, length, tok, pos, ctx.cos[:, 0], ctx.sin[:, 0],
-                                     ctx.logn[:, 0] if ctx.logn is not None else None)
+            ctx = self._context(pos[:, None], alphas, mask=None, last=length - 1)
+            cos, sin = ctx.cos[:, 0], ctx.sin[:, 0]
+            logn = ctx.logn[:, 0] if ctx.logn is not None else None
+            if self._packs:
+                from ..quant.q4 import fused_decode
+
+                valid = torch.arange(self.max_model_len, device=dev)[None] <= pos[:, None]  # (n, S)
+                logits = m.lm_head(fused_decode(m, self._packs, tok, cos, sin, logn, self.kv, pos, valid, length))
+            else:
+                logits = self._rows_step(n, length, tok, pos, cos, sin, logn)
         for s in seqs:
             s.cached += 1
         self.stats["steps"] += 1
@@ -319,35 +320,45 @@ class BatchEngine:
             ctx.cache = writer
         return m.lm_head(m.run_blocks(tok[:, None], ctx)[:, -1])
 
-    def _fixed_shape_step(self, n: int, tok, pos, ctx, length: int) -> torch.Tensor:
+    def _fixed_shape_step(self, n: int, tok, pos, alphas: list[float], length: int) -> torch.Tensor:
         """The step at a fixed shape: rows [0, n) copied into buffers padded to `nb` rows (the padding
         rows are free cache rows: what they write there is overwritten before anyone reads it), slots
-        rounded up to the bucket; on CUDA, replayed from a graph captured the first time."""
+        rounded up to the bucket; on CUDA, replayed from a graph captured the first time. Rotary values
+        come from a table indexed inside the step (and LogN from the positions), unless a row has its
+        own NTK alpha: then they are computed here and copied in."""
+        c, dev = self.cfg, self.device
         nb = min(1 << (n - 1).bit_length(), self.max_num_seqs)
         lb = min(self.bucket * -(-length // self.bucket), self.max_model_len)
         if self._buf is None:
-            rows, d, dev = self.max_num_seqs, self.cfg.head_dim, self.device
+            rows, d = self.max_num_seqs, c.head_dim
+            table = rotary_cos_sin(torch.arange(self.max_model_len, device=dev)[None], d, c.rope_theta)
             self._buf = {"tok": torch.zeros(rows, dtype=torch.long, device=dev),
                          "pos": torch.zeros(rows, dtype=torch.long, device=dev),
                          "cos": torch.ones(rows, d, device=dev), "sin": torch.zeros(rows, d, device=dev),
-                         "logn": torch.ones(rows, device=dev)}
+                         "cos_table": table[0][0], "sin_table": table[1][0]}
         b = self._buf
         b["tok"][:n] = tok
         b["pos"][:n] = pos
         b["pos"][n:nb] = 0
-        b["cos"][:n] = ctx.cos[:, 0]
-        b["sin"][:n] = ctx.sin[:, 0]
-        with_logn = ctx.logn is not None
-        if with_logn:
-            b["logn"][:n] = ctx.logn[:, 0]
+        ntk = any(a != 1.0 for a in alphas)
+        if ntk:
+            ctx = self._context(pos[:, None], alphas, mask=None, last=length - 1)
+            b["cos"][:n] = ctx.cos[:, 0]
+            b["sin"][:n] = ctx.sin[:, 0]
+        with_logn = self.model.use_logn_attn and length > c.seq_length
 
         def run():
-            return self._rows_step(nb, lb, b["tok"][:nb], b["pos"][:nb], b["cos"][:nb], b["sin"][:nb],
-                                   b["logn"][:nb] if with_logn else None)
+            p = b["pos"][:nb]
+            if ntk:
+                cos, sin = b["cos"][:nb], b["sin"][:nb]
+            else:
+                cos, sin = b["cos_table"][p], b["sin_table"][p]
+            logn = logn_scale(p, c.seq_length) if with_logn else None
+            return self._rows_step(nb, lb, b["tok"][:nb], p, cos, sin, logn)
 
         if not self.cuda_graphs:
             return run()[:n]
-        key = (nb, lb, with_logn)
+        key = (nb, lb, with_logn, ntk)
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._capture(run)
