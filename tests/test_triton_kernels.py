@@ -53,7 +53,8 @@ def _gptq_tensors(k, n, bits, group, seed):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m,k,n,group", [(1, 512, 96, 128), (3, 256, 64, 64), (20, 256, 80, 128), (70, 128, 64, 32)])
+@pytest.mark.parametrize("m,k,n,group", [(1, 512, 96, 128), (3, 256, 64, 64), (20, 256, 80, 128), (70, 128, 64, 32),
+                                         (1, 2752, 64, 32)])  # K split 10 ways, the last split past K
 def test_gptq_matmul_equals_dequantized_matmul(bits, m, k, n, group):
     from qwenlm.kernels.gptq import gptq_matmul
 

@@ -7,10 +7,12 @@ int32 (`qweight` (K*bits/32, N)); per group of `group` input rows, a scale and a
 column, kept here as two fp16 (G, N) tensors (the zero unpacked, stored + 1). Act-order checkpoints
 are sorted at load so that groups are contiguous; the activations are permuted to match.
 
-Two shapes of the same kernel:
-* rows <= 4 (decode): one program per (column block, K split, row); products summed in fp32 without
-  tensor cores; the K splits add into an fp32 output (enough programs to fill the GPU at batch 1);
-* more rows (prefill, batches): tiles of rows times columns through `tl.dot` in the activations' dtype.
+Two kernels:
+* rows <= 4 (decode), `_gptq_gemv`: one program per (column block, K split, row); each packed int32 is
+  loaded once and unpacked in registers; products summed in fp32 without tensor cores; the K splits add
+  into an fp32 output (enough programs to fill the GPU at batch 1);
+* more rows (prefill, batches), `_gptq_mm`: tiles of rows times columns through `tl.dot` in the
+  activations' dtype.
 """
 
 from __future__ import annotations
@@ -22,54 +24,76 @@ from torch import nn
 
 
 @triton.jit
-def _gptq_mm(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, k_per_split,
-             stride_xm, stride_qk, stride_sg, stride_ym,
+def _gptq_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, k_per_split, stride_xm, stride_qk, stride_sg, stride_ym,
+               BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               ATOMIC: tl.constexpr):
+    """One activation row (program axis 2) times a block of columns, over one K split: each packed
+    int32 is loaded once and unpacked into its 32/BITS codes in registers."""
+    PER: tl.constexpr = 32 // BITS
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    ROWS: tl.constexpr = BLOCK_K // PER  # packed rows per K block
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rr = tl.arange(0, ROWS)
+    rj = tl.arange(0, PER)
+    k_start = pid_k * k_per_split
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        prow = k0 // PER + rr
+        packed = tl.load(qw_ptr + prow[:, None] * stride_qk + rn[None, :],
+                         mask=(prow * PER < K)[:, None] & n_ok[None, :], other=0)  # (ROWS, BLOCK_N)
+        q = (packed[:, None, :] >> (rj * BITS)[None, :, None]) & MAXQ  # (ROWS, PER, BLOCK_N): k = k0 + r*PER + j
+        # BLOCK_K divides GROUP, so the whole K block shares one group; the last split may run past K,
+        # where its activations are 0: read the last group there rather than past the end
+        g = tl.minimum(k0, K - 1) // GROUP
+        s = tl.load(s_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
+        w = (q.to(tl.float32) - z[None, None, :]) * s[None, None, :]
+        kk = k0 + rr[:, None] * PER + rj[None, :]  # (ROWS, PER)
+        x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0).to(tl.float32)
+        acc += tl.sum(tl.sum(x[:, :, None] * w, axis=1), axis=0)
+    ptr = y_ptr + row * stride_ym + rn
+    if ATOMIC:
+        tl.atomic_add(ptr, acc, mask=n_ok)
+    else:
+        tl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _gptq_mm(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_qk, stride_sg, stride_ym,
              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
+             BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """Tiles of rows times columns through tl.dot, each weight tile dequantized in registers."""
     PER: tl.constexpr = 32 // BITS
     MAXQ: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
-    k_start = pid_k * k_per_split
-    if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
         packed = tl.load(qw_ptr + (kk // PER)[:, None] * stride_qk + rn[None, :],
                          mask=k_ok[:, None] & n_ok[None, :], other=0)
         q = (packed >> ((kk % PER) * BITS)[:, None]) & MAXQ  # (BLOCK_K, BLOCK_N)
-        # BLOCK_K divides GROUP, so the whole K block shares one group
         g = k0 // GROUP
         s = tl.load(s_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
         z = tl.load(z_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
         w = (q.to(tl.float32) - z[None, :]) * s[None, :]
-        if BLOCK_M == 1:
-            x = tl.load(x_ptr + pid_m * stride_xm + kk, mask=k_ok, other=0).to(tl.float32)
-            acc += tl.sum(x[:, None] * w, axis=0)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        if IEEE:  # fp32 activations: full-precision products, not TF32
+            acc += tl.dot(x, w, input_precision="ieee")
         else:
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-            if IEEE:  # fp32 activations: full-precision products, not TF32
-                acc += tl.dot(x, w, input_precision="ieee")
-            else:
-                acc += tl.dot(x, w.to(x.dtype))
-    if BLOCK_M == 1:
-        ptr = y_ptr + pid_m * stride_ym + rn
-        if ATOMIC:
-            tl.atomic_add(ptr, acc, mask=n_ok)
-        else:
-            tl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        ptr = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-        tl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            acc += tl.dot(x, w.to(x.dtype))
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
 
 
 _GEMV_ROWS = 4  # up to this many rows, the per-row kernel; above, tl.dot tiles
@@ -106,18 +130,16 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         atomic = split > 1
         y = torch.zeros((m, n), dtype=torch.float32, device=x.device) if atomic else \
             torch.empty((m, n), dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(n, block_n), split, m)
-        _gptq_mm[grid](x, qweight, scales, zeros, y, m, n, k, k_per_split, x.stride(0), qweight.stride(0),
-                       scales.stride(0), y.stride(0), BITS=bits, GROUP=group, BLOCK_M=1, BLOCK_N=block_n,
-                       BLOCK_K=block_k, ATOMIC=atomic, IEEE=False)
+        _gptq_gemv[(triton.cdiv(n, block_n), split, m)](
+            x, qweight, scales, zeros, y, n, k, k_per_split, x.stride(0), qweight.stride(0), scales.stride(0),
+            y.stride(0), BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic)
         return y.to(x.dtype) if atomic else y
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n, block_k = 64, _block_k(group, 64)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_n), 1, triton.cdiv(m, block_m))
-    _gptq_mm[grid](x, qweight, scales, zeros, y, m, n, k, k, x.stride(0), qweight.stride(0), scales.stride(0),
-                   y.stride(0), BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                   ATOMIC=False, IEEE=x.dtype == torch.float32)
+    _gptq_mm[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+        x, qweight, scales, zeros, y, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32)
     return y
 
 
