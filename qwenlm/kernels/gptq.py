@@ -228,12 +228,12 @@ class GPTQTritonLinear(nn.Module):
 
 
 def self_check(device: torch.device, dtype: torch.dtype, bits: int, group: int = 128) -> str | None:
-    """None if both shapes of the kernel (one row, and tiles) give the dequantized weight's product, for
+    """None if both kernels (one row with K split, and tiles) give the dequantized weight's product, for
     the checkpoint's bits and group size."""
     from ..quant.gptq import pack_rows
 
     g = torch.Generator().manual_seed(bits)
-    k, n = 2 * group, 128
+    k, n = max(2048, 2 * group), 128  # long enough for the one-row path to split K (its atomic variant)
     q = torch.randint(0, 2**bits, (k, n), generator=g)
     scales = (torch.rand(k // group, n, generator=g) * 0.02 + 1e-3).half()
     zeros = torch.randint(1, 2**bits, (k // group, n), generator=g).half()
