@@ -88,3 +88,21 @@ def test_bench_gptq_arguments(capsys, monkeypatch):
         assert "needs a CUDA GPU and triton" in capsys.readouterr().err
     finally:
         kernels.triton_available.cache_clear()
+
+
+def test_gpu_session_script_commands_parse():
+    """benchmarks/gpu_session.sh runs `qwen bench` on the GPU machine, whose time is scarce: every
+    command line in it must at least be one that `qwen bench` accepts."""
+    import os
+    import re
+    import shlex
+
+    from qwenlm.cli import build_parser
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_session.sh")
+    lines = [m.group(1) for m in re.finditer(r"^\s*bench [\w.]+ (.*?)(?: ;;)?$", open(path).read(), re.M)]
+    assert len(lines) >= 8
+    parser = build_parser()
+    for line in lines:
+        args = parser.parse_args(["bench", *shlex.split(line), "--json"])
+        assert args.func.__module__ == "qwenlm.commands.bench", line
