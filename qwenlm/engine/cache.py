@@ -86,9 +86,9 @@ class KVStore:
         self.k_center[:, dst] = self.k_center[:, src]
 
     def kernel_layer(self, i: int, b: int) -> tuple[torch.Tensor, ...]:
-        """Layer i's rows [0, b) for the fused CPU decode kernel: k, v, the four scale tensors and the
-        key centers (all but k and v empty for a float cache). Views, made once per (i, b): the store's
-        tensors are never reallocated."""
+        """Layer i's rows [0, b) for the decode kernels (fused CPU step, Triton attention): k, v, the four
+        scale tensors and the key centers (all but k and v empty for a float cache). Views, made once per
+        (i, b): the store's tensors are never reallocated."""
         views = self.__dict__.setdefault("_kernel_views", {})
         key = (i, b)
         if key not in views:
@@ -131,8 +131,7 @@ class KernelAttention:
         from ..kernels.attention import decode_attention
 
         self.write(i, k, v)
-        b = q.shape[0]
-        layer = tuple(t[i, :b] if self.kv.int8 or j < 2 else t[i] for j, t in enumerate(self.kv.tensors[:6]))
+        layer = self.kv.kernel_layer(i, q.shape[0])[:6]  # k, v and their scales (not the key centers)
         return decode_attention(q[:, :, 0], layer, self.start, self.end, self.length)[:, :, None]
 
 

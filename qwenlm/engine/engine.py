@@ -92,7 +92,9 @@ class Engine:
                 "tok": torch.zeros((b, 1), dtype=torch.long, device=dev),
                 "slot": torch.zeros((1,), dtype=torch.long, device=dev),
                 "pos": (torch.tensor(lengths, device=dev) - 1)[:, None].clone(),
-                "start": (w - torch.tensor(lengths, device=dev)).to(torch.int32)}  # left padding
+                "start": (w - torch.tensor(lengths, device=dev)).to(torch.int32),  # left padding
+                # decode attention through the Triton kernel (GPU), decided once per generation
+                "kernel_attention": kernel_attention_on(dev, m.dtype, int8, c.head_dim)}
 
     _GRAPH_INPUTS = ("valid", "cos", "sin", "logn", "table_rows", "tok", "slot", "pos", "start")
 
@@ -149,7 +151,7 @@ class Engine:
             return self._fused_decode(st, length)
         cache = st["cache"]
         cache.write_pos = st["slot"]
-        if kernel_attention_on(self.device, self.model.dtype, cache.int8, self.cfg.head_dim):  # Triton: reads slots [start, slot]
+        if st["kernel_attention"]:  # Triton: reads slots [start, slot] (and 8-bit codes) directly
             ctx = self._ctx(st, st["pos"], None, None)
             ctx.decode = KernelAttention(cache, lambda i, k, v: cache.store(i, k, v, cache.put_at_write_pos),
                                          st["start"], (st["slot"] + 1).expand(st["b"]), length)

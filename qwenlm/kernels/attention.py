@@ -139,7 +139,7 @@ def self_check(device: torch.device, dtype: torch.dtype, int8: bool, head_dim: i
     q = torch.randn(b, h, d, generator=g).to(device, dtype)
     start = torch.tensor([0, 3], dtype=torch.int32, device=device)
     end = torch.tensor([s, 41], dtype=torch.int32, device=device)
-    out = decode_attention(q, tuple(t[0] for t in kv.tensors[:6]), start, end, s).float()
+    out = decode_attention(q, kv.kernel_layer(0, b)[:6], start, end, s).float()
     kk, vv = (t.float() for t in kv.load(0, lambda t: t))
     slots = torch.arange(s, device=device)
     mask = (slots[None] >= start[:, None]) & (slots[None] < end[:, None])

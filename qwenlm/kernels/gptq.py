@@ -163,18 +163,10 @@ class GPTQTritonLinear(nn.Module):
         """From a loaded `quant.gptq.GPTQLinear` (same values; act-order rows sorted by group)."""
         from ..quant.gptq import pack_rows
 
-        q, zeros = layer.codes()  # (K, N) codes, (G, N) zeros
-        g = layer.g_idx.long()
+        q, zeros, g, perm = layer.grouped_codes()  # (K, N), (G, N), (K,)
         k = q.shape[0]
-        group = layer.in_features if layer.scales.shape[0] == 1 else None
-        perm = None
-        if bool((g[1:] < g[:-1]).any()):
-            perm = torch.argsort(g, stable=True)
-            q, g = q[perm], g[perm]
-        if group is None:
-            group = int((g == g[0]).sum())  # rows per group once sorted
-        expected = torch.arange(k, device=g.device) // group
-        if not bool((g == expected).all()):
+        group = k // layer.scales.shape[0]
+        if not bool((g == torch.arange(k, device=g.device) // group).all()):
             raise ValueError("GPTQ groups of unequal sizes are not supported by the GPU kernel")
         if group % 32 or k % group:
             raise ValueError(f"group size {group} / in_features {k} not supported by the GPU kernel")

@@ -115,6 +115,18 @@ class GPTQLinear(nn.Module):
         """(K, N) codes and (G, N) real zeros (stored + 1)."""
         return unpack_rows(self.qweight, self.bits), unpack_cols(self.qzeros, self.bits) + 1
 
+    def grouped_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(K, N) codes, (G, N) real zeros and (K,) groups with the input rows sorted by group, and the
+        permutation that sorted them (act-order checkpoints; None when they already were), so that
+        every group is a contiguous run of rows for the kernels."""
+        q, zeros = self.codes()
+        g = self.g_idx.long()
+        perm = None
+        if bool((g[1:] < g[:-1]).any()):
+            perm = torch.argsort(g, stable=True)
+            q, g = q[perm], g[perm]
+        return q, zeros, g, perm
+
     def weight(self, dtype=torch.float32) -> torch.Tensor:
         q, zeros = self.codes()
         g = self.g_idx.long()
@@ -147,12 +159,7 @@ def gptq_to_q4(layer: GPTQLinear):
     m = scale * (128 - zero)."""
     from .q4 import BLOCK, Q4Linear, pack_q4
 
-    q, zeros = layer.codes()  # (K, N), (G, N)
-    g = layer.g_idx.long()
-    perm = None
-    if bool((g[1:] < g[:-1]).any()):  # act-order: sort the input columns so groups are contiguous
-        perm = torch.argsort(g, stable=True)
-        q, g = q[perm], g[perm]
+    q, zeros, g, perm = layer.grouped_codes()  # (K, N), (G, N), (K,)
     k, n = q.shape
     if k % BLOCK:
         raise ValueError(f"in_features {k} is not a multiple of {BLOCK}")
@@ -188,8 +195,8 @@ def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
     from ..kernels import kernel_works
 
     use_q4 = model.device.type == "cpu" and q4.available()
-    use_triton = not use_q4 and _triton_group(model, cfg) is not None and kernel_works(
-        "gptq", model.device, dtype, bits=cfg.bits, group=_triton_group(model, cfg))
+    group = None if use_q4 else _triton_group(model, cfg)
+    use_triton = group is not None and kernel_works("gptq", model.device, dtype, bits=cfg.bits, group=group)
     for mod in model.modules():  # AutoGPTQ's extra all-zero biases: drop them (they cost a kernel each)
         if isinstance(mod, GPTQLinear) and mod.bias is not None and not bool(mod.bias.any()):
             mod.bias = None
