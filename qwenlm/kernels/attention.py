@@ -27,7 +27,7 @@ def _decode_partial(q_ptr, k_ptr, v_ptr, ks_ptr, kl_ptr, vs_ptr, vl_ptr, start_p
                     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
                     H, GROUPS, SPLITS,
                     D: tl.constexpr, BLOCK_S: tl.constexpr, INT8: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # b * stride_kb passes 2**31 in caches of over 2**31 elements a layer
     h = tl.program_id(1)
     sp = tl.program_id(2)
     hk = h // GROUPS

@@ -135,11 +135,14 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
             y.stride(0), BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic)
         return y.to(x.dtype) if atomic else y
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n, block_k = 64, _block_k(group, 64)
+    # ptxas (python -m qwenlm.kernels.aot) spills registers for 64-deep K blocks in fp32 at 4 warps and
+    # in 16-row tiles; 32-deep blocks (fp32: at 8 warps) do not
+    ieee = x.dtype == torch.float32
+    block_n, block_k, warps = 64, _block_k(group, 32 if ieee or block_m == 16 else 64), 8 if ieee else 4
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _gptq_mm[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
         x, qweight, scales, zeros, y, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-        BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32)
+        BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, num_warps=warps)
     return y
 
 

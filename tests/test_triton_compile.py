@@ -1,0 +1,123 @@
+"""The Triton kernels compile for the GPUs users run them on (H100/H200: sm_90; A100: sm_80), as the
+host functions launch them, on a machine without a GPU (qwenlm/kernels/aot.py: Triton's own
+specialization of the recorded launch, PTX, then the ptxas that Triton ships).
+
+The interpreter tests (test_triton_kernels.py) check the arithmetic; this checks what only a compiler
+sees (types carried through loops, tl.dot shapes and dtypes, shared memory) and, with the pinned Triton,
+that no launched configuration spills registers to local memory (a spill costs memory traffic in the
+very kernels that exist to save it)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+if not HAVE_TRITON and os.environ.get("QWENLM_REQUIRE_TRITON") == "1":
+    raise RuntimeError("QWENLM_REQUIRE_TRITON=1 but triton is not installed")
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (pip install triton)")
+
+PINNED = "3.9.0"  # Makefile `triton`: register use is checked against this version's compiler
+CAPABILITIES = (90, 80)
+
+
+def _clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "QWENLM_TRITON")}
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    """`python -m qwenlm.kernels.aot --json` for both capabilities, in a process without Triton's
+    interpreter (which this test session turns on, and which the compiler cannot run beside)."""
+    out = subprocess.run([sys.executable, "-m", "qwenlm.kernels.aot", "--json", "--capability",
+                          *map(str, CAPABILITIES)], capture_output=True, text=True, env=_clean_env(), timeout=1200)
+    assert out.stdout.strip(), out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_every_launched_configuration_compiles_without_spills(compiled, capability):
+    import triton
+
+    rows = [r for r in compiled if r["capability"] == capability]
+    assert {r["kernel"] for r in rows} == {"_gptq_gemv", "_gptq_mm", "_decode_partial", "_decode_merge"}
+    assert len(rows) >= 40  # bits x groups x dtypes x row regimes, float/int8 caches x head sizes
+    errors = [(r["kernel"], r["options"], r["error"][:500]) for r in rows if "error" in r]
+    assert not errors, errors
+    for r in rows:
+        assert 0 < r["registers"] <= 255, r
+        assert r["shared"] <= (227 if capability == 90 else 163) * 1024, r
+    if triton.__version__ == PINNED:
+        spills = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+        assert not spills, spills
+
+
+def test_record_sees_the_launch_the_host_function_makes():
+    """The recorder is what the compile test trusts: it must capture the grid and the arguments the
+    host function computes (here: a 4-bit, group-128 one-row product splitting K across programs)."""
+    from qwenlm.kernels import aot, gptq
+
+    launches = aot.gptq_launches()
+    gemv = [launch for launch in launches if launch.name == "_gptq_gemv" and launch.args[0].shape == (1, 4096)
+            and launch.kwargs["BITS"] == 4 and launch.kwargs["GROUP"] == 128
+            and launch.args[0].dtype == torch.float16]
+    assert gemv
+    launch = gemv[0]
+    sig = aot.signature(launch)
+    assert sig["x_ptr"] == "*fp16" and sig["qw_ptr"] == "*i32" and sig["y_ptr"] == "*fp32"
+    assert launch.kwargs["ATOMIC"] is True and launch.grid[1] > 1  # K split into several programs
+    assert launch.grid[0] == 256 // launch.kwargs["BLOCK_N"]
+    # outside the block the real kernel is back
+    assert not isinstance(gptq._gptq_gemv, aot._Recorder)
+
+
+_KERNELS = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def bad(x_ptr, n, BLOCK: tl.constexpr):
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, n, BLOCK):
+        acc = tl.load(x_ptr + i + tl.arange(0, BLOCK)).to(tl.float16)  # fp32 -> fp16 in the loop
+    tl.store(x_ptr + tl.arange(0, BLOCK), acc)
+
+
+@triton.jit
+def good(x_ptr, n, BLOCK: tl.constexpr):
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, n, BLOCK):
+        acc += tl.load(x_ptr + i + tl.arange(0, BLOCK))
+    tl.store(x_ptr + tl.arange(0, BLOCK), acc)
+"""
+
+_COMPILE_BOTH = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import kernels
+from qwenlm.kernels import aot
+out = {}
+for name in ("bad", "good"):
+    try:
+        aot.compile_launch(aot.Launch(getattr(kernels, name), (1,), (torch.zeros(64), 64), {"BLOCK": 32}), 90)
+        out[name] = None
+    except Exception as e:
+        out[name] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_a_kernel_the_compiler_rejects_fails_here(tmp_path):
+    """A kernel error that Triton's interpreter runs straight through (a loop-carried value changing
+    type) is caught by the ahead-of-time compile, and the corrected kernel passes."""
+    (tmp_path / "kernels.py").write_text(_KERNELS)
+    out = subprocess.run([sys.executable, "-c", _COMPILE_BOTH, str(tmp_path)], capture_output=True, text=True,
+                         env=_clean_env(), timeout=600)
+    result = json.loads(out.stdout)
+    assert result["good"] is None
+    assert "Loop-carried variable acc" in result["bad"]
