@@ -11,10 +11,11 @@
 #   run(command="bash benchmarks/gpu_session.sh gptq",   carry=[".gpu"])   # issue 5: bf16 vs GPTQ Int4/Int8, 7B shape
 #   run(command="bash benchmarks/gpu_session.sh kv",     carry=[".gpu"])   # issue 5: KV-cache table, int8 at 8192
 #   run(command="bash benchmarks/gpu_session.sh serve",  carry=[".gpu"])   # issue 4: 1/8/32/64 streams, 7B shape
+#   run(command="bash benchmarks/gpu_session.sh ab",     carry=[".gpu"])   # issue 3: each decode change on and off
 # Each step writes its JSON and logs under $OUT (they come back to this machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: gpu_session.sh prepare|tests|engine|gptq|kv|serve}
+step=${1:?usage: gpu_session.sh prepare|tests|engine|gptq|kv|serve|ab}
 
 if [ "$step" = prepare ]; then
     set -e
@@ -61,6 +62,13 @@ gptq)
 kv)
     bench kv_table_7b --shape 7B --kv-table --kv-batches 1,4,16,32,64,100 --kv-lengths 512,1024,2048,4096,8192
     bench kv_int8_8192 --shape 7B --gen 8192 --prefill 0 --kv-cache int8 ;;
+ab)  # what each change since the last measured run is worth, batch-1 decode, one after the other
+    bench ab_1.8b --shape 1.8B --gen 2048 --prefill 0
+    QWENLM_FUSE=0 bench ab_1.8b_unfused --shape 1.8B --gen 2048 --prefill 0
+    QWENLM_TRITON=0 bench ab_1.8b_sdpa --shape 1.8B --gen 2048 --prefill 0
+    bench ab_7b --shape 7B --gen 2048 --prefill 0
+    QWENLM_FUSE=0 bench ab_7b_unfused --shape 7B --gen 2048 --prefill 0
+    QWENLM_TRITON=0 bench ab_7b_sdpa --shape 7B --gen 2048 --prefill 0 ;;
 serve)
     bench serve_7b --shape 7B --serve 1,8,32,64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer ;;
 *)

@@ -100,8 +100,8 @@ def test_gpu_session_script_commands_parse():
     from qwenlm.cli import build_parser
 
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_session.sh")
-    lines = [m.group(1) for m in re.finditer(r"^\s*bench [\w.]+ (.*?)(?: ;;)?$", open(path).read(), re.M)]
-    assert len(lines) >= 8
+    lines = [m.group(1) for m in re.finditer(r"^\s*(?:\w+=\S+ )*bench [\w.]+ (.*?)(?: ;;)?$", open(path).read(), re.M)]
+    assert len(lines) >= 14
     parser = build_parser()
     for line in lines:
         args = parser.parse_args(["bench", *shlex.split(line), "--json"])

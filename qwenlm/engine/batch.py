@@ -117,7 +117,9 @@ class BatchEngine:
                           self.device, int8=model.kv_int8)
         self.kv_bytes = self.kv.nbytes
         from ..quant.q4 import pack_blocks
+        from .engine import fuse_projections
 
+        fuse_projections(model)
         self._packs = pack_blocks(model) if self.device.type == "cpu" else None
         self._kernel_attention = not self._packs and kernel_attention_on(self.device, model.dtype, self.kv.int8,
                                                                          c.head_dim)

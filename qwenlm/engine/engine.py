@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Iterator, Sequence
 
 import torch
@@ -22,6 +23,16 @@ from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, ntk_a
 from .cache import KernelAttention, StaticKVCache, kernel_attention_on
 
 log = logging.getLogger("qwenlm")
+
+
+def fuse_projections(model) -> None:
+    """On a GPU the engines multiply each block's projections that share an input (gate/up, q/k/v) as
+    one matmul (models/layers.py: FusedLinears). QWENLM_FUSE=0 keeps them separate; =1 fuses on any
+    device."""
+    mode = os.environ.get("QWENLM_FUSE", "")
+    if mode == "1" or (mode != "0" and model.device.type == "cuda"):
+        n = model.fuse_projections()
+        log.info("engine: %d projection groups fused", n)
 
 
 class Engine:
@@ -41,6 +52,7 @@ class Engine:
         self._warm_stream = None
         self._state: dict | None = None
         self._packs = None  # fused CPU decode blocks (4-bit models), built on first decode
+        fuse_projections(model)
         log.info("engine: %s, cuda graphs %s", self.device, "on" if self.cuda_graphs else "off")
 
     # ---- tables ---------------------------------------------------------------------------

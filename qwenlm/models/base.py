@@ -117,6 +117,12 @@ class QwenCausalLM(GenerationMixin, nn.Module):
             h = block(h, ctx, i)
         return self.final_norm(h)
 
+    def fuse_projections(self) -> int:
+        """Fuse each block's linear layers that share an input (gate/up, and q/k/v where separate) into
+        one matmul each: fewer, longer matmuls per decode step (the engines do this on GPU). Memory and
+        state_dict are unchanged; quantized layers are left alone. Returns how many groups are fused."""
+        return sum(block.fuse() for block in self.blocks)
+
     def replace_module(self, name: str, new: nn.Module) -> None:
         """Put `new` where the submodule `name` is (quantized layers replacing linear ones)."""
         parent, _, attr = name.rpartition(".")

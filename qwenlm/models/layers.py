@@ -91,6 +91,74 @@ def rotary_qk(q, k, cos, sin, logn):
     return FUSED.get("rotary_qk", _rotary_qk, q)(q, k, cos, sin, logn)
 
 
+class FusedLinears:
+    """Linear layers of one module that read the same input (gate and up; q, k and v), with their
+    weights (and biases) stored as row slices of one matrix, so that one matmul computes them all:
+    on a GPU at batch 1 that is one launch and one longer read instead of two or three short ones.
+
+    The layers stay ordinary nn.Linear modules (state_dict, names and memory unchanged: their
+    parameters are views). The fusion holds only while each is still the module's attribute and
+    still a view at its place: moving, re-assigning or quantizing a layer ends it, and the layers are
+    called one by one again; so does a forward pass that computes gradients (fine-tuning)."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...]):
+        layers = [getattr(module, n) for n in names]
+        has_bias = {layer.bias is not None for layer in layers}
+        if not all(type(layer) is nn.Linear for layer in layers) or len(has_bias) != 1 or \
+                len({(layer.weight.dtype, layer.weight.device, layer.in_features) for layer in layers}) != 1:
+            raise ValueError(f"cannot fuse {names}: not plain linear layers of one dtype, device and input")
+        self.module, self.names, self.layers = module, names, layers
+        self.sizes = [layer.out_features for layer in layers]
+        with torch.no_grad():
+            self.weight = torch.cat([layer.weight.detach() for layer in layers])
+            self.bias = torch.cat([layer.bias.detach() for layer in layers]) if has_bias == {True} else None
+        start = 0
+        for layer, n in zip(layers, self.sizes):
+            grad = layer.weight.requires_grad
+            layer.weight = nn.Parameter(self.weight[start:start + n], requires_grad=grad)
+            if self.bias is not None:
+                layer.bias = nn.Parameter(self.bias[start:start + n], requires_grad=layer.bias.requires_grad)
+            start += n
+
+    def intact(self) -> bool:
+        step = self.weight.stride(0) * self.weight.element_size()
+        start, base = 0, self.weight.data_ptr()
+        for name, layer, n in zip(self.names, self.layers, self.sizes):
+            if getattr(self.module, name) is not layer or layer.weight.data_ptr() != base + start * step or (
+                    self.bias is not None and layer.bias.data_ptr() !=
+                    self.bias.data_ptr() + start * self.bias.element_size()):
+                return False
+            start += n
+        return True
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # the fused matrix is not a parameter: when gradients are wanted, go through the layers
+        training = torch.is_grad_enabled() and any(layer.weight.requires_grad for layer in self.layers)
+        if training or not self.intact():
+            return [getattr(self.module, n)(x) for n in self.names]
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+
+def linears(module: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of `module`'s linear layers `names` on `x`: one matmul if they are fused."""
+    fused = module.__dict__.get("_fused")
+    if fused is not None and fused.names == names:
+        return fused(x)
+    return [getattr(module, n)(x) for n in names]
+
+
+def fuse(module: nn.Module, names: tuple[str, ...]) -> bool:
+    """Fuse `module`'s linear layers `names` (see FusedLinears); False where they cannot be."""
+    fused = module.__dict__.get("_fused")
+    if fused is not None and fused.intact():
+        return True
+    try:
+        module.__dict__["_fused"] = FusedLinears(module, names)
+    except ValueError:
+        return False
+    return True
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

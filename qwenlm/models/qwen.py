@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .base import QwenCausalLM
-from .layers import ForwardContext, RMSNorm, attend, silu_mul
+from .layers import ForwardContext, RMSNorm, attend, fuse, linears, silu_mul
 
 
 class QWenAttention(nn.Module):
@@ -34,8 +34,11 @@ class QWenMLP(nn.Module):
         self.w2 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # gate (SiLU)
         self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    FUSE = ("w2", "w1")
+
     def forward(self, x):
-        return self.c_proj(silu_mul(self.w2(x), self.w1(x)))
+        gate, up = linears(self, self.FUSE, x)
+        return self.c_proj(silu_mul(gate, up))
 
 
 class QWenBlock(nn.Module):
@@ -51,6 +54,10 @@ class QWenBlock(nn.Module):
         a, m = self.attn, self.mlp
         return {"ln1": self.ln_1, "qkv": [a.c_attn], "o": a.c_proj, "ln2": self.ln_2,
                 "gate": m.w2, "up": m.w1, "down": m.c_proj}
+
+    def fuse(self) -> int:
+        """Fuse gate and up into one matmul (c_attn is one already); how many groups got fused."""
+        return int(fuse(self.mlp, self.mlp.FUSE))
 
     def forward(self, h, ctx: ForwardContext, layer: int):
         h = h + self.attn(self.ln_1(h), ctx, layer)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .base import QwenCausalLM
-from .layers import ForwardContext, RMSNorm, attend, silu_mul
+from .layers import ForwardContext, RMSNorm, attend, fuse, linears, silu_mul
 
 
 class Qwen2Attention(nn.Module):
@@ -23,11 +23,14 @@ class Qwen2Attention(nn.Module):
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * cfg.head_dim, bias=True)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, h, bias=False)
 
+    FUSE = ("q_proj", "k_proj", "v_proj")
+
     def forward(self, x, ctx: ForwardContext, layer: int):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = linears(self, self.FUSE, x)
+        q = q.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         return self.o_proj(attend(q, k, v, ctx, layer))
 
 
@@ -38,8 +41,11 @@ class Qwen2MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    FUSE = ("gate_proj", "up_proj")
+
     def forward(self, x):
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate, up = linears(self, self.FUSE, x)
+        return self.down_proj(silu_mul(gate, up))
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -55,6 +61,10 @@ class Qwen2DecoderLayer(nn.Module):
         a, m = self.self_attn, self.mlp
         return {"ln1": self.input_layernorm, "qkv": [a.q_proj, a.k_proj, a.v_proj], "o": a.o_proj,
                 "ln2": self.post_attention_layernorm, "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+
+    def fuse(self) -> int:
+        """Fuse q/k/v into one matmul and gate/up into another; how many groups got fused."""
+        return int(fuse(self.self_attn, self.self_attn.FUSE)) + int(fuse(self.mlp, self.mlp.FUSE))
 
     def forward(self, h, ctx: ForwardContext, layer: int):
         h = h + self.self_attn(self.input_layernorm(h), ctx, layer)
