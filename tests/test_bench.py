@@ -73,6 +73,21 @@ def test_bench_decode_with_int8_kv(v1_chat_dir, capsys):
     assert res["kv_cache"] == "int8" and res["decode"][0]["tokens"] == 8
 
 
+def test_bench_sampled_decode(v1_chat_dir, capsys):
+    """--sample decodes with the checkpoint's own generation_config (what chat uses), and says so."""
+    gen = json.load(open(f"{v1_chat_dir}/generation_config.json"))
+    assert main(["bench", "-m", v1_chat_dir, "--device", "cpu", "--dtype", "float32", "--gen", "8",
+                 "--prefill", "0", "--sample", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)["decode"][0]
+    assert d["tokens"] == 8
+    for key in ("top_p", "top_k", "repetition_penalty", "temperature"):
+        if key in gen:
+            assert d["sampling"][key] == gen[key], key
+    assert main(["bench", "-m", v1_chat_dir, "--device", "cpu", "--dtype", "float32", "--gen", "8",
+                 "--prefill", "0", "--sample"]) == 0
+    assert "decoding sampled with temperature" in capsys.readouterr().out
+
+
 def test_bench_gptq_arguments(capsys, monkeypatch):
     monkeypatch.setenv("QWENLM_TRITON", "0")
     from qwenlm import kernels

@@ -399,13 +399,17 @@ class BatchEngine:
         if greedy:
             for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
                 chosen[i] = t
+        sampled = []  # each row with its own settings and generator; one transfer to the host for all
         for i, s in enumerate(seqs):
             if chosen[i] is not None:
                 continue
             row = apply_presence_frequency(logits[i:i + 1], s.counts, s.cfg.presence_penalty,
                                            s.cfg.frequency_penalty)
             seen = s.seen[None] if s.seen is not None else torch.zeros_like(row, dtype=torch.bool)
-            chosen[i] = int(next_tokens(row, seen, s.cfg, s.generator)[0])
+            sampled.append((i, next_tokens(row, seen, s.cfg, s.generator)))
+        if sampled:
+            for (i, _), t in zip(sampled, torch.cat([t for _, t in sampled]).tolist()):
+                chosen[i] = t
         for s, t in zip(seqs, chosen):
             s.generated.append(t)
             s.counts[t] = s.counts.get(t, 0) + 1

@@ -122,13 +122,18 @@ def streamed_weight_bytes(model) -> int:
         emb.numel() * emb.element_size() if tied_head else 0)
 
 
-def bench_decode(engine: Engine, n_tokens: int, batch: int = 1, context: int = 1) -> dict:
-    """Generate `n_tokens` (no early stop) from `context` random tokens per row."""
+def bench_decode(engine: Engine, n_tokens: int, batch: int = 1, context: int = 1, sample: bool = False) -> dict:
+    """Generate `n_tokens` (no early stop) from `context` random tokens per row: greedy, or with
+    `sample` drawn with the model's own sampling settings (generation_config.json: what chat uses)."""
     model, dev = engine.model, engine.device
     vocab = min(model.config.vocab_size, 151643)
     prompts = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(0)).tolist()
-    cfg = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=n_tokens,
-                           eos_token_id=None, pad_token_id=0)
+    if sample:
+        cfg = model.generation_config.update(do_sample=True, max_new_tokens=n_tokens, eos_token_id=None,
+                                             pad_token_id=0, stop_words_ids=None, stop=None, seed=0)
+    else:
+        cfg = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=n_tokens,
+                               eos_token_id=None, pad_token_id=0)
     # time to first token: prefill + one sampled token (also warms the prefill path)
     engine.generate(prompts, cfg.update(max_new_tokens=1))
     _sync(dev)
@@ -155,6 +160,8 @@ def bench_decode(engine: Engine, n_tokens: int, batch: int = 1, context: int = 1
     res = {"tokens": n_tokens, "batch": batch, "seconds": dt, "tokens_per_s": batch * n_tokens / dt,
            "steps_per_s": n_tokens / dt, "ttft_ms": 1000 * ttft, "peak_memory_bytes": _peak(dev),
            "kv_cache_bytes": engine.last_kv_bytes, "bytes_per_step": bytes_per_step}
+    if sample:
+        res["sampling"] = {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
     bw = _bandwidth(dev)
     if bw:
         res["roofline_fraction"] = bytes_per_step * (n_tokens / dt) / bw
