@@ -33,6 +33,10 @@ def fuse_projections(model) -> None:
     if mode == "1" or (mode != "0" and model.device.type == "cuda"):
         n = model.fuse_projections()
         log.info("engine: %d projection groups fused", n)
+        if n and model.device.type == "cuda":
+            # the separate weights' memory is free now but cached in pieces the size of one layer's
+            # projection: give it back rather than keep it reserved beside the fused copies
+            torch.cuda.empty_cache()
 
 
 class Engine:
