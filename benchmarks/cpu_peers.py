@@ -4,6 +4,9 @@ GGUF, via llama-cpp-python when it is installed). Same prompt, greedy, same numb
 
     python benchmarks/cpu_peers.py [--tokens 128] [--threads 2] [--llama-python /path/to/python]
 
+With `--sample`: the chat's sampling settings instead of greedy (the model's generation_config.json:
+temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05), qwenlm int4/int8 against llama.cpp.
+
 With `--prefill 128,512,1024`: prompt processing instead — the first N tokens of a Python source file
 (the standard library's os.py), qwenlm int4 against llama.cpp, same tokens (ours, given to llama.cpp).
 """
@@ -22,12 +25,13 @@ LLAMA = r"""
 import json, sys, time
 from llama_cpp import Llama
 path, n, threads, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-llm = Llama(model_path=path, n_ctx=2048, n_threads=threads, verbose=False)
+sampling = json.loads(sys.argv[5]) if len(sys.argv) > 5 else dict(top_k=1, temp=0.0, repeat_penalty=1.0)
+llm = Llama(model_path=path, n_ctx=2048, n_threads=threads, verbose=False, seed=0)
 ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
 def run(k):
     llm.reset(); out = []
     t0 = time.perf_counter()
-    for i, tok in enumerate(llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0)):
+    for i, tok in enumerate(llm.generate(ids, **sampling)):
         if i == 0: t1 = time.perf_counter()
         out.append(tok)
         if len(out) == k: break
@@ -85,7 +89,7 @@ def prefill(lengths, threads, llama_python):
         print(f"prefill {n:>5}: {json.dumps(r)}")
 
 
-def ours(n, dtype, quantize=None):
+def ours(n, dtype, quantize=None, sample=False):
     from qwenlm import load
     from qwenlm.engine import Engine
     from qwenlm.generation import GenerationConfig
@@ -95,6 +99,8 @@ def ours(n, dtype, quantize=None):
     _, ids = make_context(tok, PROMPT, system="You are a helpful assistant.")
     eng = Engine(model)
     cfg = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=n, eos_token_id=None)
+    if sample:  # the chat's own settings; no stop, so that every run makes n tokens
+        cfg = model.generation_config.update(do_sample=True, max_new_tokens=n, eos_token_id=None, seed=0)
     eng.generate([ids], cfg.update(max_new_tokens=8))
     t0 = time.perf_counter()
     eng.generate([ids], cfg.update(max_new_tokens=1))
@@ -130,10 +136,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-python", default=None, help="a python with llama-cpp-python installed")
     ap.add_argument("--prefill", default=None, help="comma-separated prompt lengths: prompt processing instead")
+    ap.add_argument("--sample", action="store_true", help="the chat's sampling settings instead of greedy")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.prefill:
         return prefill([int(x) for x in args.prefill.split(",")], args.threads, args.llama_python)
+    if args.sample:
+        return sampled(args)
     res = {}
     res["qwenlm fp32"], ids = ours(args.tokens, "float32")
     res["qwenlm bf16"], _ = ours(args.tokens, "bfloat16")
@@ -153,6 +162,28 @@ def main():
             r["same_greedy_tokens_as_qwenlm_fp32"] = next((i for i, (a, b) in enumerate(zip(ref, toks)) if a != b),
                                                           len(ref))
         print(f"{name:>20}: {json.dumps(r)}")
+
+
+def sampled(args):
+    """Decode speed with the chat's sampling settings, qwenlm 4/8-bit and llama.cpp, alternating twice."""
+    from qwenlm.hub import default_gguf_path, default_model_dir
+
+    gen = json.load(open(f"{default_model_dir()}/generation_config.json"))
+    llama_sampling = {"temp": gen["temperature"], "top_p": gen["top_p"], "top_k": gen["top_k"],
+                      "repeat_penalty": gen["repetition_penalty"]}
+    print(f"sampling: {llama_sampling}")
+    for run in (1, 2):
+        for name, quantize in (("qwenlm int4", "int4"), ("qwenlm int8", "int8")):
+            r, ids = ours(args.tokens, "auto", quantize, sample=True)
+            r.pop("tokens")
+            print(f"run {run} {name:>18}: {json.dumps(r)}", flush=True)
+        if args.llama_python:
+            r = subprocess.run([args.llama_python, "-c", LLAMA, default_gguf_path(), str(args.tokens),
+                                str(args.threads), PROMPT_CHAT(ids), json.dumps(llama_sampling)],
+                               capture_output=True, text=True)
+            out = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr[-500:]}
+            out.pop("tokens", None)
+            print(f"run {run} {'llama.cpp Q4_K_M':>18}: {json.dumps(out)}", flush=True)
 
 
 def PROMPT_CHAT(ids):  # the same ChatML prompt as text (llama.cpp parses the special tokens)

@@ -221,3 +221,38 @@ def test_a_step_that_cannot_be_captured_runs_without_graphs(model, caplog):
         outs = _run(eng, {0: [(p, GREEDY) for p in prompts]})
     assert "CUDA graph capture failed" in caplog.text and not eng.cuda_graphs
     assert [o["tokens"] for o in outs] == [generate(model, [p], GREEDY)[0] for p in prompts]
+
+
+def _penalised_greedy(model, prompt, n, presence, frequency, repetition):
+    """Oracle for the penalties: the model's own forward with its KV cache, one token at a time;
+    OpenAI's first (logit -= presence * [count > 0] + frequency * count, over the generated tokens),
+    then the repetition penalty over prompt and generated tokens; then argmax."""
+    out, cache, x = [], None, torch.tensor([prompt])
+    with torch.inference_mode():
+        for _ in range(n):
+            res = model(x, past_key_values=cache, use_cache=True)
+            cache, logits = res.past_key_values, res.logits[0, -1].float()
+            for t in set(out):
+                logits[t] -= presence + frequency * out.count(t)
+            for t in set(prompt) | set(out):
+                logits[t] = logits[t] * repetition if logits[t] < 0 else logits[t] / repetition
+            out.append(int(logits.argmax()))
+            x = torch.tensor([[out[-1]]])
+    return out
+
+
+def test_presence_and_frequency_penalties_apply_to_their_own_row(model):
+    """Two greedy rows with the same sampling settings are chosen in one call: only the row that asks
+    for OpenAI's penalties gets them."""
+    prompt = random_prompts(6)[0]  # one prompt for both: a row given its neighbour's penalties shows at once
+    plain = GREEDY.update(repetition_penalty=1.01)  # not plain greedy: both rows take the sampling call
+    # negative presence (allowed: -2..2) pulls the text back to its own tokens, so it surely changes
+    penalised = plain.update(presence_penalty=-2.0, frequency_penalty=0.5)
+    eng = BatchEngine(model, max_num_seqs=2, max_model_len=64)
+    outs = _run(eng, {0: [(prompt, penalised), (prompt, plain)]})
+    want0 = _penalised_greedy(model, prompt, 12, -2.0, 0.5, 1.01)
+    want1 = _penalised_greedy(model, prompt, 12, 0.0, 0.0, 1.01)
+    assert want1 == generate(model, [prompt], plain)[0]
+    assert want0 != want1  # the penalties change this text
+    assert outs[0]["tokens"] == want0
+    assert outs[1]["tokens"] == want1

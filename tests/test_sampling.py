@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qwenlm.generation.config import GenerationConfig
-from qwenlm.generation.sampling import (_CANDIDATES, _candidates, apply_repetition_penalty, draw, next_tokens,
-                                        token_distribution, top_k_filter, top_p_filter)
+from qwenlm.generation.sampling import (_CANDIDATES, _candidates, apply_repetition_penalty, choose, draw,
+                                        next_tokens, token_distribution, top_k_filter, top_p_filter, uniforms)
 
 V = 5000  # more than the CPU shortcut's candidates, so that top-p alone can take it or not
 
@@ -44,22 +44,35 @@ def test_both_top_p_branches_are_taken():
     """Top-p alone on a CPU: the nucleus among the top candidates when they hold it (peaked logits),
     the full sort when they do not (flat logits); both checked against the reference above."""
     cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=0.8)
-    assert _candidates(_logits(True, 0), cfg) is not None
-    assert _candidates(_logits(False, 0), cfg) is None
     vals, ids = _candidates(_logits(True, 0), cfg)
     assert vals.shape == ids.shape == (3, _CANDIDATES)
+    vals, ids = _candidates(_logits(False, 0), cfg)
+    assert vals.shape == ids.shape == (3, V)  # the full sort
+
+
+def test_a_rows_token_does_not_depend_on_its_neighbours():
+    """Rows sampled together (the server batches them) pick what each picks alone at the same uniform
+    number, also when a neighbour makes the batch take the full sort instead of the candidates."""
+    cfg = GenerationConfig(do_sample=True, temperature=0.9, top_k=0, top_p=0.9, repetition_penalty=1.0)
+    peaked, flat = _logits(True, 7), _logits(False, 7)
+    seen = torch.zeros(2, V, dtype=torch.bool)
+    for i in range(50):
+        u = uniforms(2, torch.Generator().manual_seed(i), "cpu")
+        alone = choose(peaked[:1], seen[:1], cfg, u[:1])
+        together = choose(torch.cat([peaked[:1], flat[:1]]), seen, cfg, u)
+        assert together[0] == alone[0]
 
 
 def test_draw_has_the_given_probabilities():
     g = torch.Generator().manual_seed(0)
     probs = torch.tensor([[0.5, 0.2, 0.0, 0.3], [0.0, 0.0, 1.0, 0.0]])
     n = 40000
-    picks = torch.stack([draw(probs, g) for _ in range(n)])  # (n, 2)
+    picks = torch.stack([draw(probs, uniforms(2, g, "cpu")) for _ in range(n)])  # (n, 2)
     freq = torch.bincount(picks[:, 0], minlength=4).float() / n
     torch.testing.assert_close(freq, probs[0], atol=0.01, rtol=0)  # ~5 standard deviations
     assert (picks[:, 1] == 2).all()
     # unnormalized rows are fine: the draw scales by the row's total
-    picks = torch.stack([draw(probs * 7, g) for _ in range(4000)])
+    picks = torch.stack([draw(probs * 7, uniforms(2, g, "cpu")) for _ in range(4000)])
     assert set(picks[:, 0].tolist()) == {0, 1, 3}
 
 

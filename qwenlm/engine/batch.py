@@ -27,7 +27,7 @@ import torch
 
 from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, make_generator
-from ..generation.sampling import apply_presence_frequency, next_tokens
+from ..generation.sampling import apply_presence_frequency, choose, uniforms
 from ..models.layers import ForwardContext, logn_scale, ntk_alpha, rotary_cos_sin
 from .cache import KernelAttention, KVStore, kernel_attention_on
 
@@ -399,16 +399,30 @@ class BatchEngine:
         if greedy:
             for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
                 chosen[i] = t
-        sampled = []  # each row with its own settings and generator; one transfer to the host for all
+        # the other rows in groups of equal settings, each group in one call, each row with a uniform
+        # number from its own generator (so it picks what it would alone); one transfer for all
+        groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(seqs):
-            if chosen[i] is not None:
-                continue
-            row = apply_presence_frequency(logits[i:i + 1], s.counts, s.cfg.presence_penalty,
-                                           s.cfg.frequency_penalty)
-            seen = s.seen[None] if s.seen is not None else torch.zeros_like(row, dtype=torch.bool)
-            sampled.append((i, next_tokens(row, seen, s.cfg, s.generator)))
-        if sampled:
-            for (i, _), t in zip(sampled, torch.cat([t for _, t in sampled]).tolist()):
+            if chosen[i] is None:
+                c = s.cfg
+                groups.setdefault((c.greedy, c.temperature, c.top_p, c.top_k, c.repetition_penalty), []).append(i)
+        picked = []
+        for rows in groups.values():
+            cfg = seqs[rows[0]].cfg
+            part = logits[rows]
+            for j, i in enumerate(rows):
+                s = seqs[i]
+                part[j:j + 1] = apply_presence_frequency(part[j:j + 1], s.counts, s.cfg.presence_penalty,
+                                                         s.cfg.frequency_penalty)
+            seen = None
+            if cfg.repetition_penalty != 1.0:
+                none = torch.zeros(part.shape[-1], dtype=torch.bool, device=part.device)
+                seen = torch.stack([none if seqs[i].seen is None else seqs[i].seen for i in rows])
+            u = None if cfg.greedy else torch.cat([uniforms(1, seqs[i].generator, self.device) for i in rows])
+            picked.append((rows, choose(part, seen, cfg, u)))
+        if picked:
+            flat = torch.cat([t for _, t in picked]).tolist()
+            for i, t in zip([i for rows, _ in picked for i in rows], flat):
                 chosen[i] = t
         for s, t in zip(seqs, chosen):
             s.generated.append(t)

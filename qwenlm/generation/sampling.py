@@ -74,8 +74,11 @@ def _nucleus(vals: torch.Tensor, mass: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _candidates(logits: torch.Tensor, cfg: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(logits, token ids) (B, m) of the only tokens that top-k/top-p can keep, most likely first, with
-    the removed ones at -inf; None when the whole vocabulary has to be considered."""
+    """(logits, token ids) (B, m), most likely first, of the only tokens that top-k/top-p can keep,
+    the removed ones at -inf; None for plain sampling (neither filter on).
+
+    Whatever m, the kept tokens come in the same order with the same logits, so a draw at the same
+    uniform number picks the same token: a row's token does not depend on the rows beside it."""
     vocab = logits.shape[-1]
     k = cfg.top_k if 0 < cfg.top_k < vocab else 0
     if k:
@@ -83,31 +86,37 @@ def _candidates(logits: torch.Tensor, cfg: GenerationConfig) -> tuple[torch.Tens
         if cfg.top_p < 1.0:
             vals = _nucleus(vals, vals.softmax(-1), cfg.top_p)
         return vals, ids
-    if cfg.top_p >= 1.0 or logits.is_cuda or vocab <= _CANDIDATES:
-        return None  # plain sampling, or a GPU (sorts fast; checking below would wait on it)
-    vals, ids = torch.topk(logits, _CANDIDATES, dim=-1)
-    mass = (vals - torch.logsumexp(logits, -1, keepdim=True)).exp()
-    # exact when the candidates hold the nucleus, i.e. more than p of the mass (the margin keeps
-    # float rounding at the boundary on the side of the full sort)
-    if not bool((mass.sum(-1) > cfg.top_p + 1e-4).all()):
+    if cfg.top_p >= 1.0:
         return None
-    return _nucleus(vals, mass, cfg.top_p), ids
+    if not logits.is_cuda and vocab > _CANDIDATES:  # (on a GPU the check would wait for it; it sorts fast)
+        vals, ids = torch.topk(logits, _CANDIDATES, dim=-1)
+        mass = (vals - torch.logsumexp(logits, -1, keepdim=True)).exp()
+        # exact when the candidates hold the nucleus, i.e. more than p of the mass (the margin keeps
+        # float rounding at the boundary on the side of the full sort)
+        if bool((mass.sum(-1) > cfg.top_p + 1e-4).all()):
+            return _nucleus(vals, mass, cfg.top_p), ids
+    vals, ids = torch.sort(logits, dim=-1, descending=True)
+    return _nucleus(vals, vals.softmax(-1), cfg.top_p), ids
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def uniforms(rows: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """(rows, 1) uniform numbers in [0, 1) for `choose`, from `generator`."""
+    return torch.rand((rows, 1), generator=generator, device=device, dtype=torch.float32)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One index per row (B,) drawn with the rows' probabilities (B, n), by inverting the cumulative
-    sum at a uniform number: the distribution of torch.multinomial at a fraction of its cost on a CPU
-    (0.2 ms instead of 4.3 ms over a 151,936-token vocabulary). Zero-probability entries are never
-    drawn."""
+    sum at the rows' uniform numbers u (B, 1): the distribution of torch.multinomial at a fraction of
+    its cost on a CPU (0.2 ms instead of 4.3 ms over a 151,936-token vocabulary). Zero-probability
+    entries are never drawn."""
     c = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=c.dtype) * c[:, -1:]
-    return torch.searchsorted(c, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+    return torch.searchsorted(c, u.to(c.dtype) * c[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 def token_distribution(logits: torch.Tensor, cfg: GenerationConfig) -> tuple[torch.Tensor | None, torch.Tensor]:
     """What a sampled step draws from, after the repetition penalty: temperature, top-k, top-p.
     Returns (ids, probs): probs (B, m) over the token ids (B, m), or ids None and probs (B, V) over
-    the whole vocabulary."""
+    the whole vocabulary (plain sampling)."""
     logits = logits / cfg.temperature
     # extreme settings (a penalty near 0, a temperature near 0) can overflow to +inf: keep such
     # tokens the most likely ones instead of turning the distribution into NaN
@@ -116,17 +125,23 @@ def token_distribution(logits: torch.Tensor, cfg: GenerationConfig) -> tuple[tor
     if cand is not None:
         vals, ids = cand
         return ids, vals.softmax(-1)
-    return None, top_p_filter(top_k_filter(logits, cfg.top_k), cfg.top_p).softmax(-1)
+    return None, logits.softmax(-1)
 
 
-def next_tokens(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerationConfig,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) fp32 -> chosen ids (B,). The tokens kept and their probabilities are those of
-    `top_p_filter(top_k_filter(...))` (transformers' order); found without sorting the whole
-    vocabulary where possible."""
+def choose(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerationConfig, u: torch.Tensor | None) -> torch.Tensor:
+    """logits (B, V) fp32 -> chosen ids (B,), with one uniform number per row u (B, 1) when sampling.
+    The tokens kept and their probabilities are those of `top_p_filter(top_k_filter(...))`
+    (transformers' order), found without sorting the whole vocabulary where possible."""
     logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.greedy:
         return logits.argmax(-1)
     ids, probs = token_distribution(logits, cfg)
-    pick = draw(probs, generator)
+    pick = draw(probs, u)
     return pick if ids is None else ids.gather(-1, pick[:, None]).squeeze(-1)
+
+
+def next_tokens(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerationConfig,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """`choose` with the rows' uniform numbers drawn from one generator."""
+    u = None if cfg.greedy else uniforms(logits.shape[0], generator, logits.device)
+    return choose(logits, seen, cfg, u)
