@@ -12,10 +12,11 @@
 #   run(command="bash benchmarks/gpu_session.sh kv",     carry=[".gpu"])   # issue 5: KV-cache table, int8 at 8192
 #   run(command="bash benchmarks/gpu_session.sh serve",  carry=[".gpu"])   # issue 4: 1/8/32/64 streams, 7B shape
 #   run(command="bash benchmarks/gpu_session.sh ab",     carry=[".gpu"])   # issue 3: each decode change on and off
+#   run(command="bash benchmarks/gpu_session.sh sweep",  carry=[".gpu"])   # Triton launch settings, 7B shapes
 # Each step writes its JSON and logs under $OUT (they come back to this machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: gpu_session.sh prepare|tests|engine|gptq|kv|serve|ab}
+step=${1:?usage: gpu_session.sh prepare|tests|engine|gptq|kv|serve|ab|sweep}
 
 if [ "$step" = prepare ]; then
     set -e
@@ -69,6 +70,11 @@ ab)  # what each change since the last measured run is worth, batch-1 decode, on
     bench ab_7b --shape 7B --gen 2048 --prefill 0
     QWENLM_FUSE=0 bench ab_7b_unfused --shape 7B --gen 2048 --prefill 0
     QWENLM_TRITON=0 bench ab_7b_sdpa --shape 7B --gen 2048 --prefill 0 ;;
+sweep)  # every launch setting checked, then timed; the defaults are marked '*' (choose, then edit them)
+    timeout 330 python3 benchmarks/kernel_sweep.py --only gptq --json "$OUT/sweep_gptq.json" 2>&1 \
+        | tee "$OUT/sweep_gptq.log" | grep -v -i warn
+    timeout 230 python3 benchmarks/kernel_sweep.py --only attention --json "$OUT/sweep_attention.json" 2>&1 \
+        | tee "$OUT/sweep_attention.log" | grep -v -i warn ;;
 serve)
     bench serve_7b --shape 7B --serve 1,8,32,64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer ;;
 *)

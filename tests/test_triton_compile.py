@@ -121,3 +121,30 @@ def test_a_kernel_the_compiler_rejects_fails_here(tmp_path):
     result = json.loads(out.stdout)
     assert result["good"] is None
     assert "Loop-carried variable acc" in result["bad"]
+
+
+def test_launch_settings_reach_the_launch():
+    """`config` (what benchmarks/kernel_sweep.py varies) changes the launch it names; without it the
+    module defaults apply."""
+    from qwenlm.engine.cache import KVStore
+    from qwenlm.kernels import aot, attention, gptq
+
+    x, qweight = torch.zeros(1, 4096, dtype=torch.float16), torch.zeros(512, 1024, dtype=torch.int32)
+    scales = torch.zeros(32, 1024, dtype=torch.float16)
+    with aot.record(gptq, ("_gptq_gemv",)) as launches:
+        gptq.gptq_matmul(x, qweight, scales, scales, 4, 128)
+        gptq.gptq_matmul(x, qweight, scales, scales, 4, 128, config={"block_n": 128, "programs": 0, "num_warps": 8})
+    default, tuned = launches
+    assert default.kwargs["BLOCK_N"] == gptq.GEMV["block_n"] and default.grid[1] > 1 and default.kwargs["ATOMIC"]
+    assert tuned.kwargs["BLOCK_N"] == 128 and tuned.grid == (1024 // 128, 1, 1) and not tuned.kwargs["ATOMIC"]
+    assert tuned.kwargs["num_warps"] == 8
+
+    kv = KVStore(1, 1, 2, 512, 64, torch.float16, torch.device("cpu"))
+    q, slots = torch.zeros(1, 4, 64, dtype=torch.float16), torch.zeros(1, dtype=torch.int32)
+    with aot.record(attention, ("_decode_partial", "_decode_merge")) as launches:
+        attention.decode_attention(q, kv.kernel_layer(0, 1)[:6], slots, slots, 512)
+        attention.decode_attention(q, kv.kernel_layer(0, 1)[:6], slots, slots, 512,
+                                   config={"block_s": 64, "num_warps": 8, "max_splits": 1})
+    partial = [launch for launch in launches if launch.name == "_decode_partial"]
+    assert partial[0].kwargs["BLOCK_S"] == attention.ATTENTION["block_s"] and partial[0].grid[2] > 1
+    assert partial[1].kwargs["BLOCK_S"] == 64 and partial[1].kwargs["num_warps"] == 8 and partial[1].grid[2] == 1

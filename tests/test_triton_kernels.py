@@ -240,3 +240,20 @@ def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch, caplog, tmp_path
     kernels._checked.clear()
     assert not kernels.kernel_works("attention", DEV, torch.float32, int8=True, head_dim=16)
     assert kernels.kernel_works("gptq", DEV, torch.float32, bits=4, group=32)  # the other kernel is unaffected
+
+
+def test_kernel_sweep_script_runs_its_settings(tmp_path):
+    """benchmarks/kernel_sweep.py (run on the GPU machine, whose time is scarce) in its dry run: every
+    launch setting it would time is checked against plain torch arithmetic in the interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernel_sweep.py")
+    out = subprocess.run([sys.executable, script, "--dry-run", "--quick", "--json", str(tmp_path / "s.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert {r["kernel"] for r in rows} == {"gptq_gemv", "decode_attention"}
+    assert all("us" in r and "error" not in r for r in rows)
+    assert sum(r["default"] for r in rows) == 5  # the defaults are among the settings of each case

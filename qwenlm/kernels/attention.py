@@ -84,33 +84,39 @@ def _decode_merge(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, H, SPLITS,
     tl.store(out_ptr + b * stride_ob + h * stride_oh + rd, out.to(out_ptr.dtype.element_ty))
 
 
-_TARGET_PROGRAMS = 264  # two per H100 SM
-_BLOCK_S = 32
+# Launch settings (`benchmarks/kernel_sweep.py` times alternatives on a GPU; pass them as `config`):
+# programs: the (row, head, range) programs aimed for (two per H100 SM); block_s: slots per loop step;
+# min_blocks: the fewest loop steps a range gets; max_splits: the most ranges per row and head.
+ATTENTION = {"programs": 264, "block_s": 32, "min_blocks": 4, "max_splits": 64, "num_warps": 4}
 
 
-def plan_splits(rows: int, heads: int, length: int) -> tuple[int, int]:
+def plan_splits(rows: int, heads: int, length: int, config: dict | None = None) -> tuple[int, int]:
     """(splits, slots per split) for `length` readable slots: enough programs, none reading fewer
-    than 4 blocks of slots."""
-    blocks = math.ceil(length / _BLOCK_S)
-    splits = max(1, min(math.ceil(_TARGET_PROGRAMS / (rows * heads)), blocks // 4, 64))
-    per = math.ceil(blocks / splits) * _BLOCK_S
+    than `min_blocks` blocks of slots."""
+    c = {**ATTENTION, **(config or {})}
+    bs = c["block_s"]
+    blocks = math.ceil(length / bs)
+    splits = max(1, min(math.ceil(c["programs"] / (rows * heads)), blocks // c["min_blocks"], c["max_splits"]))
+    per = math.ceil(blocks / splits) * bs
     return math.ceil(length / per), per
 
 
 def decode_attention(q: torch.Tensor, layer: tuple[torch.Tensor, ...], start: torch.Tensor, end: torch.Tensor,
-                     length: int) -> torch.Tensor:
+                     length: int, config: dict | None = None) -> torch.Tensor:
     """q (B, H, D), already rotated and LogN-scaled -> (B, H, D) attention output in q's dtype.
 
     `layer`: (k, v, k_scale, k_low, v_scale, v_low) of one layer, k/v (B', H_kv, S, D) in a float
     dtype or uint8 codes with (B', H_kv, S) fp16 scales (B' >= B; rows [0, B) are read).
-    `start`/`end` (B,) int32: the valid slots of each row; `length` bounds `end` (sets the grid)."""
+    `start`/`end` (B,) int32: the valid slots of each row; `length` bounds `end` (sets the grid).
+    `config` overrides entries of ATTENTION."""
+    c = {**ATTENTION, **(config or {})}
     k, v, ks, kl, vs, vl = layer
     b, h, d = q.shape
     hk = k.shape[1]
     if d & (d - 1) or k.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("decode_attention needs a power-of-two head size and contiguous heads")
     int8 = k.dtype == torch.uint8
-    splits, per = plan_splits(b, h, length)
+    splits, per = plan_splits(b, h, length, c)
     acc = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
     ml = torch.empty((b, h, splits, 2), dtype=torch.float32, device=q.device)
     if not int8:
@@ -119,7 +125,7 @@ def decode_attention(q: torch.Tensor, layer: tuple[torch.Tensor, ...], start: to
         q, k, v, ks, kl, vs, vl, start, end, acc, ml, 1.0 / math.sqrt(d), per,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         ks.stride(0) if int8 else 0, ks.stride(1) if int8 else 0,
-        h, h // hk, splits, D=d, BLOCK_S=_BLOCK_S, INT8=int8)
+        h, h // hk, splits, D=d, BLOCK_S=c["block_s"], INT8=int8, num_warps=c["num_warps"])
     out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
     _decode_merge[(b, h)](acc, ml, out, out.stride(0), out.stride(1), h, splits, D=d,
                           BLOCK_P=max(2, triton.next_power_of_2(splits)))

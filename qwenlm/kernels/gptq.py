@@ -97,7 +97,13 @@ def _gptq_mm(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_qk, 
 
 
 _GEMV_ROWS = 4  # up to this many rows, the per-row kernel; above, tl.dot tiles
-_TARGET_PROGRAMS = 512  # enough concurrent programs to keep an H100's 132 SMs reading
+# Launch settings. `benchmarks/kernel_sweep.py` times alternatives on a GPU (pass them as `config`).
+# programs: how many concurrent programs the one-row kernel aims for by splitting K (0: never split;
+# 512 keeps an H100's 132 SMs reading); min_k_blocks: the shortest split, in K blocks.
+GEMV = {"block_n": 64, "block_k": 128, "programs": 512, "min_k_blocks": 8, "num_warps": 4}
+# block_k/num_warps None: chosen by the rows and dtype (ptxas spills registers for 64-deep K blocks in
+# fp32 at 4 warps and in 16-row tiles; 32-deep blocks, fp32 at 8 warps, do not: python -m qwenlm.kernels.aot)
+MM = {"block_n": 64, "block_k": None, "num_warps": None}
 
 
 def _block_k(group: int, cap: int) -> int:
@@ -108,23 +114,25 @@ def _block_k(group: int, cap: int) -> int:
     return b
 
 
-def _gemv_plan(n: int, k: int, block_n: int, block_k: int) -> int:
-    """How many K splits: enough programs for the GPU, each split at least 8 K blocks long."""
+def _gemv_plan(n: int, k: int, block_n: int, block_k: int, programs: int = 512, min_k_blocks: int = 8) -> int:
+    """How many K splits: enough programs for the GPU, each split at least `min_k_blocks` K blocks long."""
     col_blocks = triton.cdiv(n, block_n)
     k_blocks = triton.cdiv(k, block_k)
-    return max(1, min(_TARGET_PROGRAMS // col_blocks, k_blocks // 8))
+    return max(1, min(programs // col_blocks, k_blocks // min_k_blocks))
 
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                bits: int, group: int) -> torch.Tensor:
+                bits: int, group: int, config: dict | None = None) -> torch.Tensor:
     """x (M, K) @ W (K, N) with W dequantized from (qweight, scales, zeros) inside the kernel.
-    `group` must be a multiple of 32 dividing K."""
+    `group` must be a multiple of 32 dividing K. `config` overrides entries of GEMV (up to 4 rows) or
+    MM (more rows)."""
     m, k = x.shape
     n = qweight.shape[1]
     x = x.contiguous()
     if m <= _GEMV_ROWS:
-        block_n, block_k = 64, _block_k(group, 128)
-        split = _gemv_plan(n, k, block_n, block_k)
+        c = {**GEMV, **(config or {})}
+        block_n, block_k = c["block_n"], _block_k(group, c["block_k"])
+        split = _gemv_plan(n, k, block_n, block_k, c["programs"], c["min_k_blocks"])
         k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
         split = triton.cdiv(k, k_per_split)
         atomic = split > 1
@@ -132,13 +140,15 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
             torch.empty((m, n), dtype=x.dtype, device=x.device)
         _gptq_gemv[(triton.cdiv(n, block_n), split, m)](
             x, qweight, scales, zeros, y, n, k, k_per_split, x.stride(0), qweight.stride(0), scales.stride(0),
-            y.stride(0), BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic)
+            y.stride(0), BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic,
+            num_warps=c["num_warps"])
         return y.to(x.dtype) if atomic else y
+    c = {**MM, **(config or {})}
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    # ptxas (python -m qwenlm.kernels.aot) spills registers for 64-deep K blocks in fp32 at 4 warps and
-    # in 16-row tiles; 32-deep blocks (fp32: at 8 warps) do not
     ieee = x.dtype == torch.float32
-    block_n, block_k, warps = 64, _block_k(group, 32 if ieee or block_m == 16 else 64), 8 if ieee else 4
+    block_n = c["block_n"]
+    block_k = _block_k(group, c["block_k"] or (32 if ieee or block_m == 16 else 64))
+    warps = c["num_warps"] or (8 if ieee else 4)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _gptq_mm[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
         x, qweight, scales, zeros, y, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),

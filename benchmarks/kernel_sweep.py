@@ -1,0 +1,199 @@
+"""Time the Triton kernels' launch settings on a GPU, for the shapes of a 7B decode step, so that a short
+GPU session can choose them from one run (`bash benchmarks/gpu_session.sh sweep`).
+
+    python benchmarks/kernel_sweep.py [--quick] [--only gptq|attention] [--json OUT]
+    python benchmarks/kernel_sweep.py --dry-run --quick   # no GPU: tiny shapes in Triton's interpreter
+
+For each shape: the bf16 matmul (cuBLAS) as the baseline; then every setting of the GPTQ one-row kernel
+(4 and 8 bits, group 128) and of the decode attention kernel, each first checked against plain torch
+arithmetic (a setting that disagrees is reported, never ranked). Times are CUDA-graph replays of the
+whole host function (its memset and cast included), `triton.testing.do_bench_cudagraph`; bandwidth
+counts the bytes the call must read. The current defaults are marked `*`.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+DRY = "--dry-run" in sys.argv
+if DRY:  # before Triton is imported: the kernels run interpreted on CPU tensors
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["QWENLM_TRITON"] = "interpret"
+
+import torch  # noqa: E402
+
+# Qwen v1 7B: c_attn, w1 and w2, mlp c_proj, attn c_proj; the head (8 bits with --quantize-head)
+GPTQ_SHAPES = [(4096, 12288), (4096, 11008), (11008, 4096), (4096, 4096)]
+HEAD = (4096, 151936)
+ATTN = {"heads": 32, "kv_heads": 32, "head_dim": 128}
+ATTN_CASES = [(1, 2048, False), (1, 8192, False), (1, 8192, True), (16, 1024, False), (64, 512, False)]
+DEV = "cuda"
+if DRY:  # the script's own logic, on shapes the interpreter gets through in seconds
+    GPTQ_SHAPES, HEAD = [(256, 128)], (256, 192)
+    ATTN = {"heads": 4, "kv_heads": 2, "head_dim": 64}
+    ATTN_CASES = [(1, 96, False), (2, 64, True)]
+    DEV = "cpu"
+
+
+def _bench(fn) -> float:
+    """Milliseconds per call: CUDA-graph replays on a GPU, one plain call in a dry run."""
+    if DRY:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=50)
+
+
+def _gptq_case(k, n, bits, group=128):
+    from qwenlm.quant.gptq import pack_rows
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 2**bits, (k, n), generator=g)
+    scales = (torch.rand(k // group, n, generator=g) * 0.02 + 1e-3).half()
+    zeros = torch.randint(1, 2**bits, (k // group, n), generator=g).half()
+    w = (q.float() - zeros.float().repeat_interleave(group, 0)) * scales.float().repeat_interleave(group, 0)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    want = (x.float() @ w).to(DEV)
+    args = (pack_rows(q, bits).to(DEV), scales.to(DEV), zeros.to(DEV), bits, group)
+    nbytes = k * n * bits // 8 + 2 * 2 * (k // group) * n + 2 * k + 2 * n
+    return x.to(DEV), args, want, nbytes, w
+
+
+def gemv_configs(quick: bool):
+    from qwenlm.kernels import gptq
+
+    grid = {"block_n": [32, 64, 128], "block_k": [64, 128], "programs": [0, 264, 512, 1024],
+            "num_warps": [2, 4, 8]}
+    if quick:
+        grid = {"block_n": [64, 128], "block_k": [128], "programs": [0, 512], "num_warps": [4]}
+    out = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
+    default = {k: gptq.GEMV[k] for k in grid}
+    return [default] + [c for c in out if c != default]
+
+
+def attention_configs(quick: bool):
+    from qwenlm.kernels import attention
+
+    grid = {"block_s": [16, 32, 64], "programs": [132, 264, 528], "num_warps": [2, 4, 8]}
+    if quick:
+        grid = {"block_s": [32, 64], "programs": [264], "num_warps": [4, 8]}
+    out = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
+    default = {k: attention.ATTENTION[k] for k in grid}
+    return [default] + [c for c in out if c != default]
+
+
+def sweep_gptq(quick: bool) -> list[dict]:
+    from qwenlm.kernels.gptq import gptq_matmul
+
+    rows = []
+    shapes = [(s, 4) for s in GPTQ_SHAPES] + [(s, 8) for s in GPTQ_SHAPES[:1]] + [(HEAD, 8)]
+    for (k, n), bits in shapes:
+        x, args, want, nbytes, w = _gptq_case(k, n, bits)
+        dense = w.t().contiguous().to(DEV, torch.bfloat16)
+        base = _bench(lambda: torch.nn.functional.linear(x, dense))
+        del w
+        print(f"\n{k}x{n} {bits}-bit: bf16 cuBLAS {base * 1000:.1f} us "
+              f"({k * n * 2 / base / 1e6:.0f} GB/s)", flush=True)
+        for i, cfg in enumerate(gemv_configs(quick)):
+            row = {"kernel": "gptq_gemv", "k": k, "n": n, "bits": bits, "config": cfg, "default": i == 0,
+                   "bf16_us": base * 1000}
+            try:
+                y = gptq_matmul(x, *args, config=cfg).float()
+                err = ((y - want).abs().max() / want.abs().max()).item()
+                row["rel_error"] = err
+                if err > 3e-2:
+                    row["error"] = f"relative error {err:.3g}"
+                else:
+                    ms = _bench(lambda: gptq_matmul(x, *args, config=cfg))
+                    row.update(us=ms * 1000, gb_s=nbytes / ms / 1e6, vs_bf16=base / ms)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+        ok = sorted((r for r in rows if r.get("k") == k and r.get("n") == n and r["bits"] == bits and "us" in r),
+                    key=lambda r: r["us"])
+        for r in ok[:5]:
+            print(f"  {'*' if r['default'] else ' '} {r['us']:7.1f} us {r['gb_s']:6.0f} GB/s "
+                  f"{r['vs_bf16']:4.2f}x bf16  {r['config']}", flush=True)
+        default = [r for r in ok if r["default"]]
+        if default and ok and default[0] is not ok[0]:
+            print(f"  default: {default[0]['us']:.1f} us", flush=True)
+    return rows
+
+
+def sweep_attention(quick: bool) -> list[dict]:
+    from qwenlm.engine.cache import KVStore
+    from qwenlm.kernels.attention import decode_attention
+
+    rows = []
+    h, hk, d = ATTN["heads"], ATTN["kv_heads"], ATTN["head_dim"]
+    for b, length, int8 in ATTN_CASES:
+        kv = KVStore(1, b, hk, length, d, torch.bfloat16, torch.device(DEV), int8=int8)
+        k, v = (torch.randn(b, hk, length, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+        kv.store(0, k, v, lambda dst, x: dst.copy_(x), first=True)
+        q = torch.randn(b, h, d, device=DEV, dtype=torch.bfloat16)
+        start = torch.zeros(b, dtype=torch.int32, device=DEV)
+        end = torch.full((b,), length, dtype=torch.int32, device=DEV)
+        layer = kv.kernel_layer(0, b)[:6]
+        kk, vv = (t.float().repeat_interleave(h // hk, 1) for t in kv.load(0, lambda t: t))
+        want = torch.nn.functional.scaled_dot_product_attention(q.float()[:, :, None], kk, vv)[:, :, 0]
+        kr, vr = k.repeat_interleave(h // hk, 1), v.repeat_interleave(h // hk, 1)
+        base = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kr, vr))
+        nbytes = kv.nbytes  # the whole layer is read: every slot is valid
+        print(f"\nattention batch {b}, {length} slots, {'int8' if int8 else 'bf16'}: SDPA (bf16) "
+              f"{base * 1000:.1f} us", flush=True)
+        for i, cfg in enumerate(attention_configs(quick)):
+            row = {"kernel": "decode_attention", "batch": b, "length": length, "int8": int8, "config": cfg,
+                   "default": i == 0, "sdpa_us": base * 1000}
+            try:
+                out = decode_attention(q, layer, start, end, length, config=cfg).float()
+                err = (out - want).abs().max().item()
+                row["max_error"] = err
+                if err > 3e-2:
+                    row["error"] = f"max error {err:.3g}"
+                else:
+                    ms = _bench(lambda: decode_attention(q, layer, start, end, length, config=cfg))
+                    row.update(us=ms * 1000, gb_s=nbytes / ms / 1e6, vs_sdpa=base / ms)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+        ok = sorted((r for r in rows if (r.get("batch"), r.get("length"), r.get("int8")) == (b, length, int8)
+                     and "us" in r), key=lambda r: r["us"])
+        for r in ok[:5]:
+            print(f"  {'*' if r['default'] else ' '} {r['us']:7.1f} us {r['gb_s']:6.0f} GB/s "
+                  f"{r['vs_sdpa']:4.2f}x SDPA  {r['config']}", flush=True)
+        if not DRY:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few settings per kernel")
+    ap.add_argument("--json", default=None, help="write every row here")
+    ap.add_argument("--only", choices=["gptq", "attention"], default=None)
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: tiny shapes in Triton's interpreter")
+    args = ap.parse_args()
+    if not DRY and not torch.cuda.is_available():
+        print("error: kernel_sweep.py times GPU kernels and needs a CUDA GPU (or --dry-run)", file=sys.stderr)
+        return 2
+    print("dry run (interpreter)" if DRY else torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    rows = []
+    if args.only in (None, "gptq"):
+        rows += sweep_gptq(args.quick)
+    if args.only in (None, "attention"):
+        rows += sweep_attention(args.quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if "error" in r]
+    print(f"\n{len(rows)} settings, {len(bad)} failed or wrong" + (": " + json.dumps(bad[:5]) if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
