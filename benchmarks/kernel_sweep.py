@@ -65,14 +65,16 @@ def _gptq_case(k, n, bits, group=128):
 
 
 def gemv_configs(quick: bool):
+    """The defaults first; then block sizes x K splits x warps (splits summed by the reduce kernel),
+    and the atomic summing at the default block sizes."""
     from qwenlm.kernels import gptq
 
-    grid = {"block_n": [32, 64, 128], "block_k": [64, 128], "programs": [0, 264, 512, 1024],
-            "num_warps": [2, 4, 8]}
+    grid = {"block_n": [32, 64, 128], "block_k": [64, 128], "programs": [0, 264, 512, 1024], "num_warps": [4, 8]}
     if quick:
         grid = {"block_n": [64, 128], "block_k": [128], "programs": [0, 512], "num_warps": [4]}
-    out = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
-    default = {k: gptq.GEMV[k] for k in grid}
+    default = {k: gptq.GEMV[k] for k in (*grid, "split")}
+    out = [{**dict(zip(grid, v)), "split": "reduce"} for v in itertools.product(*grid.values())]
+    out += [{**default, "programs": p, "split": "atomic"} for p in grid["programs"] if p]
     return [default] + [c for c in out if c != default]
 
 

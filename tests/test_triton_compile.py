@@ -44,7 +44,8 @@ def test_every_launched_configuration_compiles_without_spills(compiled, capabili
     import triton
 
     rows = [r for r in compiled if r["capability"] == capability]
-    assert {r["kernel"] for r in rows} == {"_gptq_gemv", "_gptq_mm", "_decode_partial", "_decode_merge"}
+    assert {r["kernel"] for r in rows} == {"_gptq_gemv", "_gptq_reduce", "_gptq_mm", "_decode_partial",
+                                          "_decode_merge"}
     assert len(rows) >= 40  # bits x groups x dtypes x row regimes, float/int8 caches x head sizes
     errors = [(r["kernel"], r["options"], r["error"][:500]) for r in rows if "error" in r]
     assert not errors, errors
@@ -69,7 +70,9 @@ def test_record_sees_the_launch_the_host_function_makes():
     launch = gemv[0]
     sig = aot.signature(launch)
     assert sig["x_ptr"] == "*fp16" and sig["qw_ptr"] == "*i32" and sig["y_ptr"] == "*fp32"
-    assert launch.kwargs["ATOMIC"] is True and launch.grid[1] > 1  # K split into several programs
+    assert launch.kwargs["ATOMIC"] is False and launch.grid[1] > 1  # K split into several programs
+    reduce = launches[launches.index(launch) + 1]  # then one kernel adds the splits' sums
+    assert reduce.name == "_gptq_reduce" and reduce.args[4] == launch.grid[1]
     assert launch.grid[0] == 256 // launch.kwargs["BLOCK_N"]
     # outside the block the real kernel is back
     assert not isinstance(gptq._gptq_gemv, aot._Recorder)
@@ -131,13 +134,16 @@ def test_launch_settings_reach_the_launch():
 
     x, qweight = torch.zeros(1, 4096, dtype=torch.float16), torch.zeros(512, 1024, dtype=torch.int32)
     scales = torch.zeros(32, 1024, dtype=torch.float16)
-    with aot.record(gptq, ("_gptq_gemv",)) as launches:
+    with aot.record(gptq, ("_gptq_gemv", "_gptq_reduce")) as launches:
         gptq.gptq_matmul(x, qweight, scales, scales, 4, 128)
         gptq.gptq_matmul(x, qweight, scales, scales, 4, 128, config={"block_n": 128, "programs": 0, "num_warps": 8})
-    default, tuned = launches
-    assert default.kwargs["BLOCK_N"] == gptq.GEMV["block_n"] and default.grid[1] > 1 and default.kwargs["ATOMIC"]
+        gptq.gptq_matmul(x, qweight, scales, scales, 4, 128, config={"split": "atomic"})
+    default, reduce, tuned, atomic = launches
+    assert default.kwargs["BLOCK_N"] == gptq.GEMV["block_n"] and default.grid[1] > 1
+    assert not default.kwargs["ATOMIC"] and reduce.name == "_gptq_reduce"
     assert tuned.kwargs["BLOCK_N"] == 128 and tuned.grid == (1024 // 128, 1, 1) and not tuned.kwargs["ATOMIC"]
     assert tuned.kwargs["num_warps"] == 8
+    assert atomic.name == "_gptq_gemv" and atomic.kwargs["ATOMIC"] and atomic.grid[1] > 1
 
     kv = KVStore(1, 1, 2, 512, 64, torch.float16, torch.device("cpu"))
     q, slots = torch.zeros(1, 4, 64, dtype=torch.float16), torch.zeros(1, dtype=torch.int32)

@@ -55,19 +55,25 @@ def _gptq_tensors(k, n, bits, group, seed):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m,k,n,group", [(1, 512, 96, 128), (3, 256, 64, 64), (20, 256, 80, 128), (70, 128, 64, 32),
                                          (1, 2752, 64, 32)])  # K split 10 ways, the last split past K
-def test_gptq_matmul_equals_dequantized_matmul(bits, m, k, n, group):
+@pytest.mark.parametrize("split", ["reduce", "atomic"])
+def test_gptq_matmul_equals_dequantized_matmul(bits, m, k, n, group, split):
     from qwenlm.kernels.gptq import gptq_matmul
 
     qweight, scales, zeros, w = _gptq_tensors(k, n, bits, group, seed=m + bits)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(n))
     # the interpreter multiplies bf16 tiles as raw integers, so bf16 through tl.dot is checked on GPU only
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA or m <= 4 else [])
     for dt in dtypes:
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dt)
-        y = gptq_matmul(x.to(DEV), qweight.to(DEV), scales.to(DEV), zeros.to(DEV), bits, group).cpu()
+        args = (x.to(DEV), qweight.to(DEV), scales.to(DEV), zeros.to(DEV), bits, group)
+        y = gptq_matmul(*args, config={"split": split}).cpu()
         assert y.dtype == dt and y.shape == (m, n)
         want = x.float() @ w
         tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dt]
         assert (y.float() - want).abs().max() <= tol * want.abs().max(), dt
+        yb = gptq_matmul(*args, config={"split": split}, bias=bias.to(DEV, dt)).cpu()
+        want = want + bias.to(dt).float()
+        assert (yb.float() - want).abs().max() <= tol * want.abs().max(), (dt, "bias")
 
 
 def test_gptq_layer_with_act_order_equals_its_weight():

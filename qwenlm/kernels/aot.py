@@ -130,7 +130,7 @@ def gptq_launches() -> list[Launch]:
     1 to 300 rows (both kernels, K split or not)."""
     from . import gptq
 
-    with record(gptq, ("_gptq_gemv", "_gptq_mm")) as launches:
+    with record(gptq, ("_gptq_gemv", "_gptq_reduce", "_gptq_mm")) as launches:
         for bits in (4, 8):
             for group in (32, 128):
                 k, n = 4096, 256
@@ -139,6 +139,10 @@ def gptq_launches() -> list[Launch]:
                 for dtype in (torch.float16, torch.bfloat16, torch.float32):
                     for rows in (1, 4, 5, 24, 64, 300):
                         gptq.gptq_matmul(torch.zeros(rows, k, dtype=dtype), qweight, scales, scales, bits, group)
+                    # a bias (added by the split-sum kernel), and the atomic way of summing the splits
+                    x, bias = torch.zeros(1, k, dtype=dtype), torch.zeros(n, dtype=dtype)
+                    gptq.gptq_matmul(x, qweight, scales, scales, bits, group, bias=bias)
+                    gptq.gptq_matmul(x, qweight, scales, scales, bits, group, config={"split": "atomic"})
                 # one row over a short K: a single split, written without atomics
                 short = 256
                 gptq.gptq_matmul(torch.zeros(1, short, dtype=torch.float16), qweight[:short * bits // 32],

@@ -25,10 +25,11 @@ from torch import nn
 
 @triton.jit
 def _gptq_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, k_per_split, stride_xm, stride_qk, stride_sg, stride_ym,
-               BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               stride_ys, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                ATOMIC: tl.constexpr):
     """One activation row (program axis 2) times a block of columns, over one K split: each packed
-    int32 is loaded once and unpacked into its 32/BITS codes in registers."""
+    int32 is loaded once and unpacked into its 32/BITS codes in registers. The split's sum goes to
+    y[split] (stride_ys; 0 with one split), or is added into y with atomics (ATOMIC)."""
     PER: tl.constexpr = 32 // BITS
     MAXQ: tl.constexpr = (1 << BITS) - 1
     ROWS: tl.constexpr = BLOCK_K // PER  # packed rows per K block
@@ -55,11 +56,26 @@ def _gptq_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, k_per_split, stride_xm,
         kk = k0 + rr[:, None] * PER + rj[None, :]  # (ROWS, PER)
         x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0).to(tl.float32)
         acc += tl.sum(tl.sum(x[:, :, None] * w, axis=1), axis=0)
-    ptr = y_ptr + row * stride_ym + rn
+    ptr = y_ptr + pid_k * stride_ys + row * stride_ym + rn
     if ATOMIC:
         tl.atomic_add(ptr, acc, mask=n_ok)
     else:
         tl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _gptq_reduce(p_ptr, b_ptr, y_ptr, N, SPLITS, stride_ps, stride_pm, stride_ym,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[row] = sum of the K splits' partial sums (fp32) + bias, in y's dtype."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = tl.program_id(1)
+    ok = rn < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for sp in range(0, SPLITS):
+        acc += tl.load(p_ptr + sp * stride_ps + row * stride_pm + rn, mask=ok, other=0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=ok, other=0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -99,8 +115,10 @@ def _gptq_mm(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_qk, 
 _GEMV_ROWS = 4  # up to this many rows, the per-row kernel; above, tl.dot tiles
 # Launch settings. `benchmarks/kernel_sweep.py` times alternatives on a GPU (pass them as `config`).
 # programs: how many concurrent programs the one-row kernel aims for by splitting K (0: never split;
-# 512 keeps an H100's 132 SMs reading); min_k_blocks: the shortest split, in K blocks.
-GEMV = {"block_n": 64, "block_k": 128, "programs": 512, "min_k_blocks": 8, "num_warps": 4}
+# 512 keeps an H100's 132 SMs reading); min_k_blocks: the shortest split, in K blocks; split: how the
+# splits' sums meet, "reduce" (each written apart, then one small kernel adds them, the bias and the
+# cast: two launches) or "atomic" (fp32 atomics into a zeroed buffer, then a cast: three, plus the bias).
+GEMV = {"block_n": 64, "block_k": 128, "programs": 512, "min_k_blocks": 8, "num_warps": 4, "split": "reduce"}
 # block_k/num_warps None: chosen by the rows and dtype (ptxas spills registers for 64-deep K blocks in
 # fp32 at 4 warps and in 16-row tiles; 32-deep blocks, fp32 at 8 warps, do not: python -m qwenlm.kernels.aot)
 MM = {"block_n": 64, "block_k": None, "num_warps": None}
@@ -122,8 +140,8 @@ def _gemv_plan(n: int, k: int, block_n: int, block_k: int, programs: int = 512, 
 
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                bits: int, group: int, config: dict | None = None) -> torch.Tensor:
-    """x (M, K) @ W (K, N) with W dequantized from (qweight, scales, zeros) inside the kernel.
+                bits: int, group: int, config: dict | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ W (K, N) (+ bias) with W dequantized from (qweight, scales, zeros) inside the kernel.
     `group` must be a multiple of 32 dividing K. `config` overrides entries of GEMV (up to 4 rows) or
     MM (more rows)."""
     m, k = x.shape
@@ -135,14 +153,25 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         split = _gemv_plan(n, k, block_n, block_k, c["programs"], c["min_k_blocks"])
         k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
         split = triton.cdiv(k, k_per_split)
-        atomic = split > 1
-        y = torch.zeros((m, n), dtype=torch.float32, device=x.device) if atomic else \
-            torch.empty((m, n), dtype=x.dtype, device=x.device)
+        atomic = split > 1 and c["split"] == "atomic"
+        if split == 1:
+            y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        elif atomic:
+            y = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        else:
+            y = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         _gptq_gemv[(triton.cdiv(n, block_n), split, m)](
             x, qweight, scales, zeros, y, n, k, k_per_split, x.stride(0), qweight.stride(0), scales.stride(0),
-            y.stride(0), BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic,
-            num_warps=c["num_warps"])
-        return y.to(x.dtype) if atomic else y
+            y.stride(-2), y.stride(0) if y.dim() == 3 else 0, BITS=bits, GROUP=group, BLOCK_N=block_n,
+            BLOCK_K=block_k, ATOMIC=atomic, num_warps=c["num_warps"])
+        if split > 1 and not atomic:
+            out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+            _gptq_reduce[(triton.cdiv(n, 256), m)](
+                y, y if bias is None else bias, out, n, split, y.stride(0), y.stride(1), out.stride(0),
+                HAS_BIAS=bias is not None, BLOCK_N=256)
+            return out
+        y = y.to(x.dtype) if atomic else y
+        return y if bias is None else y + bias.to(y.dtype)
     c = {**MM, **(config or {})}
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     ieee = x.dtype == torch.float32
@@ -153,7 +182,7 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     _gptq_mm[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
         x, qweight, scales, zeros, y, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, num_warps=warps)
-    return y
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 class GPTQTritonLinear(nn.Module):
@@ -226,9 +255,7 @@ class GPTQTritonLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        y = gptq_matmul(x2, self.qweight, self.scales, self.zeros, self.bits, self.group)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        y = gptq_matmul(x2, self.qweight, self.scales, self.zeros, self.bits, self.group, bias=self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
 
