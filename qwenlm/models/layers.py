@@ -120,6 +120,9 @@ class FusedLinears:
                 layer.bias = nn.Parameter(self.bias[start:start + n], requires_grad=layer.bias.requires_grad)
             start += n
 
+    def __deepcopy__(self, memo):
+        return None  # a copied module's parameters are copies, not views: its layers run one by one
+
     def intact(self) -> bool:
         step = self.weight.stride(0) * self.weight.element_size()
         start, base = 0, self.weight.data_ptr()
