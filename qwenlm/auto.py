@@ -76,15 +76,32 @@ def resolve_dtype(dtype: Any, device: torch.device, config: ModelConfig) -> torc
     return torch.float32
 
 
+def auto_quantize(model: QwenCausalLM, dtype: Any, device: torch.device, gptq) -> str | None:
+    """What `quantize="auto"` means for this model here: 8-bit weights on a CPU with the AVX2 kernel
+    (about 5x the speed of fp32 decoding, with the same greedy text on the default model), unless the
+    caller chose a dtype, the checkpoint is GPTQ already, or a layer's width does not fit the kernel's
+    32-wide blocks; nothing on a GPU (bf16 is the fast path there)."""
+    if device.type != "cpu" or dtype not in (None, "auto") or gptq is not None:
+        return None
+    from torch import nn
+
+    from .quant import q4
+
+    if any(m.in_features % q4.BLOCK for m in model.modules() if isinstance(m, nn.Linear)) or not q4.available():
+        return None
+    return "int8"
+
+
 def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str | None = None,
                kv_cache: str | None = None) -> QwenCausalLM:
     """Build the model of a checkpoint directory and load its weights (strictly).
     `quantize="int4"`: 4-bit weight-only linear layers (CPU; ~4x fewer bytes per token than bf16);
-    `"int8"`: 8-bit ones (CPU with AVX2; half the bytes of bf16, closer to the original weights).
+    `"int8"`: 8-bit ones (CPU with AVX2; half the bytes of bf16, closer to the original weights);
+    `"auto"` (the commands' default): `auto_quantize` decides; None or "none": the weights as stored.
     `kv_cache`: "int8" keeps the engines' KV cache in 8 bits, "float" in the model's dtype; None
     follows config.json's `use_cache_quantization` (the original's switch)."""
-    if quantize not in (None, "none", "int4", "int8"):
-        raise ValueError(f"quantize must be 'int4', 'int8' or None, not {quantize!r}")
+    if quantize not in (None, "none", "auto", "int4", "int8"):
+        raise ValueError(f"quantize must be 'int4', 'int8', 'auto' or None, not {quantize!r}")
     if kv_cache not in (None, "auto", *KV_CACHES):
         raise ValueError(f"kv_cache must be 'int8', 'float' or None, not {kv_cache!r}")
     start = time.perf_counter()
@@ -95,6 +112,10 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
         model = build_model(config)
     files = checkpoint_files(path)
     gptq = GPTQConfig.from_checkpoint(path, config.raw)
+    if quantize == "auto":
+        quantize = auto_quantize(model, dtype, dev, gptq)
+        if quantize:
+            log.info("quantize auto: %s weights on this CPU (--quantize none keeps %s)", quantize, dt)
     if gptq is not None:
         if quantize:
             raise ValueError("this checkpoint is already quantized (GPTQ): drop --quantize")
@@ -102,6 +123,8 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
     load_weights(model, files, dt, dev)
     if gptq is not None:
         model.quantization = finish_gptq(model, gptq, dt)
+    if quantize == "none":
+        quantize = None
     if quantize == "int4":
         from .quant import quantize_model_int4
 
