@@ -71,29 +71,45 @@ def available() -> bool:
         return False
 
 
-def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, K) -> codes (N, K/32, 16) uint8, d and m (N, K/32) fp16, and the 0..15 codes (N, K/32, 32)."""
+_CHUNK_ROWS = 512  # rows quantized at a time: each pass over a chunk stays in cache (~5x faster at load)
+
+
+def _by_rows(fn, weight: torch.Tensor, width: int) -> list[torch.Tensor]:
+    """`fn` over chunks of `weight`'s rows, the pieces joined (after checking the blocks fit)."""
     n, k = weight.shape
-    if k % BLOCK:
-        raise ValueError(f"in_features {k} is not a multiple of {BLOCK}")
+    if k % width:
+        raise ValueError(f"in_features {k} is not a multiple of {width}")
+    parts = [fn(weight[i:i + _CHUNK_ROWS]) for i in range(0, n, _CHUNK_ROWS)]
+    return [torch.cat(p) if len(parts) > 1 else p[0] for p in zip(*parts)]
+
+
+def _q4_rows(weight: torch.Tensor):
+    n, k = weight.shape
     w = weight.float().view(n, k // BLOCK, BLOCK)
     m = w.amin(-1).half()
     d = ((w.amax(-1) - m.float()) / 15).half()
     dd = d.float().clamp(min=1e-12)
-    q = ((w - m.float()[..., None]) / dd[..., None]).round().clamp(0, 15).to(torch.uint8)
+    q = ((w - m.float()[..., None]) / dd[..., None]).round_().clamp_(0, 15).to(torch.uint8)
     return pack_q4(q), d, m, q
+
+
+def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) -> codes (N, K/32, 16) uint8, d and m (N, K/32) fp16, and the 0..15 codes (N, K/32, 32)."""
+    return tuple(_by_rows(_q4_rows, weight, BLOCK))
+
+
+def _q8_rows(weight: torch.Tensor):
+    n, k = weight.shape
+    w = weight.float().view(n, k // BLOCK, BLOCK)
+    d = (w.abs().amax(-1) / 127).half()
+    dd = d.float().clamp(min=1e-12)
+    return (w / dd[..., None]).round_().clamp_(-127, 127).to(torch.int8), d
 
 
 def quantize_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) -> 8-bit blocks: codes (N, K/32, 32) int8 in [-127, 127], d = amax/127 and m = 0
     (N, K/32) fp16 (symmetric, rounded to nearest)."""
-    n, k = weight.shape
-    if k % BLOCK:
-        raise ValueError(f"in_features {k} is not a multiple of {BLOCK}")
-    w = weight.float().view(n, k // BLOCK, BLOCK)
-    d = (w.abs().amax(-1) / 127).half()
-    dd = d.float().clamp(min=1e-12)
-    codes = (w / dd[..., None]).round().clamp(-127, 127).to(torch.int8)
+    codes, d = _by_rows(_q8_rows, weight, BLOCK)
     return codes.contiguous(), d, torch.zeros_like(d)
 
 
