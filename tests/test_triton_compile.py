@@ -19,9 +19,20 @@ import torch
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 if not HAVE_TRITON and os.environ.get("QWENLM_REQUIRE_TRITON") == "1":
     raise RuntimeError("QWENLM_REQUIRE_TRITON=1 but triton is not installed")
-pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (pip install triton)")
+PINNED = "3.9.0"  # Makefile `triton`; aot.py drives Triton's own (private) binder, written against this version
 
-PINNED = "3.9.0"  # Makefile `triton`: register use is checked against this version's compiler
+
+def _triton_version():
+    from importlib.metadata import version
+
+    return version("triton") if HAVE_TRITON else None
+
+
+if HAVE_TRITON and _triton_version() != PINNED and os.environ.get("QWENLM_REQUIRE_TRITON") == "1":
+    raise RuntimeError(f"QWENLM_REQUIRE_TRITON=1 but triton {_triton_version()} is installed, not {PINNED}")
+pytestmark = [pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (pip install triton)"),
+              pytest.mark.skipif(HAVE_TRITON and _triton_version() != PINNED,
+                                 reason=f"the ahead-of-time compile is written against triton {PINNED}")]
 CAPABILITIES = (90, 80)
 
 
@@ -41,7 +52,6 @@ def compiled() -> list[dict]:
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
 def test_every_launched_configuration_compiles_without_spills(compiled, capability):
-    import triton
 
     rows = [r for r in compiled if r["capability"] == capability]
     assert {r["kernel"] for r in rows} == {"_gptq_gemv", "_gptq_reduce", "_gptq_mm", "_decode_partial",
@@ -52,9 +62,8 @@ def test_every_launched_configuration_compiles_without_spills(compiled, capabili
     for r in rows:
         assert 0 < r["registers"] <= 255, r
         assert r["shared"] <= (227 if capability == 90 else 163) * 1024, r
-    if triton.__version__ == PINNED:
-        spills = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
-        assert not spills, spills
+    spills = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    assert not spills, spills
 
 
 def test_record_sees_the_launch_the_host_function_makes():
