@@ -91,3 +91,30 @@ def test_continuous_batching_on_cuda_fp32(tmp_path):
             assert o == generate(model, [p], GREEDY)[0]
         if graphs:  # one graph per (rows, slot bucket, LogN) shape met, replayed for the other steps
             assert 1 < eng.stats["graphs"] < eng.stats["steps"]
+
+
+def test_sampler_on_cuda_keeps_the_reference_distribution():
+    """The GPU sampler (full sort for top-p, no host waits) keeps the reference filters' tokens and
+    probabilities, and the engines fuse the projections there by default."""
+    from qwenlm.generation.sampling import token_distribution, top_k_filter, top_p_filter
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 151936, generator=g) * 3
+    for top_k, top_p in ((0, 0.8), (20, 0.8), (40, 1.0), (0, 1.0)):
+        cfg = GenerationConfig(do_sample=True, temperature=0.7, top_k=top_k, top_p=top_p)
+        ids, probs = token_distribution(logits.cuda(), cfg)
+        full = probs if ids is None else torch.zeros_like(logits.cuda()).scatter_(1, ids, probs)
+        want = top_p_filter(top_k_filter(logits / 0.7, top_k), top_p).softmax(-1)
+        torch.testing.assert_close(full.cpu(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_engines_fuse_projections_on_cuda(tmp_path):
+    from qwenlm.engine import Engine
+
+    for path in _checkpoints(tmp_path):
+        m = load_model(path, device="cuda", dtype="float32")
+        prompts = [[5, 9, 11, 3], [7, 2]]
+        want = generate(m, prompts, GREEDY)  # before fusing: the separate layers
+        eng = Engine(m)
+        assert m.blocks[0].mlp.__dict__["_fused"].intact()
+        assert eng.generate(prompts, GREEDY) == want
