@@ -124,3 +124,4 @@ def test_chat_through_a_pipe(v1_chat_dir):
              stdin="你好\n:conf max_new_tokens=2\n:his\n:exit\n")
     assert r.returncode == 0, r.stderr
     assert "[1] User: 你好" in r.stdout and "[INFO] max_new_tokens = 2" in r.stdout
+    assert "(cpu, float32)" in r.stdout  # the banner says how it runs (48-wide layers: not 8-bit)

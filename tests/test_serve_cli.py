@@ -52,6 +52,7 @@ def test_serve_command(v1_chat_dir):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "chat page:  http://127.0.0.1:" in out and "key: required" in out
+    assert "'tiny-v1' (cpu, float32)" in out
 
 
 @pytest.mark.parametrize("args,message", [

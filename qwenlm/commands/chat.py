@@ -11,7 +11,7 @@ import ast
 import os
 import sys
 
-from .common import add_model_options, add_sampling_options, load_from_args, sampling_overrides
+from .common import add_model_options, add_sampling_options, describe, load_from_args, sampling_overrides
 
 HELP = """Commands:
   :help / :h                 show this help
@@ -153,7 +153,7 @@ def run(args) -> int:
     model, tokenizer = load_from_args(args)
     session = ChatSession(model, tokenizer, args.system, sampling_overrides(args))
     name = os.path.basename(os.path.normpath(getattr(model, "name_or_path", "model")))
-    session.say(f"Chatting with {name}. Type :help for commands, :exit or Ctrl-D to leave.")
+    session.say(f"Chatting with {name} ({describe(model)}). Type :help for commands, :exit or Ctrl-D to leave.")
     while True:
         try:
             line = input("\nUser> ")

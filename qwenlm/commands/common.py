@@ -44,3 +44,13 @@ def load_from_args(args: argparse.Namespace):
 
     device = "cpu" if args.cpu_only else args.device
     return load(args.model, dtype=args.dtype, device=device, quantize=args.quantize, kv_cache=args.kv_cache)
+
+
+def describe(model) -> str:
+    """Where and how the model runs, for banners: "cpu, 8-bit weights", "cuda, bfloat16", ..."""
+    q = getattr(model, "quantization", None)
+    kinds = {"q8-avx2": "8-bit weights", "q4-avx2": "4-bit weights"}
+    how = kinds.get(q) or (q.split(" ")[0] if q else str(model.dtype).replace("torch.", ""))
+    if model.kv_int8:
+        how += ", 8-bit KV cache"
+    return f"{model.device.type}, {how}"

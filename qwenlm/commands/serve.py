@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .common import add_model_options, load_from_args
+from .common import add_model_options, describe, load_from_args
 
 
 def add_parser(sub) -> None:
@@ -77,7 +77,7 @@ def run(args) -> int:
                          max_queue=args.max_queue, cors_origins=args.allowed_origins or [])
     app = create_app(model, tokenizer, opts)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"qwen serve: model {name!r}, {seqs} slots x {length} tokens, on {model.device}\n"
+    print(f"qwen serve: model {name!r} ({describe(model)}), {seqs} slots x {length} tokens\n"
           f"  chat page:  http://{host}:{args.port}/\n"
           f"  OpenAI API: http://{host}:{args.port}/v1  (key: {'required' if args.api_key else 'none'})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
