@@ -50,16 +50,13 @@ def _bench(fn) -> float:
 
 
 def _gptq_case(k, n, bits, group=128):
-    from qwenlm.quant.gptq import pack_rows
+    from qwenlm.kernels.gptq import random_layer
 
     g = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 2**bits, (k, n), generator=g)
-    scales = (torch.rand(k // group, n, generator=g) * 0.02 + 1e-3).half()
-    zeros = torch.randint(1, 2**bits, (k // group, n), generator=g).half()
-    w = (q.float() - zeros.float().repeat_interleave(group, 0)) * scales.float().repeat_interleave(group, 0)
+    qweight, scales, zeros, w = random_layer(k, n, bits, group, g)
     x = torch.randn(1, k, generator=g).to(torch.bfloat16)
     want = (x.float() @ w).to(DEV)
-    args = (pack_rows(q, bits).to(DEV), scales.to(DEV), zeros.to(DEV), bits, group)
+    args = (qweight.to(DEV), scales.to(DEV), zeros.to(DEV), bits, group)
     nbytes = k * n * bits // 8 + 2 * 2 * (k // group) * n + 2 * k + 2 * n
     return x.to(DEV), args, want, nbytes, w
 

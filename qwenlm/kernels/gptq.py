@@ -132,7 +132,7 @@ def _block_k(group: int, cap: int) -> int:
     return b
 
 
-def _gemv_plan(n: int, k: int, block_n: int, block_k: int, programs: int = 512, min_k_blocks: int = 8) -> int:
+def _gemv_plan(n: int, k: int, block_n: int, block_k: int, programs: int, min_k_blocks: int) -> int:
     """How many K splits: enough programs for the GPU, each split at least `min_k_blocks` K blocks long."""
     col_blocks = triton.cdiv(n, block_n)
     k_blocks = triton.cdiv(k, block_k)
@@ -259,18 +259,25 @@ class GPTQTritonLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+def random_layer(k: int, n: int, bits: int, group: int, generator: torch.Generator):
+    """A random GPTQ layer on the CPU: (qweight, scales, zeros) as the kernel takes them, and its
+    dequantized weight (K, N) in fp32, computed here without the kernel (for checks and the sweep)."""
+    from ..quant.gptq import pack_rows
+
+    q = torch.randint(0, 2**bits, (k, n), generator=generator)
+    scales = (torch.rand(k // group, n, generator=generator) * 0.02 + 1e-3).half()
+    zeros = torch.randint(1, 2**bits, (k // group, n), generator=generator).half()
+    w = (q.float() - zeros.float().repeat_interleave(group, 0)) * scales.float().repeat_interleave(group, 0)
+    return pack_rows(q, bits), scales, zeros, w
+
+
 def self_check(device: torch.device, dtype: torch.dtype, bits: int, group: int = 128) -> str | None:
     """None if both kernels (one row with K split, and tiles) give the dequantized weight's product, for
     the checkpoint's bits and group size."""
-    from ..quant.gptq import pack_rows
-
     g = torch.Generator().manual_seed(bits)
-    k, n = max(2048, 2 * group), 128  # long enough for the one-row path to split K (its atomic variant)
-    q = torch.randint(0, 2**bits, (k, n), generator=g)
-    scales = (torch.rand(k // group, n, generator=g) * 0.02 + 1e-3).half()
-    zeros = torch.randint(1, 2**bits, (k // group, n), generator=g).half()
-    w = (q.float() - zeros.float().repeat_interleave(group, 0)) * scales.float().repeat_interleave(group, 0)
-    args = (pack_rows(q, bits).to(device), scales.to(device), zeros.to(device), bits, group)
+    k, n = max(2048, 2 * group), 128  # long enough for the one-row path to split K
+    qweight, scales, zeros, w = random_layer(k, n, bits, group, g)
+    args = (qweight.to(device), scales.to(device), zeros.to(device), bits, group)
     for m in (1, 24):
         x = torch.randn(m, k, generator=g).to(dtype)
         y = gptq_matmul(x.to(device), *args).float().cpu()
