@@ -410,14 +410,15 @@ class BatchEngine:
         for rows in groups.values():
             cfg = seqs[rows[0]].cfg
             part = logits[rows]
-            for j, i in enumerate(rows):
-                s = seqs[i]
-                part[j:j + 1] = apply_presence_frequency(part[j:j + 1], s.counts, s.cfg.presence_penalty,
-                                                         s.cfg.frequency_penalty)
+            for j, i in enumerate(rows):  # OpenAI's penalties: only the rows that ask (each its own)
+                c = seqs[i].cfg
+                if seqs[i].counts and (c.presence_penalty or c.frequency_penalty):
+                    part[j:j + 1] = apply_presence_frequency(part[j:j + 1], seqs[i].counts, c.presence_penalty,
+                                                             c.frequency_penalty)
             seen = None
             if cfg.repetition_penalty != 1.0:
-                none = torch.zeros(part.shape[-1], dtype=torch.bool, device=part.device)
-                seen = torch.stack([none if seqs[i].seen is None else seqs[i].seen for i in rows])
+                seen = torch.stack([seqs[i].seen if seqs[i].seen is not None else
+                                    torch.zeros(part.shape[-1], dtype=torch.bool, device=part.device) for i in rows])
             u = None if cfg.greedy else torch.cat([uniforms(1, seqs[i].generator, self.device) for i in rows])
             picked.append((rows, choose(part, seen, cfg, u)))
         if picked:
