@@ -104,6 +104,7 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
         raise ValueError(f"quantize must be 'int4', 'int8', 'auto' or None, not {quantize!r}")
     if kv_cache not in (None, "auto", *KV_CACHES):
         raise ValueError(f"kv_cache must be 'int8', 'float' or None, not {kv_cache!r}")
+    quantize = None if quantize == "none" else quantize
     start = time.perf_counter()
     config = ModelConfig.from_pretrained(path)
     dev = resolve_device(device)
@@ -123,8 +124,6 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
     load_weights(model, files, dt, dev)
     if gptq is not None:
         model.quantization = finish_gptq(model, gptq, dt)
-    if quantize == "none":
-        quantize = None
     if quantize == "int4":
         from .quant import quantize_model_int4
 
