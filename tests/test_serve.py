@@ -189,6 +189,25 @@ def test_queue_full_is_429_and_disconnect_frees_the_slot(model_tok):
         assert httpx.get(url + "/health").status_code == 200
 
 
+
+def test_a_client_gone_before_its_whole_reply_frees_the_slot(model_tok):
+    """Non-streaming: the reply is not sent until the end, so only the watch on the connection can see
+    the client go; its sequence must be aborted then, not run to its token budget."""
+    model, tok = model_tok
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=4096, max_num_seqs=1))
+    eng = app.state.server.engine
+    body = {"messages": MSGS, "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
+    with running_server(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
+        deadline = time.time() + 15
+        while eng.running and time.time() < deadline:
+            time.sleep(0.05)
+        assert eng.running == 0 and eng.stats["finished_abort"] == 1
+        assert eng.stats["finished_length"] == 0
+        r = httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
 def test_int8_kv_cache_server(v1_chat_dir):
     """`--kv-cache int8`: the engine keeps 8-bit slots (and says so in /metrics), and a greedy reply
     equals the reference loop's, whose cache then holds the same quantized values."""

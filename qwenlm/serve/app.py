@@ -91,6 +91,45 @@ class _BodyLimit:
             await too_large(scope, receive, send)
 
 
+class _Gate:
+    """ASGI middleware: the API key check (every path but `open_paths`) and the request counter.
+    A plain ASGI wrapper on purpose: starlette's `BaseHTTPMiddleware` relays every chunk of a streamed
+    reply through an extra task and memory stream, which cost the server more than the chunks."""
+
+    def __init__(self, app, api_key: str | None, open_paths: set[str], metrics):
+        self.app, self.api_key, self.open_paths, self.metrics = app, api_key, open_paths, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if self.api_key and path not in self.open_paths:
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                self.metrics.errors.labels("401").inc()
+                reply = error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                       "authentication_error", code="invalid_api_key",
+                                       headers={"WWW-Authenticate": "Bearer"})
+                return await reply(scope, receive, send)
+        route = path if path.startswith("/v1/") else "other"
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+_GONE = "client gone"  # a queue item of _Job: not a finish reason of the engine
+
+
+async def _disconnected_after(request: Request, seconds: float) -> bool:
+    await asyncio.sleep(seconds)
+    return await request.is_disconnected()
+
+
 class _Job:
     """The choices of one request: one engine sequence each, tokens arriving on one queue."""
 
@@ -131,15 +170,12 @@ class _Job:
         """(choice index, token or None, finish reason or None) until every choice has finished;
         a client that goes away has its sequences aborted."""
         left = len(self.seqs)
+        watcher = asyncio.ensure_future(self._watch())
         try:
             while left:
-                try:
-                    i, tok, reason = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await self.request.is_disconnected():
-                        log.info("client went away: aborting %d sequence(s)", left)
-                        return
-                    continue
+                i, tok, reason = await self.queue.get()
+                if reason == _GONE:
+                    return
                 if tok is not None and self.first_token_at is None:
                     self.first_token_at = time.monotonic()
                     self.server.metrics.ttft.observe(self.first_token_at - self.started)
@@ -150,8 +186,18 @@ class _Job:
                                        "server_error")
                 yield i, tok, reason
         finally:
+            watcher.cancel()
             self.abort()
             self.server.metrics.latency.observe(time.monotonic() - self.started)
+
+    async def _watch(self) -> None:
+        """Every half second: has the client gone? Then end `events` (which aborts the sequences).
+        A task of its own, so that waiting for a token is a plain queue read (a timeout on every read
+        cost a task and a timer per token)."""
+        while not await _disconnected_after(self.request, 0.5):
+            pass
+        log.info("client went away: aborting its sequence(s)")
+        self.queue.put_nowait((None, None, _GONE))
 
     async def collect(self) -> list[str | None]:
         """Run every choice to its end (non-streaming): fills `texts`, returns finish reasons."""
@@ -476,23 +522,8 @@ def create_app(model, tokenizer, opts: ServerOptions | None = None, engine: Batc
         server.metrics.errors.labels("500").inc()
         return error_response(500, "internal server error (see the server log)", "server_error")
 
-    open_paths = {"/health", "/", "/favicon.ico"}
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if opts.api_key and request.url.path not in open_paths:
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), opts.api_key.encode()):
-                server.metrics.errors.labels("401").inc()
-                return error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                      "authentication_error", code="invalid_api_key",
-                                      headers={"WWW-Authenticate": "Bearer"})
-        response = await call_next(request)
-        server.metrics.requests.labels(request.url.path if request.url.path.startswith("/v1/") else "other",
-                                       str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(_Gate, api_key=opts.api_key, open_paths={"/health", "/", "/favicon.ico"},
+                       metrics=server.metrics)
     if opts.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=opts.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
