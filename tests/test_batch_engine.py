@@ -256,3 +256,41 @@ def test_presence_and_frequency_penalties_apply_to_their_own_row(model):
     assert want0 != want1  # the penalties change this text
     assert outs[0]["tokens"] == want0
     assert outs[1]["tokens"] == want1
+
+
+def test_rows_with_different_settings_get_their_solo_tokens(model):
+    """Greedy rows with and without a repetition penalty and sampled rows, in one batch, joining and
+    leaving at different steps (rows move when one leaves): the penalised rows' records of the tokens
+    they have seen must follow them."""
+    prompts = random_prompts(5, 20, 9, 31, 3, 14)
+    cfgs = [GREEDY.update(repetition_penalty=1.3, max_new_tokens=4), SAMPLED.update(max_new_tokens=12),
+            GREEDY.update(max_new_tokens=7), GREEDY.update(repetition_penalty=1.3, max_new_tokens=12),
+            SAMPLED.update(seed=11, max_new_tokens=3), GREEDY.update(repetition_penalty=1.2, max_new_tokens=10)]
+    eng = BatchEngine(model, max_num_seqs=5, max_model_len=64)  # (at most 5 run at once below)
+    outs = _run(eng, {0: [(prompts[0], cfgs[0]), (prompts[1], cfgs[1]), (prompts[2], cfgs[2])],
+                      2: [(prompts[3], cfgs[3])], 5: [(prompts[4], cfgs[4]), (prompts[5], cfgs[5])]})
+    for p, c, out in zip(prompts, cfgs, outs):
+        assert out["tokens"] == generate(model, [p], c)[0]
+
+
+def test_a_decode_step_issues_as_many_tensor_operations_for_many_rows_as_for_few(model):
+    """On a GPU every tensor operation is a launch the step waits for: what the step does per row
+    (recording each row's new token for the repetition penalty, say) must be one operation for all
+    rows, not one per row."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = GREEDY.update(repetition_penalty=1.1, max_new_tokens=40)
+
+    def ops(rows):
+        eng = BatchEngine(model, max_num_seqs=rows, max_model_len=64)
+        for p in random_prompts(*range(5, 5 + rows)):
+            eng.submit(_seq(p, cfg, {"tokens": [], "reason": None}))
+        with torch.inference_mode():
+            eng.step([eng.waiting.popleft() for _ in range(rows)])
+            eng.step([])
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                eng.step([])
+        return sum(1 for e in prof.events() if e.name.startswith("aten::")
+                   and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+    assert ops(2) == ops(8)

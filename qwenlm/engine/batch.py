@@ -57,7 +57,6 @@ class Sequence:
     cached: int = 0  # KV positions filled
     alpha: float = 1.0
     generator: torch.Generator | None = None
-    seen: torch.Tensor | None = None
     counts: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -133,6 +132,9 @@ class BatchEngine:
         self._pool = None
         self._warm_stream = None
         self._buf: dict[str, torch.Tensor] | None = None
+        # which tokens each row has seen (prompt and output), for the repetition penalty: one matrix,
+        # row r for the sequence in row r, made when a sequence first needs it; one write per step
+        self._seen: torch.Tensor | None = None
         # Prompts arriving together are prefilled in one forward pass (right-padded, up to
         # `max_prefill_tokens` padded tokens) on GPU; one at a time on the fused CPU path, whose per-row
         # kernels then give a request the same numbers alone or in a crowd.
@@ -251,8 +253,10 @@ class BatchEngine:
                 seq.alpha = float(ntk_alpha(n, c.seq_length))
             seq.generator = make_generator(seq.cfg.seed, dev)
             if seq.cfg.repetition_penalty != 1.0:
-                seq.seen = torch.zeros(c.vocab_size, dtype=torch.bool, device=dev)
-                seq.seen[torch.tensor(seq.prompt, device=dev)] = True
+                if self._seen is None:
+                    self._seen = torch.zeros(self.max_num_seqs, c.vocab_size, dtype=torch.bool, device=dev)
+                self._seen[seq.row] = False
+                self._seen[seq.row, torch.tensor(seq.prompt, device=dev)] = True
         t = max(lengths)
         ids = torch.tensor([s.prompt + [0] * (t - len(s.prompt)) for s in seqs], device=dev)
         # right padding: a real token's causal window never reaches the pads, so plain causal
@@ -407,20 +411,25 @@ class BatchEngine:
                 c = s.cfg
                 groups.setdefault((c.greedy, c.temperature, c.top_p, c.top_k, c.repetition_penalty), []).append(i)
         picked = []
+        dev = logits.device
         for rows in groups.values():
             cfg = seqs[rows[0]].cfg
-            part = logits[rows]
+            everyone = len(rows) == len(seqs) and all(s.row == i for i, s in enumerate(seqs))
+            part = logits if everyone else logits[rows]  # (no copy in the common case: one group)
             for j, i in enumerate(rows):  # OpenAI's penalties: only the rows that ask (each its own)
                 c = seqs[i].cfg
                 if seqs[i].counts and (c.presence_penalty or c.frequency_penalty):
                     part[j:j + 1] = apply_presence_frequency(part[j:j + 1], seqs[i].counts, c.presence_penalty,
                                                              c.frequency_penalty)
-            seen = None
+            seen = cache_rows = None
             if cfg.repetition_penalty != 1.0:
-                seen = torch.stack([seqs[i].seen if seqs[i].seen is not None else
-                                    torch.zeros(part.shape[-1], dtype=torch.bool, device=part.device) for i in rows])
+                cache_rows = torch.tensor([seqs[i].row for i in rows], device=dev)
+                seen = self._seen[:len(seqs)] if everyone else self._seen[cache_rows]
             u = None if cfg.greedy else torch.cat([uniforms(1, seqs[i].generator, self.device) for i in rows])
-            picked.append((rows, choose(part, seen, cfg, u)))
+            tokens = choose(part, seen, cfg, u)
+            if cache_rows is not None:  # the rows have now seen their new tokens
+                self._seen[cache_rows, tokens] = True
+            picked.append((rows, tokens))
         if picked:
             flat = torch.cat([t for _, t in picked]).tolist()
             for i, t in zip([i for rows, _ in picked for i in rows], flat):
@@ -428,8 +437,6 @@ class BatchEngine:
         for s, t in zip(seqs, chosen):
             s.generated.append(t)
             s.counts[t] = s.counts.get(t, 0) + 1
-            if s.seen is not None:
-                s.seen[t] = True
             self.stats["generation_tokens"] += 1
             reason = None
             if s.stop.done(s.generated):
@@ -449,6 +456,8 @@ class BatchEngine:
         if row != last:
             mover = self.active[last]
             self.kv.move_row(last, row, mover.cached)
+            if self._seen is not None and mover.cfg.repetition_penalty != 1.0:
+                self._seen[row] = self._seen[last]
             self.active[row] = mover
             mover.row = row
         self.active.pop()
