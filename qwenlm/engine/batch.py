@@ -253,10 +253,9 @@ class BatchEngine:
                 seq.alpha = float(ntk_alpha(n, c.seq_length))
             seq.generator = make_generator(seq.cfg.seed, dev)
             if seq.cfg.repetition_penalty != 1.0:
-                if self._seen is None:
-                    self._seen = torch.zeros(self.max_num_seqs, c.vocab_size, dtype=torch.bool, device=dev)
-                self._seen[seq.row] = False
-                self._seen[seq.row, torch.tensor(seq.prompt, device=dev)] = True
+                seen = self._seen_matrix(c.vocab_size)
+                seen[seq.row] = False
+                seen[seq.row, torch.tensor(seq.prompt, device=dev)] = True
         t = max(lengths)
         ids = torch.tensor([s.prompt + [0] * (t - len(s.prompt)) for s in seqs], device=dev)
         # right padding: a real token's causal window never reaches the pads, so plain causal
@@ -395,6 +394,11 @@ class BatchEngine:
         return graph, out
 
     # ---- choosing tokens, finishing -------------------------------------------------------
+    def _seen_matrix(self, vocab: int) -> torch.Tensor:
+        if self._seen is None:
+            self._seen = torch.zeros(self.max_num_seqs, vocab, dtype=torch.bool, device=self.device)
+        return self._seen
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit:] = float("-inf")
@@ -424,7 +428,8 @@ class BatchEngine:
             seen = cache_rows = None
             if cfg.repetition_penalty != 1.0:
                 cache_rows = torch.tensor([seqs[i].row for i in rows], device=dev)
-                seen = self._seen[:len(seqs)] if everyone else self._seen[cache_rows]
+                matrix = self._seen_matrix(logits.shape[-1])
+                seen = matrix[:len(seqs)] if everyone else matrix[cache_rows]
             u = None if cfg.greedy else torch.cat([uniforms(1, seqs[i].generator, self.device) for i in rows])
             tokens = choose(part, seen, cfg, u)
             if cache_rows is not None:  # the rows have now seen their new tokens
