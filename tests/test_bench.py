@@ -42,7 +42,8 @@ def test_bench_serve_json(v1_chat_dir):
     rows = json.loads(r.stdout)["serve"]
     assert [x["concurrency"] for x in rows] == [1, 3]
     assert [x["tokens"] for x in rows] == [6, 18]  # ignore_eos: every request gives all its tokens
-    assert all(x["tokens_per_s"] > 0 and x["ttft_p50_s"] <= x["latency_p50_s"] for x in rows)
+    # the first of 6 tokens arrives before the last (the clients run in a process of their own)
+    assert all(x["tokens_per_s"] > 0 and 0 < x["ttft_p50_s"] < x["latency_p50_s"] for x in rows)
 
 
 def test_bench_kv_table(v1_chat_dir, capsys):
