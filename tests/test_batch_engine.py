@@ -9,7 +9,7 @@ import torch
 
 from helpers import random_prompts, tiny_model
 from qwenlm import GenerationConfig
-from qwenlm.engine.batch import BatchEngine, QueueFull, Sequence
+from qwenlm.engine.batch import BadToken, BatchEngine, QueueFull, Sequence
 from qwenlm.generation import StopChecker, generate
 from qwenlm.quant import q4
 
@@ -125,6 +125,11 @@ def test_queue_full_and_too_long_prompt(model):
         eng.submit(_seq([1, 2], GREEDY, out))
     with pytest.raises(ValueError, match="16 tokens"):
         eng.submit(_seq(list(range(16)), GREEDY, out))
+    vocab = model.config.vocab_size
+    for bad in (vocab, -1):  # no embedding: refused at the door, not a failed step for every row
+        with pytest.raises(BadToken, match=f"token id {bad} is outside this model's vocabulary"):
+            eng.submit(_seq([1, bad, 2], GREEDY, out))
+    assert len(eng.waiting) == 2
 
 
 def test_threaded_loop_serves_concurrent_submissions(model):

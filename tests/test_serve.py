@@ -3,13 +3,15 @@ streaming, n, usage, finish reasons), completions, the OpenAI error schema, limi
 metrics, the chat page, client disconnects. A tiny random Qwen v1 chat model with the real
 tokenizer; every generated text is checked against the reference generation loop."""
 
+import os
+import shutil
 import time
 
 import httpx
 import openai
 import pytest
 
-from helpers import running_server
+from helpers import running_server, v1_config, v1_state_dict, write_checkpoint
 from qwenlm import load
 from qwenlm.generation import StopChecker, generate
 from qwenlm.serve import ServerOptions, create_app
@@ -207,6 +209,27 @@ def test_a_client_gone_before_its_whole_reply_frees_the_slot(model_tok):
         assert eng.stats["finished_length"] == 0
         r = httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 3}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_model_smaller_than_its_tokenizer_refuses_ids_it_cannot_embed(tmp_path, v1_tokenizer_dir):
+    """A checkpoint whose vocabulary is smaller than its tokenizer's (a mismatched tokenizer): ids the
+    model has no embedding for are a 400 naming the id, for raw ids and for chat prompts (whose
+    special tokens are beyond it), and the server keeps serving."""
+    d = str(tmp_path / "small_vocab")
+    cfg = v1_config(vocab=1000, hidden=32, layers=1, heads=2, mlp=48)
+    write_checkpoint(d, cfg, v1_state_dict(cfg, seed=1), {"chat_format": "chatml", "eos_token_id": 151643})
+    shutil.copy(os.path.join(v1_tokenizer_dir, "qwen.tiktoken"), d)
+    model, tok = load(d, dtype="float32", device="cpu")
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=128))
+    with running_server(app) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": [5, 1000], "max_tokens": 2})
+        assert r.status_code == 400 and "token id 1000 is outside the vocabulary (0..999)" in r.text
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": MSGS, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 400, r.text
+        assert "outside this model's vocabulary (0..999)" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/completions", json={"prompt": [5, 999, 7], "max_tokens": 2,
+                                                      "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 def test_int8_kv_cache_server(v1_chat_dir):
     """`--kv-cache int8`: the engine keeps 8-bit slots (and says so in /metrics), and a greedy reply

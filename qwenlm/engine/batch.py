@@ -38,6 +38,10 @@ class QueueFull(Exception):
     """The waiting queue is at its limit; retry later."""
 
 
+class BadToken(ValueError):
+    """A prompt holds a token id that the model has no embedding for."""
+
+
 @dataclass
 class Sequence:
     """One generation. `emit(token, finish_reason)` is called from the engine thread for every new
@@ -174,6 +178,10 @@ class BatchEngine:
         if len(seq.prompt) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(seq.prompt)} tokens; this server's context is "
                              f"{self.max_model_len} tokens (prompt plus completion)")
+        vocab = self.cfg.vocab_size
+        if not all(0 <= t < vocab for t in seq.prompt):  # (it would fail the whole step, every row with it)
+            bad = next(t for t in seq.prompt if not 0 <= t < vocab)
+            raise BadToken(f"token id {bad} is outside this model's vocabulary (0..{vocab - 1})")
         with self._cv:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")

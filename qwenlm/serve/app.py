@@ -24,7 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.batch import BatchEngine, QueueFull, Sequence
+from ..engine.batch import BadToken, BatchEngine, QueueFull, Sequence
 from ..generation.generate import StopChecker, TextAssembler
 from .metrics import Metrics
 from .prompt import PromptError, ToolCall, ToolStream, build_chat_prompt, parse_reply, tool_specs
@@ -157,6 +157,9 @@ class _Job:
             self.abort()
             raise APIError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
+        except BadToken as e:
+            self.abort()
+            raise APIError(400, str(e), param="prompt") from None
         except ValueError as e:
             self.abort()
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
@@ -390,7 +393,7 @@ class Server:
         if isinstance(prompt[0], int):
             prompt = [prompt]
         out = []
-        limit = self.tokenizer.id_limit
+        limit = min(self.tokenizer.id_limit, self.model.config.vocab_size)
         for p in prompt:
             ids = self.tokenizer.encode(p, allowed_special=set()) if isinstance(p, str) else list(p)
             if not ids:
