@@ -75,8 +75,9 @@ sweep)  # every launch setting checked, then timed; the defaults are marked '*' 
         | tee "$OUT/sweep_gptq.log" | grep -v -i warn
     timeout 230 python3 benchmarks/kernel_sweep.py --only attention --json "$OUT/sweep_attention.json" 2>&1 \
         | tee "$OUT/sweep_attention.log" | grep -v -i warn ;;
-serve)
-    bench serve_7b --shape 7B --serve 1,8,32,64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer ;;
+serve)  # the 7B shape; then a model that costs nothing: the ceiling that serving itself puts on tok/s
+    bench serve_7b --shape 7B --serve 1,8,32,64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer
+    bench serve_tiny --shape tiny --serve 64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer ;;
 *)
     echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -13,7 +13,9 @@ def add_parser(sub) -> None:
                                    "(the original Qwen README protocol).")
     src = p.add_mutually_exclusive_group()
     src.add_argument("-m", "--model", default=None, help="checkpoint (default: the offline default model)")
-    src.add_argument("--shape", choices=["1.8B", "7B", "14B", "72B"], help="random weights of a Qwen v1 shape")
+    src.add_argument("--shape", choices=["1.8B", "7B", "14B", "72B", "tiny"],
+                     help="random weights of a Qwen v1 shape (tiny: two small layers and 1,000 tokens, a model that "
+                          "costs next to nothing, to measure the serving and launching overhead around it)")
     p.add_argument("--layers", type=int, help="with --shape: run only this many layers (to fit in memory)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])

@@ -32,6 +32,10 @@ SHAPES = {
     "72B": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, intermediate_size=49152,
                 vocab_size=152064, seq_length=32768, rotary_emb_base=1000000, use_dynamic_ntk=False,
                 use_logn_attn=False),
+    # not a released model: two small layers and a small vocabulary, so that the model costs next to
+    # nothing and what is measured is the rest (serving, scheduling, sampling, launching)
+    "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
+                 vocab_size=1000, seq_length=8192, rotary_emb_base=10000),
 }
 # peak memory bandwidth, bytes/s, by device name
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
