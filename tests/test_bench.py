@@ -122,3 +122,13 @@ def test_gpu_session_script_commands_parse():
     for line in lines:
         args = parser.parse_args(["bench", *shlex.split(line), "--json"])
         assert args.func.__module__ == "qwenlm.commands.bench", line
+
+
+def test_bench_tiny_shape(capsys):
+    """`--shape tiny` (what measures the overhead around the model) is a real Qwen v1 model: in fp32
+    our engine and transformers give the same greedy tokens on its random weights."""
+    pytest.importorskip("transformers")
+    assert main(["bench", "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--gen", "24",
+                 "--prefill", "32", "--compare", "hf", "--hf-tokens", "24", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["decode"][0]["tokens"] == 24 and res["hf"]["agree_tokens"] == 24

@@ -175,7 +175,8 @@ def bench_decode(engine: Engine, n_tokens: int, batch: int = 1, context: int = 1
 
 def bench_prefill(engine: Engine, n_tokens: int = 2048, repeats: int = 3) -> dict:
     dev = engine.device
-    ids = torch.randint(0, 151643, (1, n_tokens), generator=torch.Generator().manual_seed(1)).tolist()
+    vocab = min(engine.cfg.vocab_size, 151643)  # ordinary tokens the model has
+    ids = torch.randint(0, vocab, (1, n_tokens), generator=torch.Generator().manual_seed(1)).tolist()
     cfg = GenerationConfig(do_sample=False, max_new_tokens=0, eos_token_id=None, pad_token_id=0)
     st = engine._setup(ids, cfg, n_tokens)
     engine._prefill(st)  # warm-up
@@ -283,7 +284,8 @@ def bench_hf(model, n_tokens: int, engine: Engine | None = None, context: int = 
     """transformers' generate on the same weights; with `engine`, also how many greedy tokens agree."""
     hf = hf_twin(model)
     dev = model.device
-    ids = torch.randint(0, 151643, (1, context), generator=torch.Generator().manual_seed(0)).to(dev)
+    vocab = min(model.config.vocab_size, 151643)
+    ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0)).to(dev)
     kw = dict(do_sample=False, max_new_tokens=n_tokens, min_new_tokens=n_tokens, pad_token_id=0)
     with torch.inference_mode():
         hf.generate(ids, attention_mask=torch.ones_like(ids), **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
