@@ -110,7 +110,7 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, config)
     with torch.device("meta"):
-        model = build_model(config)
+        model = build_model(config, init=False)  # (the checkpoint's weights replace every parameter)
     files = checkpoint_files(path)
     gptq = GPTQConfig.from_checkpoint(path, config.raw)
     if quantize == "auto":

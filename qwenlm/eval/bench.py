@@ -53,7 +53,7 @@ def shape_config(shape: str, layers: int | None = None) -> ModelConfig:
 def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """A model of `config` with random weights, made directly on the device."""
     with torch.device("meta"):
-        model = build_model(config).to(dtype)
+        model = build_model(config, init=False).to(dtype)  # (drawn below, on the device)
     model.to_empty(device=device)  # allocates once, in `dtype`
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
