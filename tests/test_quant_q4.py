@@ -76,6 +76,26 @@ def test_8bit_quantization_error_bound():
     assert bool(((q4.dequantize_q4(codes, d, m) - w).abs() <= 0.5 * step + 1e-3 * step.max()).all())
 
 
+
+def test_8bit_quantizer_kernel_equals_its_torch_reference():
+    """The one-pass C++ quantizer gives exactly the codes and scales of `_q8_rows` (round half to even,
+    fp16 scales), also for blocks of zeros, ties at .5, tiny and huge values and more than one chunk;
+    and bf16 weights are taken as their float values."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1030, 96, generator=g) * torch.logspace(-6, 3, 1030)[:, None]  # > 2 chunks of 512 rows
+    w[0] = 0.0
+    # amax 15.875 gives d = 1/8 exactly, so (k + 1/2) / 8 lands on a tie at k + 1/2: half to even
+    w[1, :32] = torch.cat([torch.tensor([15.875]), (torch.arange(31) - 15 + 0.5) * 0.125])
+    w[2, 32:64] = 1e-30
+    w[3, :] = 65504.0 * torch.linspace(-1, 1, 96)
+    assert q4.available()
+    for weight in (w, w.bfloat16()):
+        codes, d, m = q4.quantize_q8(weight)
+        ref_codes, ref_d = q4._by_rows(q4._q8_rows, weight, 32)
+        assert codes.dtype == torch.int8 and d.dtype == torch.float16 and not m.any()
+        assert torch.equal(codes, ref_codes) and torch.equal(d, ref_d)
+    assert codes[1, 0, 1:].tolist() == [round(k + 0.5) for k in range(-15, 16)]  # Python rounds half to even
+
 def test_prefill_path_equals_decode_path():
     torch.manual_seed(2)
     lin = q4.Q4Linear(nn.Linear(256, 64, bias=True))
