@@ -35,13 +35,14 @@ def test_bench_serve_json(v1_chat_dir):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "qwenlm", "bench", "-m", v1_chat_dir, "--serve", "1,3",
+    r = subprocess.run([sys.executable, "-m", "qwenlm", "bench", "-m", v1_chat_dir, "--serve", "1,10",
                         "--serve-tokens", "6", "--prompt-len", "5", "--json"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["serve"]
-    assert [x["concurrency"] for x in rows] == [1, 3]
-    assert [x["tokens"] for x in rows] == [6, 18]  # ignore_eos: every request gives all its tokens
+    assert [x["concurrency"] for x in rows] == [1, 10]
+    assert [x["tokens"] for x in rows] == [6, 60]  # ignore_eos: every request gives all its tokens
+    assert [x["solo_requests"] for x in rows] == [1, 8]  # one at a time: at most 8 of them
     # the first of 6 tokens arrives before the last (the clients run in a process of their own)
     assert all(x["tokens_per_s"] > 0 and 0 < x["ttft_p50_s"] < x["latency_p50_s"] for x in rows)
 
