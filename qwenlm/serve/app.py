@@ -125,11 +125,6 @@ class _Gate:
 _GONE = "client gone"  # a queue item of _Job: not a finish reason of the engine
 
 
-async def _disconnected_after(request: Request, seconds: float) -> bool:
-    await asyncio.sleep(seconds)
-    return await request.is_disconnected()
-
-
 class _Job:
     """The choices of one request: one engine sequence each, tokens arriving on one queue."""
 
@@ -197,8 +192,10 @@ class _Job:
         """Every half second: has the client gone? Then end `events` (which aborts the sequences).
         A task of its own, so that waiting for a token is a plain queue read (a timeout on every read
         cost a task and a timer per token)."""
-        while not await _disconnected_after(self.request, 0.5):
-            pass
+        while True:
+            await asyncio.sleep(0.5)
+            if await self.request.is_disconnected():
+                break
         log.info("client went away: aborting its sequence(s)")
         self.queue.put_nowait((None, None, _GONE))
 
