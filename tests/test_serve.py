@@ -250,3 +250,85 @@ def test_int8_kv_cache_server(v1_chat_dir):
     assert model.new_cache().int8
     text, finish, _ = _expected((model, tok), ids, 12)
     assert r.choices[0].message.content == text and r.choices[0].finish_reason == finish
+
+
+# ---- what the streams write: chunk patterns and several tokens per write ----------------------------
+
+AWKWARD = ['plain', '', 'a "quoted" {braced} {0} %s \\ back\\slash', 'new\nline\ttab\r', '\x00\x1f ctrl',
+           '你好 🙂', '</script>', 'data: [DONE]\n\n']
+
+
+@pytest.mark.parametrize("name", ["tiny", 'we{ir}d "name" \\ {0}'])
+def test_chunk_patterns_write_what_json_dumps_writes(name):
+    """Streams fill a pattern per token instead of encoding each chunk; the events must be what
+    encoding the whole chunk gives, for any text, finish reason and model name (braces included,
+    which str.format would otherwise take as fields)."""
+    import json
+
+    from qwenlm.serve.app import INDEX, REASON, TEXT, _json_str, _reason_json, _sse, _sse_format
+
+    def obj(i, text, reason):
+        return {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": name,
+                "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}]}
+
+    fmt = _sse_format(obj(INDEX, TEXT, REASON))
+    for i, text in enumerate(AWKWARD):
+        for reason in (None, "stop", "length"):
+            got = fmt.format(i, _json_str(text), _reason_json(reason))
+            assert got == _sse(obj(i, text, reason))
+            assert got.startswith("data: ") and got.endswith("\n\n")
+            assert json.loads(got[6:]) == obj(i, text, reason)
+
+
+def test_chat_stream_with_an_awkward_model_name(model_tok):
+    model, tok = model_tok
+    name = 'qw{en} "7B" \\ {1}'
+    app = create_app(model, tok, ServerOptions(served_model_name=name, max_model_len=256, max_num_seqs=2))
+    with running_server(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        kw = dict(model=name, messages=MSGS, temperature=0, max_tokens=12, n=2)
+        full = c.chat.completions.create(**kw)
+        chunks = list(c.chat.completions.create(stream=True, **kw))
+        assert {ch.model for ch in chunks} == {name}
+        for i in range(2):
+            text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices[0].index == i)
+            assert text == full.choices[i].message.content
+        p = c.completions.create(model=name, prompt=[5, 6, 7], max_tokens=6, temperature=0, stream=True)
+        assert {ch.model for ch in p} == {name}
+
+
+def test_batches_hand_over_everything_that_has_arrived(model_tok):
+    """A server that falls behind the engine finds several tokens queued: they come out as one batch
+    (one write), in order; an engine error after a token still hands that token over first, then
+    raises; the end of every choice ends the batches."""
+    import asyncio
+
+    from qwenlm.serve.app import APIError, _Job
+
+    model, tok = model_tok
+    server = create_app(model, tok, ServerOptions(max_model_len=64)).state.server
+    cfg = model.generation_config.update(do_sample=False, max_new_tokens=4)
+
+    class Request:
+        async def is_disconnected(self):
+            return False
+
+    async def run(items):
+        job = _Job(server, [[1, 2, 3]] * 2, [cfg, cfg], [], Request())
+        for it in items:
+            job.queue.put_nowait(it)
+        got = []
+        try:
+            async for batch in job.batches():
+                got.append(batch)
+                if len(got) == 1:  # more arrives while the first batch is being written
+                    job.queue.put_nowait((1, 9, "length"))
+        except APIError as e:
+            got.append(e.status)
+        return got, job
+
+    got, job = asyncio.run(run([(0, 5, None), (1, 6, None), (0, 7, "stop")]))
+    assert got == [[(0, 5, None), (1, 6, None), (0, 7, "stop")], [(1, 9, "length")]]
+    assert job.first_token_at is not None
+    got, _ = asyncio.run(run([(0, 5, None), (0, None, "error"), (1, 6, None)]))
+    assert got == [[(0, 5, None)], 500]

@@ -164,25 +164,35 @@ class _Job:
             if s.finish_reason is None:
                 self.server.engine.abort(s)
 
-    async def events(self):
-        """(choice index, token or None, finish reason or None) until every choice has finished;
-        a client that goes away has its sequences aborted."""
+    async def batches(self):
+        """Lists of (choice index, token or None, finish reason or None), until every choice has
+        finished: each list is all that had arrived when the previous one was handled, so a server
+        that falls behind the engine writes several tokens of a stream at once. A client that goes
+        away has its sequences aborted."""
         left = len(self.seqs)
+        queue = self.queue
         watcher = asyncio.ensure_future(self._watch())
         try:
             while left:
-                i, tok, reason = await self.queue.get()
-                if reason == _GONE:
-                    return
-                if tok is not None and self.first_token_at is None:
-                    self.first_token_at = time.monotonic()
-                    self.server.metrics.ttft.observe(self.first_token_at - self.started)
-                if reason is not None:
-                    left -= 1
-                    if reason == "error":
-                        raise APIError(500, "the engine failed on this request (see the server log)",
-                                       "server_error")
-                yield i, tok, reason
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                batch = []
+                for i, tok, reason in items:
+                    if reason == _GONE:
+                        return
+                    if tok is not None and self.first_token_at is None:
+                        self.first_token_at = time.monotonic()
+                        self.server.metrics.ttft.observe(self.first_token_at - self.started)
+                    if reason is not None:
+                        left -= 1
+                        if reason == "error":
+                            if batch:
+                                yield batch
+                            raise APIError(500, "the engine failed on this request (see the server log)",
+                                           "server_error")
+                    batch.append((i, tok, reason))
+                yield batch
         finally:
             watcher.cancel()
             self.abort()
@@ -203,12 +213,13 @@ class _Job:
         """Run every choice to its end (non-streaming): fills `texts`, returns finish reasons."""
         texts = self.texts
         reasons: list[str | None] = [None] * len(self.seqs)
-        async for i, tok, reason in self.events():
-            if tok is not None:
-                texts[i].put(tok)
-            if reason is not None:
-                texts[i].finish()
-                reasons[i] = reason
+        async for batch in self.batches():
+            for i, tok, reason in batch:
+                if tok is not None:
+                    texts[i].put(tok)
+                if reason is not None:
+                    texts[i].finish()
+                    reasons[i] = reason
         return reasons
 
     @property
@@ -222,6 +233,26 @@ class _Job:
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# What json.dumps(ensure_ascii=False) writes for a str, without the encoder around it (C code).
+_json_str = json.encoder.encode_basestring
+INDEX, TEXT, REASON = "\0index", "\0text", "\0reason"  # slots of a chunk format
+
+
+def _sse_format(obj) -> str:
+    """The SSE event of `obj` as a str.format pattern whose fields are the slots found in it: {0} for
+    INDEX (an int), {1} for TEXT (JSON), {2} for REASON (JSON). Streams fill one pattern per token
+    instead of encoding the whole chunk again (which was the largest part of the server's work per
+    token)."""
+    s = _sse(obj).replace("{", "{{").replace("}", "}}")
+    for k, slot in enumerate((INDEX, TEXT, REASON)):
+        s = s.replace(json.dumps(slot), "{%d}" % k)
+    return s
+
+
+def _reason_json(reason: str | None) -> str:
+    return "null" if reason is None else _json_str(reason)
 
 
 def _sse_error(e: APIError) -> str:
@@ -334,44 +365,48 @@ class Server:
         return {"role": "assistant", "content": parsed}, reason
 
     async def _chat_stream(self, job: _Job, texts, names, legacy, rid, created, include_usage):
-        name = self.opts.served_model_name
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.opts.served_model_name}
 
         def chunk(i, delta, reason=None):
-            return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                         "choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}]})
+            return _sse({**head, "choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}]})
 
+        text_fmt = _sse_format({**head, "choices": [{"index": INDEX, "delta": {"content": TEXT},
+                                                     "finish_reason": None, "logprobs": None}]})
         tool_streams = [ToolStream(names) for _ in texts] if names else None
         try:
-            for i in range(len(texts)):
-                yield chunk(i, {"role": "assistant", "content": ""})
-            async for i, tok, reason in job.events():
-                delta = texts[i].put(tok) if tok is not None else ""
-                if reason is not None:
-                    delta += texts[i].finish()
-                if tool_streams is not None:
-                    delta = tool_streams[i].put(delta)
-                if delta:
-                    yield chunk(i, {"content": delta})
-                if reason is None:
-                    continue
-                if reason in ("abort", "error"):
-                    return
-                if tool_streams is not None:
-                    rest = tool_streams[i].finish()
-                    if isinstance(rest, ToolCall):
-                        if rest.content:
-                            yield chunk(i, {"content": rest.content})
-                        if legacy:
-                            yield chunk(i, {"function_call": {"name": rest.name, "arguments": rest.arguments}})
-                            reason = "function_call"
-                        else:
-                            yield chunk(i, {"tool_calls": [{"index": 0, **rest.openai()}]})
-                            reason = "tool_calls"
-                    elif rest:
-                        yield chunk(i, {"content": rest})
-                yield chunk(i, {}, reason)
-            yield self._stream_end(job, {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                         "model": name}, include_usage)
+            yield "".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(len(texts)))
+            async for batch in job.batches():
+                out = []
+                for i, tok, reason in batch:
+                    delta = texts[i].put(tok) if tok is not None else ""
+                    if reason is not None:
+                        delta += texts[i].finish()
+                    if tool_streams is not None:
+                        delta = tool_streams[i].put(delta)
+                    if delta:
+                        out.append(text_fmt.format(i, _json_str(delta)))
+                    if reason is None:
+                        continue
+                    if reason in ("abort", "error"):
+                        return
+                    if tool_streams is not None:
+                        rest = tool_streams[i].finish()
+                        if isinstance(rest, ToolCall):
+                            if rest.content:
+                                out.append(chunk(i, {"content": rest.content}))
+                            if legacy:
+                                out.append(chunk(i, {"function_call": {"name": rest.name,
+                                                                       "arguments": rest.arguments}}))
+                                reason = "function_call"
+                            else:
+                                out.append(chunk(i, {"tool_calls": [{"index": 0, **rest.openai()}]}))
+                                reason = "tool_calls"
+                        elif rest:
+                            out.append(chunk(i, {"content": rest}))
+                    out.append(chunk(i, {}, reason))
+                if out:
+                    yield "".join(out)
+            yield self._stream_end(job, head, include_usage)
         except APIError as e:
             yield _sse_error(e)
 
@@ -424,23 +459,30 @@ class Server:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
+            fmt = _sse_format({"id": rid, "object": "text_completion", "created": created, "model": name,
+                               "choices": [{"index": INDEX, "text": TEXT, "finish_reason": REASON,
+                                            "logprobs": None}]})
+
             def chunk(i, text, reason=None):
-                return _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
-                             "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}]})
+                return fmt.format(i, _json_str(text), _reason_json(reason))
 
             async def stream():
                 try:
                     for i, e in enumerate(echo):
                         if e:
                             yield chunk(i, e)
-                    async for i, tok, reason in job.events():
-                        delta = texts[i].put(tok) if tok is not None else ""
-                        if reason is not None:
-                            if reason in ("abort", "error"):
-                                return
-                            delta += texts[i].finish()
-                        if delta or reason:
-                            yield chunk(i, delta, reason)
+                    async for batch in job.batches():
+                        out = []
+                        for i, tok, reason in batch:
+                            delta = texts[i].put(tok) if tok is not None else ""
+                            if reason is not None:
+                                if reason in ("abort", "error"):
+                                    return
+                                delta += texts[i].finish()
+                            if delta or reason:
+                                out.append(chunk(i, delta, reason))
+                        if out:
+                            yield "".join(out)
                     yield self._stream_end(job, {"id": rid, "object": "text_completion", "created": created,
                                                  "model": name}, include_usage)
                 except APIError as e:
