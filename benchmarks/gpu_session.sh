@@ -3,7 +3,7 @@
 #
 # Here, once per session (no GPU needed):
 #   bash benchmarks/gpu_session.sh prepare
-# makes .gpu/ (ignored by git): wheels of what the GPU image lacks (fastapi, uvicorn, pydantic, gguf;
+# makes .gpu/ (ignored by git): wheels of what the GPU image lacks (fastapi, uvicorn, httptools, uvloop, pydantic, gguf;
 # for its Python 3.12) and the default model's tokenizer files (the serving benchmark needs one).
 # Then, with the device tool, one step per call, carrying .gpu:
 #   run(command="bash benchmarks/gpu_session.sh tests",  carry=[".gpu"])   # CUDA + compiled Triton tests
@@ -26,7 +26,7 @@ if [ "$step" = prepare ]; then
     python -m pip download -q --no-deps --python-version 3.12 --implementation cp --only-binary=:all: \
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
         -d .gpu/wheels fastapi starlette pydantic pydantic_core annotated_types typing_inspection annotated_doc \
-        uvicorn gguf
+        uvicorn httptools uvloop gguf
     tok=$(python -c "from qwenlm.hub import default_model_dir; print(default_model_dir(progress=False))")
     cp "$tok"/{vocab.json,merges.txt,tokenizer_config.json,config.json,generation_config.json} .gpu/tokenizer/
     du -sh .gpu

@@ -43,6 +43,10 @@ def test_bench_serve_json(v1_chat_dir):
     assert [x["concurrency"] for x in rows] == [1, 10]
     assert [x["tokens"] for x in rows] == [6, 60]  # ignore_eos: every request gives all its tokens
     assert [x["solo_requests"] for x in rows] == [1, 8]  # one at a time: at most 8 of them
+    assert [x["solo_tokens"] for x in rows] == [6, 48]
+    if sys.platform.startswith("linux"):  # each thread's CPU clock: both threads did work for every token
+        for x in rows:
+            assert 0 < x["http_server_cpu_us_per_token"] < 1e6 and 0 < x["engine_cpu_us_per_token"] < 1e6
     # the first of 6 tokens arrives before the last (the clients run in a process of their own)
     assert all(x["tokens_per_s"] > 0 and 0 < x["ttft_p50_s"] < x["latency_p50_s"] for x in rows)
 

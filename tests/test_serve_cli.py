@@ -93,3 +93,15 @@ def test_default_model_answers_through_the_server():
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
+def test_uvicorn_takes_the_c_parser_and_the_libuv_loop():
+    """httptools and uvloop are dependencies because uvicorn picks them up when they are installed
+    (a quarter less server CPU per streamed token than h11 and asyncio's own loop): check it does."""
+    import uvicorn
+
+    cfg = uvicorn.Config(app=lambda scope, receive, send: None)
+    cfg.load()
+    assert cfg.http_protocol_class.__module__.endswith("httptools_impl")
+    assert cfg.get_loop_factory().__module__.startswith("uvloop")

@@ -255,9 +255,13 @@ def _serve(args, model, name: str, path: str | None) -> int:
         return 0
     print(f"model {name} | {dtype} | {device} | {args.serve_tokens} tokens per request, {args.prompt_len}-token prompts")
     print(f"{'streams':>7} {'tok/s':>9} {'one-by-one':>11} {'speedup':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'lat p50':>8} {'lat p99':>8}")
+          f"{'lat p50':>8} {'lat p99':>8} {'CPU us/token: http':>19} {'engine':>7}")
+
+    def us(x):
+        return "-" if x is None else f"{x:.0f}"
     for r in rows:
         print(f"{r['concurrency']:>7} {r['tokens_per_s']:>9.1f} {r['one_at_a_time_tokens_per_s']:>11.1f} "
               f"{r['speedup']:>7.2f}x {r['ttft_p50_s']:>8.2f}s {r['ttft_p99_s']:>8.2f}s {r['latency_p50_s']:>7.2f}s "
-              f"{r['latency_p99_s']:>7.2f}s")
+              f"{r['latency_p99_s']:>7.2f}s {us(r['http_server_cpu_us_per_token']):>19} "
+              f"{us(r['engine_cpu_us_per_token']):>7}")
     return 0

@@ -165,6 +165,11 @@ class BatchEngine:
             self._thread.start()
         return self
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The engine loop's thread (None until `start`)."""
+        return self._thread
+
     def shutdown(self) -> None:
         with self._cv:
             self._stopping = True

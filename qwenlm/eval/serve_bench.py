@@ -97,16 +97,20 @@ def _pct(xs: list[float], q: float) -> float:
 SOLO_REQUESTS = 8  # one-at-a-time requests per level: the rate of one stream needs no more
 
 
-async def _level(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
+async def _level(url: str, prompts: list[list[int]], max_tokens: int, mark=lambda: None) -> dict:
+    """One level: a warm-up request, the first SOLO_REQUESTS one at a time, then all of them at once
+    (`mark()` is called just before and just after these)."""
     await _one(url, prompts[0], 2)  # warm-up
     t0 = time.perf_counter()
     solo = [await _one(url, p, max_tokens) for p in prompts[:SOLO_REQUESTS]]
     t_solo = time.perf_counter() - t0
+    mark()
     t0 = time.perf_counter()
     crowd = await asyncio.gather(*(_one(url, p, max_tokens) for p in prompts))
     t_crowd = time.perf_counter() - t0
+    mark()
     tok_solo, tok_crowd = sum(r["tokens"] for r in solo), sum(r["tokens"] for r in crowd)
-    return {"concurrency": len(prompts), "max_tokens": max_tokens, "tokens": tok_crowd,
+    return {"concurrency": len(prompts), "max_tokens": max_tokens, "tokens": tok_crowd, "solo_tokens": tok_solo,
             "tokens_per_s": tok_crowd / t_crowd, "one_at_a_time_tokens_per_s": tok_solo / t_solo,
             "speedup": (tok_crowd / t_crowd) / (tok_solo / t_solo),
             "ttft_p50_s": _pct([r["ttft"] for r in crowd], 0.5), "ttft_p90_s": _pct([r["ttft"] for r in crowd], 0.9),
@@ -117,26 +121,37 @@ async def _level(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
 
 
 def _client(url: str, prompts: list[list[int]], max_tokens: int, conn) -> None:
-    """The client process: one level, its result (or its error) sent back on `conn`."""
+    """The client process: one level; MARK when the concurrent requests start and end, then the
+    level's result (or its error), on `conn`."""
     try:
-        conn.send(asyncio.run(_level(url, prompts, max_tokens)))
+        conn.send(asyncio.run(_level(url, prompts, max_tokens, lambda: conn.send(MARK))))
     except Exception as e:
         conn.send(RuntimeError(f"{type(e).__name__}: {e}"))
     finally:
         conn.close()
 
 
-def run_level(url: str, prompts: list[list[int]], max_tokens: int, timeout: float = 3600) -> dict:
-    """Measure one concurrency level from a separate client process."""
+MARK = "mark"
+
+
+def run_level(url: str, prompts: list[list[int]], max_tokens: int, timeout: float = 3600, on_mark=None) -> dict:
+    """Measure one concurrency level from a separate client process; `on_mark()` is called when its
+    concurrent requests start and when they end."""
     ctx = multiprocessing.get_context("spawn")
     mine, theirs = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_client, args=(url, prompts, max_tokens, theirs), daemon=True)
     proc.start()
     theirs.close()
+    deadline = time.monotonic() + timeout
     try:
-        if not mine.poll(timeout):
-            raise RuntimeError(f"the benchmark clients did not finish within {timeout:.0f} s")
-        out = mine.recv()
+        while True:
+            if not mine.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"the benchmark clients did not finish within {timeout:.0f} s")
+            out = mine.recv()
+            if out != MARK:
+                break
+            if on_mark is not None:
+                on_mark()
     except EOFError:
         raise RuntimeError(f"the benchmark client process died (exit code {proc.exitcode})") from None
     finally:
@@ -148,17 +163,48 @@ def run_level(url: str, prompts: list[list[int]], max_tokens: int, timeout: floa
     return out
 
 
+class ThreadClock:
+    """CPU seconds used so far by one thread of this process (None where the platform cannot say)."""
+
+    def __init__(self, thread):
+        try:
+            self.clock = time.pthread_getcpuclockid(thread.ident)
+        except (AttributeError, OSError, TypeError):
+            self.clock = None
+
+    def seconds(self) -> float | None:
+        try:
+            return None if self.clock is None else time.clock_gettime(self.clock)
+        except OSError:  # the thread has ended
+            return None
+
+
 def bench_serve(model, tokenizer, levels: list[int], max_tokens: int, prompt_len: int, progress=print) -> list[dict]:
-    """Start a server in this process and measure each concurrency level."""
+    """Start a server in this process and measure each concurrency level. Each row also gives the CPU
+    time that the HTTP server's thread and the engine's thread spent per output token while the
+    concurrent requests ran: the interpreter time that serving needs besides the model, whose sum
+    bounds the tokens/s that one process can stream."""
+    import threading
+
     from ..serve import ServerOptions, create_app, serve_in_thread
+    from ..serve.app import HTTP_THREAD
 
     top = max(levels)
     opts = ServerOptions(served_model_name="bench", max_model_len=prompt_len + max_tokens + 8, max_num_seqs=top,
                          max_queue=4 * top)
     rows = []
-    with serve_in_thread(create_app(model, tokenizer, opts)) as url:
+    app = create_app(model, tokenizer, opts)
+    with serve_in_thread(app) as url:
+        http = next(t for t in threading.enumerate() if t.name == HTTP_THREAD)
+        clocks = {"http_server": ThreadClock(http), "engine": ThreadClock(app.state.server.engine.thread)}
         for c in levels:
             progress(f"{c} concurrent stream(s) of {max_tokens} tokens, then {min(c, SOLO_REQUESTS)} of them one "
                      "at a time...")
-            rows.append(run_level(url, prompts_for(c, prompt_len, model.config.vocab_size, seed=c), max_tokens))
+            marks = []
+            row = run_level(url, prompts_for(c, prompt_len, model.config.vocab_size, seed=c), max_tokens,
+                            on_mark=lambda: marks.append({k: v.seconds() for k, v in clocks.items()}))
+            for k in clocks:
+                a, b = (m[k] for m in marks)
+                row[f"{k}_cpu_us_per_token"] = None if a is None or b is None else (b - a) / row["tokens"] * 1e6
+            rows.append(row)
     return rows

@@ -498,6 +498,9 @@ class Server:
                 "usage": job.usage()}
 
 
+HTTP_THREAD = "qwenlm-http"  # the name of serve_in_thread's thread
+
+
 @contextmanager
 def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 60):
     """Run an app with uvicorn on a free port of `host` in a daemon thread; yields the base URL
@@ -507,7 +510,7 @@ def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 60):
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, daemon=True, name=HTTP_THREAD)
     thread.start()
     deadline = time.monotonic() + timeout
     while not server.started:
