@@ -24,17 +24,24 @@ def _reference(x: torch.Tensor, lin: q4.Q4Linear) -> torch.Tensor:
     if lin.codes.dtype == torch.int8:
         q = lin.codes.double()
     else:
-        q = torch.cat((lin.codes & 0x0F, lin.codes >> 4), dim=-1).double()  # (N, K/32, 32)
+        q = torch.cat((lin.codes[..., :16] & 0x0F, lin.codes[..., :16] >> 4), dim=-1).double()  # (N, K/32, 32)
+        if lin.codes.shape[-1] == 20:  # the fifth bits: bit j of the little-endian word after the nibbles
+            word = sum(lin.codes[..., 16 + i].long() << (8 * i) for i in range(4))
+            q = q + torch.stack([(word >> j) & 1 for j in range(32)], -1).double() * 16
     dots = torch.einsum("rbj,nbj->rnb", xq, q)
     return (dots * lin.d.double()[None] * s[:, None, :]).sum(-1) + (
         lin.m.double()[None] * (s * xq.sum(-1))[:, None, :]).sum(-1)
 
 
 @pytest.mark.parametrize("n,k,rows", [(96, 256, 1), (100, 896, 3), (4864, 896, 1), (33, 64, 2), (70, 128, 9), (64, 896, 64)])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 8])
 def test_kernel_equals_python_arithmetic(n, k, rows, bits):
     torch.manual_seed(n)
-    lin = q4.Q4Linear(nn.Linear(k, n, bias=False), bits=bits)
+    if bits == 5:  # (5-bit blocks come from GGUF files, not from quantizing here)
+        d = (torch.rand(n, k // 32) * 0.02 + 1e-3).half()
+        lin = q4.Q4Linear(codes=q4.pack_q5(torch.randint(0, 32, (n, k // 32, 32))), d=d, m=(-16 * d.float()).half())
+    else:
+        lin = q4.Q4Linear(nn.Linear(k, n, bias=False), bits=bits)
     assert lin.bits == bits
     x = torch.randn(rows, k) * 3
     got = lin(x).double()
@@ -104,3 +111,22 @@ def test_prefill_path_equals_decode_path():
     small = torch.cat([lin(x[i:i + 1]) for i in range(0, 150)])
     # the decode path also rounds activations to int8: about 1% of the output scale
     assert (big - small).abs().max() < 2e-2 * big.abs().max()
+
+
+def test_5bit_blocks_layout():
+    """pack_q5 lays codes out as llama.cpp's Q5_0 blocks do (without the scale): byte j holds the low
+    four bits of codes j and j+16, and bit j of the 32-bit little-endian word that follows is code j's
+    fifth bit; unpack_codes reverses it."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 32, (7, 3, 32), generator=g)
+    packed = q4.pack_q5(q)
+    assert packed.shape == (7, 3, 20) and packed.dtype == torch.uint8
+    for r, b in ((0, 0), (6, 2), (3, 1)):
+        blk, codes = packed[r, b].tolist(), q[r, b].tolist()
+        word = int.from_bytes(bytes(blk[16:]), "little")
+        for j in range(32):
+            low = blk[j % 16] >> (4 * (j // 16)) & 0x0F
+            assert low | ((word >> j) & 1) << 4 == codes[j]
+    assert torch.equal(q4.unpack_codes(packed).long(), q)
+    assert q4.code_bits(packed) == 5 and q4.Q4Linear(codes=packed, d=torch.ones(7, 3).half(),
+                                                       m=torch.zeros(7, 3).half()).bits == 5

@@ -124,12 +124,35 @@ def pack_q4(q: torch.Tensor) -> torch.Tensor:
     return (q[..., :16] | (q[..., 16:] << 4)).contiguous()
 
 
-def dequantize_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """The (N, K) weight of 4-bit (uint8 pairs) or 8-bit (int8) blocks: d * q + m."""
+def pack_q5(q: torch.Tensor) -> torch.Tensor:
+    """0..31 codes (N, K/32, 32) -> the kernel's 5-bit blocks (N, K/32, 20): the low four bits as
+    `pack_q4` packs them, then 4 bytes whose bit j (little-endian) is code j's fifth bit."""
+    q = q.to(torch.uint8)
+    high = ((q >> 4) & 1).view(*q.shape[:-1], 4, 8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+    bits = (high * weights).sum(-1, dtype=torch.int32).to(torch.uint8)  # (N, K/32, 4)
+    return torch.cat((pack_q4(q & 0x0F), bits), dim=-1).contiguous()
+
+
+def unpack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """The kernel's code bytes -> one code per weight (N, K/32, 32): 0..15 (4 bits), 0..31 (5 bits)
+    or -128..127 (8 bits)."""
     if codes.dtype == torch.int8:
-        q = codes.float()
-    else:
-        q = torch.cat((codes & 0x0F, codes >> 4), dim=-1).float()  # (N, K/32, 32)
+        return codes
+    q = torch.cat((codes[..., :16] & 0x0F, codes[..., :16] >> 4), dim=-1)
+    if codes.shape[-1] == 20:
+        bits = codes[..., 16:, None] >> torch.arange(8, dtype=torch.uint8)  # (N, K/32, 4, 8)
+        q = q | ((bits & 1) << 4).flatten(-2)
+    return q
+
+
+def code_bits(codes: torch.Tensor) -> int:
+    return 8 if codes.dtype == torch.int8 else 5 if codes.shape[-1] == 20 else 4
+
+
+def dequantize_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The (N, K) weight of 4-bit or 5-bit (uint8) or 8-bit (int8) blocks: d * q + m."""
+    q = unpack_codes(codes).float()  # (N, K/32, 32)
     w = q * d.float()[..., None] + m.float()[..., None]
     return w.view(codes.shape[0], -1)
 
@@ -139,8 +162,9 @@ class Q4Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear | None = None, *, codes=None, d=None, m=None, bias=None, perm=None,
                  bits: int = 4):
-        """From an nn.Linear (quantized here to `bits`), or from ready blocks: `codes` (N, K/32, 16)
-        uint8 as `pack_q4` makes them or (N, K/32, 32) int8, `d`/`m` (N, K/32) fp16, and optionally
+        """From an nn.Linear (quantized here to `bits`, 4 or 8), or from ready blocks: `codes`
+        (N, K/32, 16) or (N, K/32, 20) uint8 as `pack_q4`/`pack_q5` make them or (N, K/32, 32) int8,
+        `d`/`m` (N, K/32) fp16, and optionally
         `perm`, the input-column order the blocks were built in (GPTQ act-order checkpoints)."""
         super().__init__()
         if linear is not None:
@@ -149,7 +173,7 @@ class Q4Linear(nn.Module):
             else:
                 codes, d, m, _ = quantize_q4(linear.weight.detach())
             bias = None if linear.bias is None else linear.bias.detach()
-        self.bits = 8 if codes.dtype == torch.int8 else 4
+        self.bits = code_bits(codes)
         self.out_features, self.in_features = codes.shape[0], codes.shape[1] * BLOCK
         self.register_buffer("codes", codes)
         self.register_buffer("d", d)

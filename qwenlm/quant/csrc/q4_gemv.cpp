@@ -3,7 +3,9 @@
 //
 // Weights: per output row, blocks of 32 input columns, each with an fp16 scale d and fp16 offset m:
 // w = d * q + m. 4 bits: 16 bytes of codes 0..15 per block (byte j holds code j in its low nibble and
-// code j+16 in its high nibble). 8 bits: 32 signed bytes, codes -128..127. Activations are quantized
+// code j+16 in its high nibble). 5 bits: those 16 bytes for the low four bits of codes 0..31, then 4
+// bytes whose bit j (little-endian) is code j's fifth bit (llama.cpp's Q5_0 blocks, without the
+// scale). 8 bits: 32 signed bytes, codes -128..127. Activations are quantized
 // per block of 32 to int8 (-127..127) with one fp32 scale s:  x = s * xq.  Then a block's dot product
 // is  d*s*sum(q*xq) + m*s*sum(xq).
 #include <torch/extension.h>
@@ -52,8 +54,8 @@ struct QuantRows {
   }
 };
 
-// One weight matrix: codes (N, K/32, 16) uint8 (4 bits) or (N, K/32, 32) int8 (8 bits), d and m
-// (N, K/32) fp16
+// One weight matrix: codes (N, K/32, 16) uint8 (4 bits), (N, K/32, 20) uint8 (5 bits) or
+// (N, K/32, 32) int8 (8 bits); d and m (N, K/32) fp16
 struct QWeight {
   const uint8_t* codes;
   const uint16_t* d;
@@ -61,9 +63,10 @@ struct QWeight {
   int64_t N, K, bits;
   QWeight(const torch::Tensor& c, const torch::Tensor& dd, const torch::Tensor& mm) {
     TORCH_CHECK(c.is_contiguous() && c.dim() == 3 &&
-                ((c.dtype() == torch::kUInt8 && c.size(2) == 16) || (c.dtype() == torch::kInt8 && c.size(2) == 32)),
-                "codes must be contiguous (N, K/32, 16) uint8 or (N, K/32, 32) int8");
-    bits = c.size(2) == 16 ? 4 : 8;
+                ((c.dtype() == torch::kUInt8 && (c.size(2) == 16 || c.size(2) == 20)) ||
+                 (c.dtype() == torch::kInt8 && c.size(2) == 32)),
+                "codes must be contiguous (N, K/32, 16 or 20) uint8 or (N, K/32, 32) int8");
+    bits = c.size(2) == 16 ? 4 : c.size(2) == 20 ? 5 : 8;
     TORCH_CHECK(dd.dtype() == torch::kHalf && mm.dtype() == torch::kHalf && dd.is_contiguous() &&
                 mm.is_contiguous() && dd.numel() == c.size(0) * c.size(1) && mm.numel() == dd.numel(),
                 "d and m must be contiguous (N, K/32) float16");
@@ -75,16 +78,28 @@ struct QWeight {
   }
 };
 
-// sum(q * a) over one block of 32, as eight int32 lanes: 4-bit codes (16 bytes at c) are unsigned, so
-// maddubs takes them as they are; 8-bit codes (32 bytes) are signed: maddubs(|q|, a * sign(q)), whose
-// pair sums (at most 2 * 128 * 127) cannot saturate
+// 32 bytes, byte j = 0x10 where bit j of the 32-bit word at h is set (the fifth bits of 5-bit codes)
+inline __m256i fifth_bits(const uint8_t* h) {
+  uint32_t word;
+  std::memcpy(&word, h, 4);
+  // byte j takes byte j/8 of the word (the shuffle works within each 128-bit half), then tests bit j%8
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)word),
+      _mm256_setr_epi64x(0x0000000000000000LL, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL));
+  const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+// sum(q * a) over one block of 32, as eight int32 lanes: 4- and 5-bit codes (16 or 20 bytes at c) are
+// unsigned, so maddubs takes them as they are; 8-bit codes (32 bytes) are signed: maddubs(|q|, a *
+// sign(q)), whose pair sums (at most 2 * 128 * 127) cannot saturate
 template <int BITS>
 inline __m256i block_dot(const uint8_t* c, const int8_t* a_ptr) {
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a_ptr));
-  if (BITS == 4) {
+  if (BITS == 4 || BITS == 5) {
     const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
-    const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), _mm256_set1_epi8(0x0F));
+    __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), _mm256_set1_epi8(0x0F));
+    if (BITS == 5) q = _mm256_or_si256(q, fifth_bits(c + 16));
     return _mm256_madd_epi16(_mm256_maddubs_epi16(q, a), ones);
   }
   const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
@@ -94,7 +109,7 @@ inline __m256i block_dot(const uint8_t* c, const int8_t* a_ptr) {
 // y (M, N) = x (M, K) @ W.T (+ bias), x already quantized into q
 template <int BITS>
 void gemv_bits(const QuantRows& q, int64_t M, const QWeight& W, const float* bias, float* Y) {
-  constexpr int64_t BB = BITS * 4;  // bytes of codes per block
+  constexpr int64_t BB = BITS * 4;  // bytes of codes per block: 16, 20 or 32
   const int64_t K = W.K, N = W.N, nb = K / 32;
   const int8_t* XQ = q.xq.data();
   const float* XS = q.xs.data();
@@ -138,6 +153,8 @@ void gemv_bits(const QuantRows& q, int64_t M, const QWeight& W, const float* bia
 void gemv(const QuantRows& q, int64_t M, const QWeight& W, const float* bias, float* Y) {
   if (W.bits == 4)
     gemv_bits<4>(q, M, W, bias, Y);
+  else if (W.bits == 5)
+    gemv_bits<5>(q, M, W, bias, Y);
   else
     gemv_bits<8>(q, M, W, bias, Y);
 }
