@@ -148,6 +148,7 @@ def main():
     res["qwenlm bf16"], _ = ours(args.tokens, "bfloat16")
     res["qwenlm int4"], _ = ours(args.tokens, "auto", "int4")
     res["qwenlm int8"], _ = ours(args.tokens, "auto", "int8")
+    res["qwenlm gguf"], _ = ours(args.tokens, "auto", "gguf")
     res["transformers fp32"] = hf(args.tokens, ids)
     if args.llama_python:
         from qwenlm.hub import default_gguf_path
@@ -173,7 +174,7 @@ def sampled(args):
                       "repeat_penalty": gen["repetition_penalty"]}
     print(f"sampling: {llama_sampling}")
     for run in (1, 2):
-        for name, quantize in (("qwenlm int4", "int4"), ("qwenlm int8", "int8")):
+        for name, quantize in (("qwenlm int4", "int4"), ("qwenlm int8", "int8"), ("qwenlm gguf", "gguf")):
             r, ids = ours(args.tokens, "auto", quantize, sample=True)
             r.pop("tokens")
             print(f"run {run} {name:>18}: {json.dumps(r)}", flush=True)

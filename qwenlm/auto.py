@@ -100,8 +100,8 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
     `"auto"` (the commands' default): `auto_quantize` decides; None or "none": the weights as stored.
     `kv_cache`: "int8" keeps the engines' KV cache in 8 bits, "float" in the model's dtype; None
     follows config.json's `use_cache_quantization` (the original's switch)."""
-    if quantize not in (None, "none", "auto", "int4", "int8"):
-        raise ValueError(f"quantize must be 'int4', 'int8', 'auto' or None, not {quantize!r}")
+    if quantize not in (None, "none", "auto", "int4", "int8", "gguf"):
+        raise ValueError(f"quantize must be 'int4', 'int8', 'gguf', 'auto' or None, not {quantize!r}")
     if kv_cache not in (None, "auto", *KV_CACHES):
         raise ValueError(f"kv_cache must be 'int8', 'float' or None, not {kv_cache!r}")
     quantize = None if quantize == "none" else quantize
@@ -132,6 +132,14 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
         from .quant import quantize_model_int8
 
         quantize_model_int8(model)
+    elif quantize == "gguf":
+        from .quant.gguf_blocks import quantize_model_gguf, source_of
+
+        source = source_of(path)
+        if source is None:
+            raise ValueError(f"quantize='gguf' needs a checkpoint converted from a GGUF file that is still in "
+                             f"place; {path} is not one")
+        quantize_model_gguf(model, source)
     if kv_cache in (None, "auto"):
         kv_cache = "int8" if config.use_cache_quantization else "float"
     model.kv_cache = kv_cache

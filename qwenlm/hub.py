@@ -87,13 +87,16 @@ def assemble_parts(parts: list[str], dest: str, size: int, sha256: str, progress
 
 def default_model_dir(progress: bool = True) -> str:
     """The converted default model, building it on first use."""
+    from .quant.gguf_blocks import record_source, source_of
     from .weights.convert import convert_gguf
 
     root = cache_dir()
     target = os.path.join(root, "models", DEFAULT_MODEL["name"])
-    if os.path.isfile(os.path.join(target, ".complete")):
-        return target
     gguf = os.path.join(root, "gguf", DEFAULT_MODEL["name"] + ".gguf")
+    if os.path.isfile(os.path.join(target, ".complete")):
+        if source_of(target) is None and os.path.isfile(gguf) and os.path.getsize(gguf) == DEFAULT_MODEL["size"]:
+            record_source(target, gguf)  # (converted by a version that did not note it)
+        return target
     os.makedirs(os.path.dirname(gguf), exist_ok=True)
     if not (os.path.isfile(gguf) and os.path.getsize(gguf) == DEFAULT_MODEL["size"]):
         log.warning("first run: preparing the default model (%s) in %s", DEFAULT_MODEL["name"], root)

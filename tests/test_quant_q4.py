@@ -15,6 +15,21 @@ def test_kernel_builds_here():
     assert q4.available()  # a silent fallback would hide a broken build
 
 
+def _five_bit_codes(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K/64, 40) 5-bit pairs -> codes (N, K/32, 32), code by code: block t of a pair has its low
+    bits in nibbles (bytes 16t + j % 16, low nibble for j < 16), and its fifth bit of code j in byte
+    32 + j % 8, bit j // 8 (+ 4 for the first block)."""
+    n, pairs, _ = codes.shape
+    out = torch.zeros(n, pairs, 2, 32, dtype=torch.long)
+    c = codes.long()
+    for t in range(2):
+        for j in range(32):
+            low = (c[..., 16 * t + j % 16] >> (4 * (j // 16))) & 0x0F
+            fifth = (c[..., 32 + j % 8] >> (j // 8 + (4 if t == 0 else 0))) & 1
+            out[:, :, t, j] = low | (fifth << 4)
+    return out.view(n, 2 * pairs, 32)
+
+
 def _reference(x: torch.Tensor, lin: q4.Q4Linear) -> torch.Tensor:
     """sum over blocks of d*s*sum(q*xq) + m*s*sum(xq), in float64, from the layer's own buffers."""
     k = x.shape[1]
@@ -23,11 +38,10 @@ def _reference(x: torch.Tensor, lin: q4.Q4Linear) -> torch.Tensor:
     xq = torch.where(s[..., None] > 0, torch.round(xb / s[..., None].clamp(min=1e-300)), torch.zeros_like(xb))
     if lin.codes.dtype == torch.int8:
         q = lin.codes.double()
+    elif lin.codes.shape[-1] == 16:
+        q = torch.cat((lin.codes & 0x0F, lin.codes >> 4), dim=-1).double()  # (N, K/32, 32)
     else:
-        q = torch.cat((lin.codes[..., :16] & 0x0F, lin.codes[..., :16] >> 4), dim=-1).double()  # (N, K/32, 32)
-        if lin.codes.shape[-1] == 20:  # the fifth bits: bit j of the little-endian word after the nibbles
-            word = sum(lin.codes[..., 16 + i].long() << (8 * i) for i in range(4))
-            q = q + torch.stack([(word >> j) & 1 for j in range(32)], -1).double() * 16
+        q = _five_bit_codes(lin.codes).double()
     dots = torch.einsum("rbj,nbj->rnb", xq, q)
     return (dots * lin.d.double()[None] * s[:, None, :]).sum(-1) + (
         lin.m.double()[None] * (s * xq.sum(-1))[:, None, :]).sum(-1)
@@ -114,19 +128,15 @@ def test_prefill_path_equals_decode_path():
 
 
 def test_5bit_blocks_layout():
-    """pack_q5 lays codes out as llama.cpp's Q5_0 blocks do (without the scale): byte j holds the low
-    four bits of codes j and j+16, and bit j of the 32-bit little-endian word that follows is code j's
-    fifth bit; unpack_codes reverses it."""
+    """pack_q5 lays out pairs of blocks as the kernel reads them (csrc/q4_gemv.cpp, pair_dot), the
+    same as _five_bit_codes above reads them; unpack_codes reverses it; in_features counts 64 per pair."""
     g = torch.Generator().manual_seed(5)
-    q = torch.randint(0, 32, (7, 3, 32), generator=g)
+    q = torch.randint(0, 32, (7, 4, 32), generator=g)
     packed = q4.pack_q5(q)
-    assert packed.shape == (7, 3, 20) and packed.dtype == torch.uint8
-    for r, b in ((0, 0), (6, 2), (3, 1)):
-        blk, codes = packed[r, b].tolist(), q[r, b].tolist()
-        word = int.from_bytes(bytes(blk[16:]), "little")
-        for j in range(32):
-            low = blk[j % 16] >> (4 * (j // 16)) & 0x0F
-            assert low | ((word >> j) & 1) << 4 == codes[j]
+    assert packed.shape == (7, 2, 40) and packed.dtype == torch.uint8
+    assert torch.equal(_five_bit_codes(packed), q)
     assert torch.equal(q4.unpack_codes(packed).long(), q)
-    assert q4.code_bits(packed) == 5 and q4.Q4Linear(codes=packed, d=torch.ones(7, 3).half(),
-                                                       m=torch.zeros(7, 3).half()).bits == 5
+    lin = q4.Q4Linear(codes=packed, d=torch.ones(7, 4).half(), m=torch.zeros(7, 4).half())
+    assert lin.bits == 5 and lin.in_features == 128
+    with pytest.raises(ValueError, match="multiple of 64"):
+        q4.pack_q5(q[:, :3])

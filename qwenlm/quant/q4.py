@@ -125,13 +125,27 @@ def pack_q4(q: torch.Tensor) -> torch.Tensor:
 
 
 def pack_q5(q: torch.Tensor) -> torch.Tensor:
-    """0..31 codes (N, K/32, 32) -> the kernel's 5-bit blocks (N, K/32, 20): the low four bits as
-    `pack_q4` packs them, then 4 bytes whose bit j (little-endian) is code j's fifth bit."""
+    """0..31 codes (N, K/32, 32), K a multiple of 64 -> the kernel's 5-bit blocks (N, K/64, 40)."""
     q = q.to(torch.uint8)
-    high = ((q >> 4) & 1).view(*q.shape[:-1], 4, 8)
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
-    bits = (high * weights).sum(-1, dtype=torch.int32).to(torch.uint8)  # (N, K/32, 4)
-    return torch.cat((pack_q4(q & 0x0F), bits), dim=-1).contiguous()
+    n, nb, _ = q.shape
+    high = ((q >> 4) & 1).view(n, nb, 4, 8) << torch.arange(8, dtype=torch.uint8)
+    return pack_q5_words(pack_q4(q & 0x0F), high.sum(-1, dtype=torch.uint8))
+
+
+def pack_q5_words(nibbles: torch.Tensor, qh: torch.Tensor) -> torch.Tensor:
+    """4-bit blocks' bytes (N, K/32, 16) and each block's fifth bits as 4 bytes (N, K/32, 4) of a
+    little-endian word whose bit j is code j's (llama.cpp's Q5_0 `qh`) -> 5-bit blocks (N, K/64, 40):
+    for each pair of blocks, their nibbles, then 8 bytes: byte i has the fifth bits of codes i, 8+i,
+    16+i, 24+i of the first block in bits 4..7 and of the second block in bits 0..3 (csrc/q4_gemv.cpp,
+    pair_dot)."""
+    n, nb, _ = nibbles.shape
+    if nb % 2:
+        raise ValueError("5-bit blocks come in pairs: in_features must be a multiple of 64")
+    pairs = nb // 2
+    bits = (qh.to(torch.uint8).view(n, pairs, 2, 4, 1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [block, lane, i]
+    shift = (torch.tensor([4, 0], dtype=torch.uint8).view(2, 1, 1) + torch.arange(4, dtype=torch.uint8).view(1, 4, 1))
+    word = (bits << shift).sum((2, 3), dtype=torch.uint8)  # (N, K/64, 8): distinct bits, so the sum is an or
+    return torch.cat((nibbles.reshape(n, pairs, 32), word), dim=-1).contiguous()
 
 
 def unpack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -139,15 +153,24 @@ def unpack_codes(codes: torch.Tensor) -> torch.Tensor:
     or -128..127 (8 bits)."""
     if codes.dtype == torch.int8:
         return codes
-    q = torch.cat((codes[..., :16] & 0x0F, codes[..., :16] >> 4), dim=-1)
-    if codes.shape[-1] == 20:
-        bits = codes[..., 16:, None] >> torch.arange(8, dtype=torch.uint8)  # (N, K/32, 4, 8)
-        q = q | ((bits & 1) << 4).flatten(-2)
-    return q
+    if codes.shape[-1] == 16:
+        return torch.cat((codes & 0x0F, codes >> 4), dim=-1)
+    n, pairs, _ = codes.shape
+    nib = codes[..., :32].reshape(n, pairs * 2, 16)
+    q = torch.cat((nib & 0x0F, nib >> 4), dim=-1).view(n, pairs, 2, 4, 8)  # (pair, block, lane, i)
+    w = codes[..., 32:].view(n, pairs, 1, 1, 8)
+    shift = torch.tensor([[4], [0]], dtype=torch.uint8).view(1, 1, 2, 1, 1) + torch.arange(4, dtype=torch.uint8).view(1, 1, 1, 4, 1)
+    q = q | (((w >> shift) & 1) << 4)
+    return q.reshape(n, pairs * 2, 32)
 
 
 def code_bits(codes: torch.Tensor) -> int:
-    return 8 if codes.dtype == torch.int8 else 5 if codes.shape[-1] == 20 else 4
+    return 8 if codes.dtype == torch.int8 else 5 if codes.shape[-1] == 40 else 4
+
+
+def block_count(codes: torch.Tensor) -> int:
+    """Blocks of 32 per row."""
+    return codes.shape[1] * (2 if code_bits(codes) == 5 else 1)
 
 
 def dequantize_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -163,7 +186,7 @@ class Q4Linear(nn.Module):
     def __init__(self, linear: nn.Linear | None = None, *, codes=None, d=None, m=None, bias=None, perm=None,
                  bits: int = 4):
         """From an nn.Linear (quantized here to `bits`, 4 or 8), or from ready blocks: `codes`
-        (N, K/32, 16) or (N, K/32, 20) uint8 as `pack_q4`/`pack_q5` make them or (N, K/32, 32) int8,
+        (N, K/32, 16) or (N, K/64, 40) uint8 as `pack_q4`/`pack_q5` make them or (N, K/32, 32) int8,
         `d`/`m` (N, K/32) fp16, and optionally
         `perm`, the input-column order the blocks were built in (GPTQ act-order checkpoints)."""
         super().__init__()
@@ -174,7 +197,7 @@ class Q4Linear(nn.Module):
                 codes, d, m, _ = quantize_q4(linear.weight.detach())
             bias = None if linear.bias is None else linear.bias.detach()
         self.bits = code_bits(codes)
-        self.out_features, self.in_features = codes.shape[0], codes.shape[1] * BLOCK
+        self.out_features, self.in_features = codes.shape[0], block_count(codes) * BLOCK
         self.register_buffer("codes", codes)
         self.register_buffer("d", d)
         self.register_buffer("m", m)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..quant.gguf_blocks import record_source
 from ..tokenizer.vocab import write_tiktoken_file
 from .gguf import GGUFError, _field, checkpoint_name, dequantize_tensor, gguf_metadata, open_gguf, read_gguf_vocab
 
@@ -124,6 +125,7 @@ def convert_gguf(path: str, out_dir: str, dtype: str = "float32", progress: bool
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
             json.dump(_generation_config(meta), f, indent=2)
         _write_tokenizer(reader, meta, tmp)
+        record_source(tmp, path, reader)
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)
         os.replace(tmp, out_dir)

@@ -3,9 +3,9 @@
 //
 // Weights: per output row, blocks of 32 input columns, each with an fp16 scale d and fp16 offset m:
 // w = d * q + m. 4 bits: 16 bytes of codes 0..15 per block (byte j holds code j in its low nibble and
-// code j+16 in its high nibble). 5 bits: those 16 bytes for the low four bits of codes 0..31, then 4
-// bytes whose bit j (little-endian) is code j's fifth bit (llama.cpp's Q5_0 blocks, without the
-// scale). 8 bits: 32 signed bytes, codes -128..127. Activations are quantized
+// code j+16 in its high nibble). 5 bits: blocks in pairs of 40 bytes, the two blocks' low four bits
+// as 4-bit blocks have them, then their fifth bits (see pair_dot). 8 bits: 32 signed bytes, codes
+// -128..127. Activations are quantized
 // per block of 32 to int8 (-127..127) with one fp32 scale s:  x = s * xq.  Then a block's dot product
 // is  d*s*sum(q*xq) + m*s*sum(xq).
 #include <torch/extension.h>
@@ -54,7 +54,7 @@ struct QuantRows {
   }
 };
 
-// One weight matrix: codes (N, K/32, 16) uint8 (4 bits), (N, K/32, 20) uint8 (5 bits) or
+// One weight matrix: codes (N, K/32, 16) uint8 (4 bits), (N, K/64, 40) uint8 (5 bits) or
 // (N, K/32, 32) int8 (8 bits); d and m (N, K/32) fp16
 struct QWeight {
   const uint8_t* codes;
@@ -63,47 +63,64 @@ struct QWeight {
   int64_t N, K, bits;
   QWeight(const torch::Tensor& c, const torch::Tensor& dd, const torch::Tensor& mm) {
     TORCH_CHECK(c.is_contiguous() && c.dim() == 3 &&
-                ((c.dtype() == torch::kUInt8 && (c.size(2) == 16 || c.size(2) == 20)) ||
+                ((c.dtype() == torch::kUInt8 && (c.size(2) == 16 || c.size(2) == 40)) ||
                  (c.dtype() == torch::kInt8 && c.size(2) == 32)),
-                "codes must be contiguous (N, K/32, 16 or 20) uint8 or (N, K/32, 32) int8");
-    bits = c.size(2) == 16 ? 4 : c.size(2) == 20 ? 5 : 8;
+                "codes must be contiguous (N, K/32, 16) uint8, (N, K/64, 40) uint8 or (N, K/32, 32) int8");
+    bits = c.size(2) == 16 ? 4 : c.size(2) == 40 ? 5 : 8;
     TORCH_CHECK(dd.dtype() == torch::kHalf && mm.dtype() == torch::kHalf && dd.is_contiguous() &&
-                mm.is_contiguous() && dd.numel() == c.size(0) * c.size(1) && mm.numel() == dd.numel(),
-                "d and m must be contiguous (N, K/32) float16");
+                mm.is_contiguous() && dd.numel() == c.size(0) * c.size(1) * (bits == 5 ? 2 : 1) &&
+                mm.numel() == dd.numel(), "d and m must be contiguous (N, K/32) float16");
     codes = static_cast<const uint8_t*>(c.data_ptr());
     d = reinterpret_cast<const uint16_t*>(dd.data_ptr<at::Half>());
     m = reinterpret_cast<const uint16_t*>(mm.data_ptr<at::Half>());
     N = c.size(0);
-    K = c.size(1) * 32;
+    K = c.size(1) * (bits == 5 ? 64 : 32);
   }
 };
 
-// 32 bytes, byte j = 0x10 where bit j of the 32-bit word at h is set (the fifth bits of 5-bit codes)
-inline __m256i fifth_bits(const uint8_t* h) {
-  uint32_t word;
-  std::memcpy(&word, h, 4);
-  // byte j takes byte j/8 of the word (the shuffle works within each 128-bit half), then tests bit j%8
-  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)word),
-      _mm256_setr_epi64x(0x0000000000000000LL, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL));
-  const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
+// sum(q * a) over one block of 32, as eight int32 lanes, from 32 unsigned codes (4 or 5 bits)
+inline __m256i unsigned_dot(__m256i q, const int8_t* a_ptr) {
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a_ptr));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, a), _mm256_set1_epi16(1));
 }
 
-// sum(q * a) over one block of 32, as eight int32 lanes: 4- and 5-bit codes (16 or 20 bytes at c) are
-// unsigned, so maddubs takes them as they are; 8-bit codes (32 bytes) are signed: maddubs(|q|, a *
-// sign(q)), whose pair sums (at most 2 * 128 * 127) cannot saturate
+// 16 bytes of nibbles (byte j: code j low, code j+16 high) -> 32 bytes, byte j = code j
+inline __m256i nibbles(const uint8_t* c) {
+  const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), _mm256_set1_epi8(0x0F));
+}
+
+// sum(q * a) over one block of 32, as eight int32 lanes: 4-bit codes (16 bytes at c) are unsigned, so
+// maddubs takes them as they are; 8-bit codes (32 bytes) are signed: maddubs(|q|, a * sign(q)), whose
+// pair sums (at most 2 * 128 * 127) cannot saturate
 template <int BITS>
 inline __m256i block_dot(const uint8_t* c, const int8_t* a_ptr) {
-  const __m256i ones = _mm256_set1_epi16(1);
+  if (BITS == 4) return unsigned_dot(nibbles(c), a_ptr);
   const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a_ptr));
-  if (BITS == 4 || BITS == 5) {
-    const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
-    __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), _mm256_set1_epi8(0x0F));
-    if (BITS == 5) q = _mm256_or_si256(q, fifth_bits(c + 16));
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, a), ones);
-  }
   const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(a, q)), ones);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(a, q)), _mm256_set1_epi16(1));
+}
+
+// Two consecutive blocks' dots. 4 and 8 bits: block_dot twice (the second block BITS*4 bytes on). 5 bits:
+// a pair of blocks is 40 bytes, the nibbles of each (16 + 16), then a 64-bit word w whose byte i holds
+// the fifth bits of codes i, 8+i, 16+i, 24+i of the first block in bits 4..7 and of the second block in
+// bits 0..3. Shifting w, broadcast to four 64-bit lanes, right by 0..3 (first block) or left by 4..1
+// (second) brings the fifth bit of code 8*lane+i to bit 4 of byte i of its lane: one shift and one mask
+// per block spread the 32 bits to 32 bytes.
+template <int BITS>
+inline void pair_dot(const uint8_t* c, const int8_t* a_ptr, __m256i& d0, __m256i& d1) {
+  if (BITS != 5) {
+    d0 = block_dot<BITS>(c, a_ptr);
+    d1 = block_dot<BITS>(c + BITS * 4, a_ptr + 32);
+    return;
+  }
+  long long word;
+  std::memcpy(&word, c + 32, 8);
+  const __m256i w = _mm256_set1_epi64x(word), bit4 = _mm256_set1_epi8(0x10);
+  const __m256i h0 = _mm256_and_si256(_mm256_srlv_epi64(w, _mm256_setr_epi64x(0, 1, 2, 3)), bit4);
+  const __m256i h1 = _mm256_and_si256(_mm256_sllv_epi64(w, _mm256_setr_epi64x(4, 3, 2, 1)), bit4);
+  d0 = unsigned_dot(_mm256_or_si256(nibbles(c), h0), a_ptr);
+  d1 = unsigned_dot(_mm256_or_si256(nibbles(c + 16), h1), a_ptr + 32);
 }
 
 // y (M, N) = x (M, K) @ W.T (+ bias), x already quantized into q
@@ -133,17 +150,25 @@ void gemv_bits(const QuantRows& q, int64_t M, const QWeight& W, const float* bia
         const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Mn + b)));
         accm = _mm256_fmadd_ps(mv, _mm256_loadu_ps(MSr + b), accm);
         for (int j = 0; j < 8; j += 2) {
-          const __m256 d0 = _mm256_cvtepi32_ps(block_dot<BITS>(Cn + (b + j) * BB, XQr + (b + j) * 32));
-          const __m256 d1 = _mm256_cvtepi32_ps(block_dot<BITS>(Cn + (b + j + 1) * BB, XQr + (b + j + 1) * 32));
-          acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(ds[j]), acc0);
-          acc1 = _mm256_fmadd_ps(d1, _mm256_set1_ps(ds[j + 1]), acc1);
+          __m256i i0, i1;
+          pair_dot<BITS>(Cn + (b + j) * BB, XQr + (b + j) * 32, i0, i1);
+          acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(ds[j]), acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(ds[j + 1]), acc1);
         }
       }
       float tail = 0.f;
-      for (; b < nb; ++b) {  // the last nb % 8 blocks, one at a time
-        const __m256 dot = _mm256_cvtepi32_ps(block_dot<BITS>(Cn + b * BB, XQr + b * 32));
-        acc0 = _mm256_fmadd_ps(dot, _mm256_set1_ps(_cvtsh_ss(Dn[b]) * XSr[b]), acc0);
+      for (; b < nb; b += (BITS == 5 ? 2 : 1)) {  // the last nb % 8 blocks (5 bits: nb is even, in pairs)
+        __m256i i0, i1;
+        if (BITS == 5)
+          pair_dot<BITS>(Cn + b * BB, XQr + b * 32, i0, i1);
+        else
+          i0 = block_dot<BITS>(Cn + b * BB, XQr + b * 32);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(_cvtsh_ss(Dn[b]) * XSr[b]), acc0);
         tail += _cvtsh_ss(Mn[b]) * MSr[b];
+        if (BITS == 5) {
+          acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(_cvtsh_ss(Dn[b + 1]) * XSr[b + 1]), acc1);
+          tail += _cvtsh_ss(Mn[b + 1]) * MSr[b + 1];
+        }
       }
       Y[r * N + n] = hsum(_mm256_add_ps(acc0, acc1)) + hsum(accm) + tail + (bias ? bias[n] : 0.f);
     }

@@ -1,0 +1,176 @@
+"""A GGUF file's own quantized blocks on the CPU kernel (`quantize="gguf"`), instead of quantizing its
+dequantized weights a second time.
+
+The kernel's blocks (q4.py) are 32 weights w = d * q + m with fp16 d and m, and codes of 4 bits (0..15),
+5 bits (0..31) or 8 bits (signed). llama.cpp's formats map onto them:
+- Q8_0 (w = d * q, q signed 8-bit): 8-bit blocks, exactly.
+- Q5_0 (w = d * (q - 16), q 5-bit): 5-bit blocks with m = -16 d, exactly (8-bit ones where a row has
+  an odd number of blocks: the kernel's 5-bit blocks go in pairs).
+- Q4_K (super-blocks of 256: w = d * sc_j * q - dmin * m_j for each sub-block j of 32, with 6-bit sc_j and
+  m_j): 4-bit blocks with d * sc_j and -dmin * m_j rounded to fp16 (a relative error below 2^-11 on
+  each block's scale and offset; the codes are the file's).
+- anything else (Q6_K, Q5_K, F16, ...): its dequantized weights, quantized to 8 bits (what
+  `quantize="int8"` does to every layer).
+Layers that the fused decode step multiplies as one (q/k/v, gate/up) must share a width: the narrower
+ones are widened, which loses nothing (4-bit codes fit in 5, both fit in 8).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import q4
+
+log = logging.getLogger("qwenlm")
+SOURCE_FILE = "gguf_source.json"  # in a converted checkpoint: the GGUF it came from
+
+
+def record_source(checkpoint_dir: str, gguf_path: str, reader=None) -> None:
+    """Note in a converted checkpoint which GGUF file it came from (path and size) and where each
+    tensor's blocks are in it (reading a GGUF's header with the `gguf` package takes ~12 s for a
+    150k-token vocabulary: too slow for every start)."""
+    from ..weights.gguf import checkpoint_name, gguf_metadata, open_gguf
+
+    reader = reader or open_gguf(gguf_path)
+    arch = gguf_metadata(reader)["arch"]
+    tensors = {checkpoint_name(arch, t.name): [t.tensor_type.name, [int(x) for x in t.shape],
+                                               int(t.data_offset), int(t.n_bytes)] for t in reader.tensors}
+    with open(os.path.join(checkpoint_dir, SOURCE_FILE), "w", encoding="utf-8") as f:
+        json.dump({"path": os.path.abspath(gguf_path), "size": os.path.getsize(gguf_path), "arch": arch,
+                   "tensors": tensors}, f)
+
+
+def source_of(checkpoint_dir: str) -> dict | None:
+    """What `record_source` noted, if the GGUF file is still there with the same size."""
+    try:
+        with open(os.path.join(checkpoint_dir, SOURCE_FILE), encoding="utf-8") as f:
+            src = json.load(f)
+        path, size = src["path"], int(src["size"])
+        if not isinstance(src["tensors"], dict):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return src if os.path.isfile(path) and os.path.getsize(path) == size else None
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """Little-endian fp16 values from (..., 2) bytes, as float16."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0]
+
+
+# Each decoder: raw bytes (N, row bytes) -> the kernel's code bytes (N, K/32, 16 | 20 | 32), d, m, width
+def _q8_0(raw: np.ndarray, n: int, k: int):
+    b = raw.reshape(n, k // 32, 34)  # fp16 d, 32 signed codes
+    d = _f16(b[..., 0:2])
+    return np.ascontiguousarray(b[..., 2:]).view(np.int8), d, np.zeros_like(d), 8
+
+
+def _q5_0(raw: np.ndarray, n: int, k: int):
+    b = raw.reshape(n, k // 32, 22)  # fp16 d, the fifth bits' 32-bit word, 16 bytes of low nibbles
+    d = _f16(b[..., 0:2])
+    m = (d.astype(np.float32) * -16).astype(np.float16)
+    nibbles = torch.from_numpy(np.ascontiguousarray(b[..., 6:22]))
+    qh = torch.from_numpy(np.ascontiguousarray(b[..., 2:6]))
+    if (k // 32) % 2 == 0:  # the kernel's 5-bit blocks go in pairs
+        return q4.pack_q5_words(nibbles, qh).numpy(), d, m, 5
+    fifth = ((qh[..., :, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten(-2)  # (N, K/32, 32)
+    codes = torch.cat((nibbles & 0x0F, nibbles >> 4), -1) | (fifth << 4)
+    return codes.to(torch.int8).numpy(), d, m, 8
+
+
+def _q4_k(raw: np.ndarray, n: int, k: int):
+    b = raw.reshape(n, k // 256, 144)
+    d = _f16(b[..., 0:2]).astype(np.float32)[..., None]  # (n, k/256, 1)
+    dmin = _f16(b[..., 2:4]).astype(np.float32)[..., None]
+    s = b[..., 4:16].astype(np.int32)  # 12 bytes: eight 6-bit scales and eight 6-bit minimums
+    sc = np.concatenate((s[..., 0:4] & 63, (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)), axis=-1)
+    mn = np.concatenate((s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)), axis=-1)
+    qs = b[..., 16:].reshape(n, k // 256, 4, 32)  # 4 chunks of 64 weights: low nibbles, then high
+    codes = np.stack((qs & 0x0F, qs >> 4), axis=3).reshape(n, k // 32, 32)  # one 0..15 code per weight
+    scale = (d * sc).reshape(n, k // 32).astype(np.float16)
+    offset = (-dmin * mn).reshape(n, k // 32).astype(np.float16)
+    return q4.pack_q4(torch.from_numpy(codes)).numpy(), scale, offset, 4
+
+
+_DECODERS = {"Q8_0": _q8_0, "Q5_0": _q5_0, "Q4_K": _q4_k}
+
+
+def gguf_blocks(type_name: str, shape, raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """A 2-D GGUF tensor's blocks (its type's name, its GGUF shape (K, N), its bytes) as the kernel's
+    code bytes (see q4.py), d and m (N, K/32) fp16 and the code width (4, 5 or 8); None for a type
+    with no exact (or near-exact) mapping."""
+    fn = _DECODERS.get(type_name)
+    if fn is None:
+        return None
+    k, n = (int(x) for x in shape[:2])
+    codes, d, m, bits = fn(np.asarray(raw, dtype=np.uint8), n, k)
+    return torch.from_numpy(codes), torch.from_numpy(np.ascontiguousarray(d)), \
+        torch.from_numpy(np.ascontiguousarray(m)), bits
+
+
+def widen(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Code bytes of any width -> the same codes at width `bits` (no narrower than theirs; 5 bits
+    becomes 8 where the blocks cannot pair up)."""
+    if q4.code_bits(codes) == bits:
+        return codes
+    q = q4.unpack_codes(codes)
+    if bits == 5 and q.shape[1] % 2 == 0:
+        return q4.pack_q5(q)
+    return q.to(torch.int8).contiguous()
+
+
+def quantize_model_gguf(model: nn.Module, source: dict) -> nn.Module:
+    """Replace every nn.Linear by a Q4Linear holding the blocks of the GGUF file that `source` (from
+    `source_of`) describes (see the module doc)."""
+    if model.device.type != "cpu" or not q4.available():
+        raise ValueError("the GGUF file's blocks run on the CPU kernel (AVX2/FMA/F16C), unavailable here")
+    tensors = dict(source["tensors"])
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = tensors.get(_embedding_name(source["arch"]))
+    data = np.memmap(source["path"], dtype=np.uint8, mode="r")
+    model.to(torch.float32)
+    made: dict[str, tuple] = {}
+    kinds = Counter()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        t = tensors.get(name + ".weight")
+        got = None
+        if t is not None and list(t[1][:2]) == [mod.in_features, mod.out_features] and len(t[1]) == 2:
+            type_name, shape, offset, nbytes = t
+            got = gguf_blocks(type_name, shape, data[offset:offset + nbytes].reshape(mod.out_features, -1))
+        if got is None:  # no exact mapping: 8 bits from the dequantized weight
+            codes, d, m = q4.quantize_q8(mod.weight.detach())
+            got = (codes, d, m, 8)
+            kinds["re-quantized to 8 bits" + ("" if t is None else f" ({t[0]})")] += 1
+        else:
+            kinds[t[0]] += 1
+        made[name] = got
+    # the layers that are multiplied as one share the widest code width
+    names = {mod: name for name, mod in model.named_modules()}
+    for block in model.blocks:
+        p = block.parts() if hasattr(block, "parts") else None
+        for group in ([] if p is None else (p["qkv"], [p["gate"], p["up"]])):
+            members = [names[lay] for lay in group if names.get(lay) in made]
+            widest = max((made[n][3] for n in members), default=4)
+            for n in members:
+                codes, d, m, _ = made[n]
+                made[n] = (codes, d, m, widest)
+    for name, (codes, d, m, bits) in made.items():
+        mod = model.get_submodule(name)
+        bias = None if mod.bias is None else mod.bias.detach()
+        model.replace_module(name, q4.Q4Linear(codes=widen(codes, bits), d=d.half(), m=m.half(), bias=bias))
+    model.quantization = "gguf-blocks"
+    log.info("the GGUF file's own blocks: %s", ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())))
+    return model
+
+
+def _embedding_name(arch: str) -> str:
+    return "model.embed_tokens.weight" if arch == "qwen2" else "transformer.wte.weight"
