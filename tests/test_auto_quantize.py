@@ -1,5 +1,6 @@
-"""`--quantize auto`, the commands' default: 8-bit weights on a CPU when nothing else was asked for,
-the weights as stored otherwise."""
+"""`--quantize auto`, the commands' default: on a CPU when nothing else was asked for, the GGUF file's
+own blocks for a model converted from one (the default model), else 8-bit weights; the weights as
+stored otherwise."""
 
 import pytest
 import torch
@@ -12,10 +13,10 @@ KERNEL = q4.available()
 
 
 @pytest.mark.skipif(not KERNEL, reason="needs the AVX2/FMA/F16C CPU kernel")
-def test_default_model_gets_8bit_weights_on_cpu(default_dir):
+def test_default_model_gets_its_gguf_blocks_on_cpu(default_dir):
     model = load_model(default_dir, device="cpu", quantize="auto")
-    assert model.quantization == "q8-avx2"
-    assert isinstance(model.blocks[0].mlp.down_proj, q4.Q4Linear) and model.blocks[0].mlp.down_proj.bits == 8
+    assert model.quantization == "gguf-blocks"
+    assert isinstance(model.blocks[0].mlp.down_proj, q4.Q4Linear) and model.blocks[0].mlp.gate_proj.bits == 5
 
 
 def test_explicit_choices_win(default_dir):
@@ -27,6 +28,8 @@ def test_explicit_choices_win(default_dir):
     assert auto_quantize(model, "auto", cpu, object()) is None
     assert auto_quantize(model, "auto", torch.device("cuda"), None) is None
     assert auto_quantize(model, "auto", cpu, None) == ("int8" if KERNEL else None)
+    assert auto_quantize(model, "auto", cpu, None, from_gguf=True) == ("gguf" if KERNEL else None)
+    assert auto_quantize(model, "bfloat16", cpu, None, from_gguf=True) is None
 
 
 def test_layers_the_kernel_cannot_hold_stay_float(v1_chat_dir):

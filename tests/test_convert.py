@@ -155,3 +155,49 @@ def test_not_a_gguf_and_wrong_arch(tmp_path, capsys):
     assert main(["convert", llama, str(tmp_path / "o3"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "'llama' is not supported" in err and "Traceback" not in err
+
+
+# ---- quantize="gguf": the file's own blocks on the CPU kernel ---------------------------------------
+
+BLOCKS = {"blk.0.attn_q.weight": Q.Q5_0, "blk.0.attn_k.weight": Q.Q5_0, "blk.0.attn_v.weight": Q.Q8_0,
+          "blk.0.ffn_gate.weight": Q.Q5_0, "blk.0.ffn_up.weight": Q.Q5_0, "blk.0.ffn_down.weight": Q.Q5_0,
+          "blk.0.attn_output.weight": Q.Q4_0, "blk.1.ffn_gate.weight": Q.Q8_0, "blk.1.ffn_up.weight": Q.Q5_0,
+          "output.weight": Q.Q8_0}
+
+
+@pytest.mark.skipif(not __import__("qwenlm.quant.q4", fromlist=["q4"]).available(), reason="needs the AVX2 kernel")
+def test_gguf_blocks_are_the_files_weights(tmp_path):
+    """Q5_0 and Q8_0 layers hold exactly the converted checkpoint's weights (which are gguf's own
+    dequantization of the file); a type with no mapping (Q4_0) and float layers get 8 bits; layers
+    multiplied as one share the widest width; the model answers like the float one; a moved GGUF
+    file turns `auto` back to int8 and `gguf` into a clear error."""
+    from qwenlm.quant import q4
+
+    src = _write_gguf(str(tmp_path / "m.gguf"), "qwen2", _qwen2_tensors(seed=3), BLOCKS)
+    out = str(tmp_path / "out")
+    assert main(["convert", src, out, "--no-progress"]) == 0
+    ref = load_model(out, dtype="float32", device="cpu", quantize="none")
+    model = load_model(out, device="cpu", quantize="auto")
+    assert model.quantization == "gguf-blocks"
+    want = ref.state_dict()
+    b0, b1 = model.blocks[0], model.blocks[1]
+    exact = {"model.layers.0.self_attn.q_proj": b0.self_attn.q_proj, "model.layers.0.self_attn.v_proj": b0.self_attn.v_proj,
+             "model.layers.0.mlp.gate_proj": b0.mlp.gate_proj, "model.layers.0.mlp.down_proj": b0.mlp.down_proj,
+             "model.layers.1.mlp.gate_proj": b1.mlp.gate_proj, "model.layers.1.mlp.up_proj": b1.mlp.up_proj,
+             "lm_head": model.lm_head}
+    for name, lin in exact.items():
+        assert isinstance(lin, q4.Q4Linear), name
+        assert torch.equal(q4.dequantize_q4(lin.codes, lin.d, lin.m), want[name + ".weight"]), name
+    # q/k/v: Q5_0 + Q5_0 + Q8_0 -> all 8 bits; gate/up Q5_0 -> 5 bits (64 inputs: one pair of blocks);
+    # down has 96 inputs (3 blocks, no pairs) -> 8 bits; blk.1 gate Q8_0 + up Q5_0 -> 8 bits
+    assert [lin.bits for lin in (b0.self_attn.q_proj, b0.self_attn.k_proj, b0.self_attn.v_proj)] == [8, 8, 8]
+    assert (b0.mlp.gate_proj.bits, b0.mlp.up_proj.bits, b0.mlp.down_proj.bits) == (5, 5, 8)
+    assert (b1.mlp.gate_proj.bits, b1.mlp.up_proj.bits) == (8, 8)
+    assert b0.self_attn.o_proj.bits == 8 and b1.self_attn.q_proj.bits == 8  # Q4_0 and F32: re-quantized
+    x = torch.tensor([[1, 5, 9, 200, 7]])
+    a, b = ref(x).logits, model(x).logits
+    assert (a - b).abs().max() < 0.05 * a.abs().max()  # (8-bit activations and re-quantized layers)
+    os.rename(src, str(tmp_path / "moved.gguf"))
+    assert load_model(out, device="cpu", quantize="auto").quantization == "q8-avx2"
+    with pytest.raises(ValueError, match="converted from a GGUF file that is still in place"):
+        load_model(out, device="cpu", quantize="gguf")

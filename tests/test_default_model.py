@@ -107,3 +107,40 @@ def test_int8_cpu_path_answers_like_fp32(default_dir):
     got = model.chat(tokenizer, question, do_sample=False, max_new_tokens=24)[0]
     fp32, _ = load(default_dir, device="cpu", dtype="float32")
     assert got == fp32.chat(tokenizer, question, do_sample=False, max_new_tokens=24)[0]
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= q4._cpu_flags(), reason="needs AVX2/FMA/F16C")
+def test_gguf_blocks_are_the_files_and_answer_like_fp32(default_dir):
+    """The default on a CPU (`quantize="auto"`): the GGUF file's own blocks. Q5_0 and Q8_0 layers hold
+    exactly the converted fp32 weights (gguf's own dequantization), Q4_K layers within the fp16
+    rounding of their block scales and offsets (2^-11 relative), Q6_K layers 8 bits; the greedy reply
+    stays the fp32 model's for a whole sentence."""
+    from qwenlm import load, load_model
+    from qwenlm.quant.gguf_blocks import source_of
+
+    model, tokenizer = load(default_dir, device="cpu", quantize="auto")
+    assert model.quantization == "gguf-blocks"
+    fp32 = load_model(default_dir, "float32", "cpu")
+    want = fp32.state_dict()
+    types = {k: v[0] for k, v in source_of(default_dir)["tensors"].items()}
+    seen = set()
+    for name, lin in model.named_modules():
+        if not isinstance(lin, q4.Q4Linear):
+            continue
+        kind = types[name + ".weight"]
+        w, ref = q4.dequantize_q4(lin.codes, lin.d, lin.m), want[name + ".weight"]
+        if kind in ("Q5_0", "Q8_0"):
+            assert torch.equal(w, ref), name
+        elif kind == "Q4_K":
+            assert lin.bits == 4
+            bound = (15 * lin.d.float().abs() + lin.m.float().abs()) * 2.0 ** -11 + 1e-7  # (N, K/32)
+            assert bool(((w - ref).abs().view_as(lin.d.float()[..., None].expand(-1, -1, 32))
+                         <= bound[..., None]).all()), name
+        else:
+            assert kind == "Q6_K" and lin.bits == 8, name
+        seen.add(kind)
+    assert seen == {"Q5_0", "Q8_0", "Q4_K", "Q6_K"}
+    assert model.blocks[0].mlp.gate_proj.bits == 5 and model.lm_head.bits == 8
+    question = "In one sentence: what does a Python list comprehension do?"
+    got = model.chat(tokenizer, question, do_sample=False, max_new_tokens=24)[0]
+    assert got == fp32.chat(tokenizer, question, do_sample=False, max_new_tokens=24)[0]
