@@ -140,3 +140,14 @@ def test_5bit_blocks_layout():
     assert lin.bits == 5 and lin.in_features == 128
     with pytest.raises(ValueError, match="multiple of 64"):
         q4.pack_q5(q[:, :3])
+
+
+def test_q5_0_repack_kernel_equals_its_torch_reference():
+    """The C++ pass that turns llama.cpp Q5_0 rows into 5-bit pairs gives pack_q5_words' bytes (and
+    the rows' fp16 scales), on random blocks."""
+    g = torch.Generator().manual_seed(9)
+    n, nb = 5, 6
+    raw = torch.randint(0, 256, (n, nb, 22), generator=g, dtype=torch.uint8)
+    codes, d = q4._extension().repack_q5_0(raw.view(n, -1).contiguous(), nb)
+    assert torch.equal(codes, q4.pack_q5_words(raw[..., 6:22], raw[..., 2:6]))
+    assert torch.equal(d.view(torch.uint8).view(n, nb, 2), raw[..., 0:2])

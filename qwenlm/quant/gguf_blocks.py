@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -73,13 +74,17 @@ def _q8_0(raw: np.ndarray, n: int, k: int):
 
 
 def _q5_0(raw: np.ndarray, n: int, k: int):
+    if (k // 32) % 2 == 0:  # the kernel's 5-bit blocks go in pairs: one C++ pass (pack_q5_words in torch)
+        with warnings.catch_warnings():  # (a read-only memory map: only read)
+            warnings.simplefilter("ignore", UserWarning)
+            rows = torch.from_numpy(raw.reshape(n, -1))
+        codes, d = q4._extension().repack_q5_0(rows, k // 32)
+        return codes.numpy(), d.numpy(), (d.float() * -16).half().numpy(), 5
     b = raw.reshape(n, k // 32, 22)  # fp16 d, the fifth bits' 32-bit word, 16 bytes of low nibbles
     d = _f16(b[..., 0:2])
     m = (d.astype(np.float32) * -16).astype(np.float16)
     nibbles = torch.from_numpy(np.ascontiguousarray(b[..., 6:22]))
     qh = torch.from_numpy(np.ascontiguousarray(b[..., 2:6]))
-    if (k // 32) % 2 == 0:  # the kernel's 5-bit blocks go in pairs
-        return q4.pack_q5_words(nibbles, qh).numpy(), d, m, 5
     fifth = ((qh[..., :, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten(-2)  # (N, K/32, 32)
     codes = torch.cat((nibbles & 0x0F, nibbles >> 4), -1) | (fifth << 4)
     return codes.to(torch.int8).numpy(), d, m, 8

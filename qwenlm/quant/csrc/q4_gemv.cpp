@@ -441,8 +441,45 @@ std::vector<torch::Tensor> quantize_q8(torch::Tensor w) {
   return {codes, d};
 }
 
+// llama.cpp Q5_0 rows (N, nb * 22) uint8 (per block: fp16 d, the 32-bit word of fifth bits, 16 bytes of
+// nibbles), nb even -> 5-bit pairs (N, nb/2, 40) uint8 as pair_dot reads them, and d (N, nb) fp16: what
+// pack_q5_words (quant/q4.py) computes, in one pass.
+std::vector<torch::Tensor> repack_q5_0(torch::Tensor raw, int64_t nb) {
+  TORCH_CHECK(raw.dtype() == torch::kUInt8 && raw.dim() == 2 && raw.is_contiguous() && nb % 2 == 0 &&
+              raw.size(1) == nb * 22, "repack_q5_0: contiguous (N, nb * 22) uint8 with nb even");
+  const int64_t N = raw.size(0);
+  auto codes = torch::empty({N, nb / 2, 40}, torch::kUInt8);
+  auto d = torch::empty({N, nb}, torch::kHalf);
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t* dst = codes.data_ptr<uint8_t>();
+  uint16_t* dd = reinterpret_cast<uint16_t*>(d.data_ptr<at::Half>());
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t p = 0; p < nb / 2; ++p) {
+      uint8_t* out = dst + (n * (nb / 2) + p) * 40;
+      uint32_t qh[2];
+      for (int t = 0; t < 2; ++t) {
+        const uint8_t* blk = src + (n * nb + 2 * p + t) * 22;
+        std::memcpy(dd + n * nb + 2 * p + t, blk, 2);
+        std::memcpy(&qh[t], blk + 2, 4);
+        std::memcpy(out + 16 * t, blk + 6, 16);
+      }
+      for (int i = 0; i < 8; ++i) {
+        uint8_t byte = 0;
+        for (int lane = 0; lane < 4; ++lane) {
+          byte |= ((qh[0] >> (8 * lane + i)) & 1u) << (4 + lane);
+          byte |= ((qh[1] >> (8 * lane + i)) & 1u) << lane;
+        }
+        out[32 + i] = byte;
+      }
+    }
+  }
+  return {codes, d};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("quantize_q8", &quantize_q8, "8-bit blocks of 32 with an fp16 scale (one pass)");
+  mod.def("repack_q5_0", &repack_q5_0, "llama.cpp Q5_0 rows -> the kernel's 5-bit pairs (one pass)");
   mod.def("q4_gemv", &q4_gemv, "4- or 8-bit weight x int8 activation GEMV (AVX2)");
   mod.def("decode_block", &decode_block, "one decoder block of a decode step, 4- or 8-bit weights (AVX2)");
 }
