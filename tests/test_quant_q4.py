@@ -117,9 +117,15 @@ def test_8bit_quantizer_kernel_equals_its_torch_reference():
         assert torch.equal(codes, ref_codes) and torch.equal(d, ref_d)
     assert codes[1, 0, 1:].tolist() == [round(k + 0.5) for k in range(-15, 16)]  # Python rounds half to even
 
-def test_prefill_path_equals_decode_path():
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_prefill_path_equals_decode_path(bits):
     torch.manual_seed(2)
-    lin = q4.Q4Linear(nn.Linear(256, 64, bias=True))
+    lin = q4.Q4Linear(nn.Linear(256, 64, bias=True), bits=8 if bits == 8 else 4)
+    if bits == 5:  # the same layer's weights as 5-bit pairs (codes 0..31 around a shifted offset)
+        d = (torch.rand(64, 8) * 0.01 + 1e-3).half()
+        lin = q4.Q4Linear(codes=q4.pack_q5(torch.randint(0, 32, (64, 8, 32))), d=d, m=(-16 * d.float()).half(),
+                          bias=lin.bias.detach())
+    assert lin.bits == bits
     x = torch.randn(150, 256)  # > _GEMV_MAX_ROWS rows: the dequantize + matmul path
     big = lin(x)
     small = torch.cat([lin(x[i:i + 1]) for i in range(0, 150)])
