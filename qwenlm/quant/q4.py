@@ -16,7 +16,7 @@ from torch import nn
 
 log = logging.getLogger("qwenlm")
 BLOCK = 32
-_GEMV_MAX_ROWS = 128  # above this, dequantize + one fp32 matmul beats the kernel
+_GEMV_MAX_ROWS = 40  # above this, dequantize (one C++ pass) + one fp32 matmul beats the kernel (BENCHMARKS.md)
 
 
 @lru_cache(maxsize=1)
@@ -174,7 +174,8 @@ def block_count(codes: torch.Tensor) -> int:
 
 
 def dequantize_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """The (N, K) weight of 4-bit or 5-bit (uint8) or 8-bit (int8) blocks: d * q + m."""
+    """The (N, K) weight of 4-bit or 5-bit (uint8) or 8-bit (int8) blocks: d * q + m (in torch: the
+    reference that the extension's one-pass `dequantize`, which the layers use, is tested against)."""
     q = unpack_codes(codes).float()  # (N, K/32, 32)
     w = q * d.float()[..., None] + m.float()[..., None]
     return w.view(codes.shape[0], -1)
@@ -214,7 +215,7 @@ class Q4Linear(nn.Module):
             y = _extension().q4_gemv(xf, self.codes, self.d, self.m)
         else:
             # fp32, not bf16: CPUs without AVX512-BF16 multiply bf16 matrices slowly
-            y = x2.float() @ dequantize_q4(self.codes, self.d, self.m).t()
+            y = x2.float() @ _extension().dequantize(self.codes, self.d, self.m).t()
         y = y.view(*shape[:-1], self.out_features)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)

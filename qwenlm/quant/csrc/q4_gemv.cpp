@@ -101,6 +101,15 @@ inline __m256i block_dot(const uint8_t* c, const int8_t* a_ptr) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(a, q)), _mm256_set1_epi16(1));
 }
 
+// The two blocks' codes of a 40-byte 5-bit pair (see pair_dot), one byte per code
+inline void pair_codes(const uint8_t* c, __m256i& q0, __m256i& q1) {
+  long long word;
+  std::memcpy(&word, c + 32, 8);
+  const __m256i w = _mm256_set1_epi64x(word), bit4 = _mm256_set1_epi8(0x10);
+  q0 = _mm256_or_si256(nibbles(c), _mm256_and_si256(_mm256_srlv_epi64(w, _mm256_setr_epi64x(0, 1, 2, 3)), bit4));
+  q1 = _mm256_or_si256(nibbles(c + 16), _mm256_and_si256(_mm256_sllv_epi64(w, _mm256_setr_epi64x(4, 3, 2, 1)), bit4));
+}
+
 // Two consecutive blocks' dots. 4 and 8 bits: block_dot twice (the second block BITS*4 bytes on). 5 bits:
 // a pair of blocks is 40 bytes, the nibbles of each (16 + 16), then a 64-bit word w whose byte i holds
 // the fifth bits of codes i, 8+i, 16+i, 24+i of the first block in bits 4..7 and of the second block in
@@ -114,13 +123,10 @@ inline void pair_dot(const uint8_t* c, const int8_t* a_ptr, __m256i& d0, __m256i
     d1 = block_dot<BITS>(c + BITS * 4, a_ptr + 32);
     return;
   }
-  long long word;
-  std::memcpy(&word, c + 32, 8);
-  const __m256i w = _mm256_set1_epi64x(word), bit4 = _mm256_set1_epi8(0x10);
-  const __m256i h0 = _mm256_and_si256(_mm256_srlv_epi64(w, _mm256_setr_epi64x(0, 1, 2, 3)), bit4);
-  const __m256i h1 = _mm256_and_si256(_mm256_sllv_epi64(w, _mm256_setr_epi64x(4, 3, 2, 1)), bit4);
-  d0 = unsigned_dot(_mm256_or_si256(nibbles(c), h0), a_ptr);
-  d1 = unsigned_dot(_mm256_or_si256(nibbles(c + 16), h1), a_ptr + 32);
+  __m256i q0, q1;
+  pair_codes(c, q0, q1);
+  d0 = unsigned_dot(q0, a_ptr);
+  d1 = unsigned_dot(q1, a_ptr + 32);
 }
 
 // y (M, N) = x (M, K) @ W.T (+ bias), x already quantized into q
@@ -441,6 +447,47 @@ std::vector<torch::Tensor> quantize_q8(torch::Tensor w) {
   return {codes, d};
 }
 
+// The (N, K) float32 weight of 4-, 5- or 8-bit blocks, w = d * q + m (quant/q4.py's dequantize_q4, one
+// pass): the long-prompt path multiplies by it.
+// 32 codes (bytes; signed for 8 bits) -> 32 floats d * q + m at out
+inline void store_block(__m256i q, bool is_signed, float d, float m, float* out) {
+  const __m256 D = _mm256_set1_ps(d), M = _mm256_set1_ps(m);
+  const __m128i halves[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
+  for (int k = 0; k < 4; ++k) {
+    const __m128i part = k % 2 ? _mm_srli_si128(halves[k / 2], 8) : halves[k / 2];
+    const __m256i v = is_signed ? _mm256_cvtepi8_epi32(part) : _mm256_cvtepu8_epi32(part);
+    _mm256_storeu_ps(out + 8 * k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), D, M));
+  }
+}
+
+torch::Tensor dequantize(torch::Tensor codes, torch::Tensor d, torch::Tensor m) {
+  const QWeight W(codes, d, m);
+  const int64_t N = W.N, K = W.K, nb = K / 32;
+  auto out = torch::empty({N, K}, torch::kFloat32);
+  float* y = out.data_ptr<float>();
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* c = W.codes + n * nb * W.bits * 4;
+    const uint16_t* dn = W.d + n * nb;
+    const uint16_t* mn = W.m + n * nb;
+    float* row = y + n * K;
+    for (int64_t b = 0; b < nb; b += (W.bits == 5 ? 2 : 1)) {
+      if (W.bits == 8) {
+        store_block(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 32)), true,
+                    _cvtsh_ss(dn[b]), _cvtsh_ss(mn[b]), row + b * 32);
+      } else if (W.bits == 4) {
+        store_block(nibbles(c + b * 16), false, _cvtsh_ss(dn[b]), _cvtsh_ss(mn[b]), row + b * 32);
+      } else {  // a pair of blocks (see pair_dot)
+        __m256i q0, q1;
+        pair_codes(c + b * 20, q0, q1);
+        store_block(q0, false, _cvtsh_ss(dn[b]), _cvtsh_ss(mn[b]), row + b * 32);
+        store_block(q1, false, _cvtsh_ss(dn[b + 1]), _cvtsh_ss(mn[b + 1]), row + (b + 1) * 32);
+      }
+    }
+  }
+  return out;
+}
+
 // llama.cpp Q5_0 rows (N, nb * 22) uint8 (per block: fp16 d, the 32-bit word of fifth bits, 16 bytes of
 // nibbles), nb even -> 5-bit pairs (N, nb/2, 40) uint8 as pair_dot reads them, and d (N, nb) fp16: what
 // pack_q5_words (quant/q4.py) computes, in one pass.
@@ -479,6 +526,7 @@ std::vector<torch::Tensor> repack_q5_0(torch::Tensor raw, int64_t nb) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("quantize_q8", &quantize_q8, "8-bit blocks of 32 with an fp16 scale (one pass)");
+  mod.def("dequantize", &dequantize, "the float32 weight of 4-, 5- or 8-bit blocks (one pass)");
   mod.def("repack_q5_0", &repack_q5_0, "llama.cpp Q5_0 rows -> the kernel's 5-bit pairs (one pass)");
   mod.def("q4_gemv", &q4_gemv, "4- or 8-bit weight x int8 activation GEMV (AVX2)");
   mod.def("decode_block", &decode_block, "one decoder block of a decode step, 4- or 8-bit weights (AVX2)");
