@@ -8,7 +8,8 @@ With `--sample`: the chat's sampling settings instead of greedy (the model's gen
 temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05), qwenlm int4/int8 against llama.cpp.
 
 With `--prefill 128,512,1024`: prompt processing instead — the first N tokens of a Python source file
-(the standard library's os.py), qwenlm int4 against llama.cpp, same tokens (ours, given to llama.cpp).
+(the standard library's os.py), qwenlm int4 and gguf (the default) against llama.cpp, same tokens (ours,
+given to llama.cpp).
 """
 
 import argparse
@@ -62,18 +63,19 @@ def prefill(lengths, threads, llama_python):
     from qwenlm import GenerationConfig, load
     from qwenlm.engine import Engine
 
-    model, tok = load(device="cpu", quantize="int4")
     text = open(inspect.getsourcefile(os), encoding="utf-8").read()
-    all_ids = tok.encode(text)
-    eng = Engine(model)
     cfg = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=1, eos_token_id=None)
-    rows = {}
-    for n in lengths:
-        ids = all_ids[:n]
-        eng.generate([ids], cfg)  # warm-up
-        t0 = time.perf_counter()
-        eng.generate([ids], cfg)  # the prompt plus one sampled token
-        rows[n] = {"qwenlm int4 tok/s": n / (time.perf_counter() - t0)}
+    rows = {n: {} for n in lengths}
+    for quantize in ("int4", "gguf"):
+        model, tok = load(device="cpu", quantize=quantize)
+        all_ids = tok.encode(text)
+        eng = Engine(model)
+        for n in lengths:
+            ids = all_ids[:n]
+            eng.generate([ids], cfg)  # warm-up
+            t0 = time.perf_counter()
+            eng.generate([ids], cfg)  # the prompt plus one sampled token
+            rows[n][f"qwenlm {quantize} tok/s"] = n / (time.perf_counter() - t0)
     if llama_python:
         from qwenlm.hub import default_gguf_path
 
@@ -84,7 +86,8 @@ def prefill(lengths, threads, llama_python):
         else:
             for n, v in json.loads(r.stdout).items():
                 rows[int(n)]["llama.cpp tok/s"] = v
-                rows[int(n)]["ratio"] = rows[int(n)]["qwenlm int4 tok/s"] / v
+                for quantize in ("int4", "gguf"):
+                    rows[int(n)][f"{quantize} / llama.cpp"] = rows[int(n)][f"qwenlm {quantize} tok/s"] / v
     for n, r in rows.items():
         print(f"prefill {n:>5}: {json.dumps(r)}")
 
