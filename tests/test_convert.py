@@ -201,3 +201,22 @@ def test_gguf_blocks_are_the_files_weights(tmp_path):
     assert load_model(out, device="cpu", quantize="auto").quantization == "q8-avx2"
     with pytest.raises(ValueError, match="converted from a GGUF file that is still in place"):
         load_model(out, device="cpu", quantize="gguf")
+
+
+@pytest.mark.skipif(not __import__("qwenlm.quant.q4", fromlist=["q4"]).available(), reason="needs the AVX2 kernel")
+def test_gguf_blocks_of_a_tied_head_and_a_changed_file(tmp_path):
+    """No output.weight in the file (a tied head): the head takes the embedding's blocks. A GGUF file
+    rewritten after the conversion is not used for blocks."""
+    from qwenlm.quant import q4
+
+    tensors = _qwen2_tensors(seed=4)
+    del tensors["output.weight"]
+    src = _write_gguf(str(tmp_path / "t.gguf"), "qwen2", tensors, {"token_embd.weight": Q.Q8_0})
+    out = str(tmp_path / "out")
+    assert main(["convert", src, out, "--no-progress"]) == 0
+    model = load_model(out, device="cpu", quantize="gguf")
+    assert model.config.tie_word_embeddings and model.lm_head.bits == 8
+    emb = load_model(out, dtype="float32", device="cpu").state_dict()["model.embed_tokens.weight"]
+    assert torch.equal(q4.dequantize_q4(model.lm_head.codes, model.lm_head.d, model.lm_head.m), emb)
+    os.utime(src, ns=(0, 0))  # the file changed since (its time)
+    assert load_model(out, device="cpu", quantize="auto").quantization == "q8-avx2"

@@ -43,22 +43,23 @@ def record_source(checkpoint_dir: str, gguf_path: str, reader=None) -> None:
     arch = gguf_metadata(reader)["arch"]
     tensors = {checkpoint_name(arch, t.name): [t.tensor_type.name, [int(x) for x in t.shape],
                                                int(t.data_offset), int(t.n_bytes)] for t in reader.tensors}
+    st = os.stat(gguf_path)
     with open(os.path.join(checkpoint_dir, SOURCE_FILE), "w", encoding="utf-8") as f:
-        json.dump({"path": os.path.abspath(gguf_path), "size": os.path.getsize(gguf_path), "arch": arch,
-                   "tensors": tensors}, f)
+        json.dump({"path": os.path.abspath(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                   "arch": arch, "tensors": tensors}, f)
 
 
 def source_of(checkpoint_dir: str) -> dict | None:
-    """What `record_source` noted, if the GGUF file is still there with the same size."""
+    """What `record_source` noted, if the GGUF file is still there, unchanged (size and time)."""
     try:
         with open(os.path.join(checkpoint_dir, SOURCE_FILE), encoding="utf-8") as f:
             src = json.load(f)
-        path, size = src["path"], int(src["size"])
+        st = os.stat(src["path"])
         if not isinstance(src["tensors"], dict):
             return None
+        return src if (st.st_size, st.st_mtime_ns) == (int(src["size"]), int(src["mtime_ns"])) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return src if os.path.isfile(path) and os.path.getsize(path) == size else None
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
