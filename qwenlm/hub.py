@@ -95,6 +95,7 @@ def default_model_dir(progress: bool = True) -> str:
     gguf = os.path.join(root, "gguf", DEFAULT_MODEL["name"] + ".gguf")
     if os.path.isfile(os.path.join(target, ".complete")):
         if source_of(target) is None and os.path.isfile(gguf) and os.path.getsize(gguf) == DEFAULT_MODEL["size"]:
+            log.warning("noting where the default model's quantized blocks are in its GGUF file (once, ~10 s)")
             record_source(target, gguf)  # (converted by a version that did not note it)
         return target
     os.makedirs(os.path.dirname(gguf), exist_ok=True)
