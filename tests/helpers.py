@@ -139,3 +139,42 @@ def drain_batch_engine(eng, prompts: list[list[int]], cfg) -> list[list[int]]:
         with torch.inference_mode():
             eng.step(new)
     return [outs[i] for i in range(len(prompts))]
+
+
+def generate_with_logits(eng, prompts: list[list[int]], cfg) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """`eng.generate` (an Engine), also returning the logits (B, V) that chose each step's tokens."""
+    steps: list[torch.Tensor] = []
+    prefill, decode = eng._prefill, eng._decode_step
+
+    def record(fn):
+        def wrapped(*a):
+            out = fn(*a)
+            steps.append(out.detach().float().clone())
+            return out
+        return wrapped
+
+    eng._prefill, eng._decode_step = record(prefill), record(decode)
+    try:
+        return eng.generate(prompts, cfg), steps
+    finally:
+        del eng._prefill, eng._decode_step
+
+
+def assert_same_tokens_but_near_ties(got, want, got_logits, want_logits, rel: float = 2e-2) -> None:
+    """Greedy tokens of two CPU-kernel paths that compute the same logits up to float rounding: equal,
+    or, where a row first differs, each path's pick is within `rel` of the largest logit of the other's
+    pick in both paths' logits (a near-tie; after it the rows go their own ways). Why `rel` is 2%: both
+    paths round activations to int8 per block of 32, and a float-rounding difference can flip one
+    element's rounding (a step of 1/127 of its block's largest value); on these tiny models that moves
+    the logits by up to ~2% at the steps where it happens (measured 4.6e-3 to 1.8e-2; 3e-7 at the
+    others). A path that computes wrong logits fails this."""
+    assert len(got) == len(want)
+    for r, (g, w) in enumerate(zip(got, want)):
+        k = next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), None)
+        if k is None:
+            assert len(g) == len(w)
+            continue
+        lg, lw = got_logits[k][r], want_logits[k][r]
+        tol = rel * lw.abs().max()
+        assert lw[w[k]] - lw[g[k]] <= tol and lg[g[k]] - lg[w[k]] <= tol, (
+            f"row {r} step {k}: tokens {g[k]} / {w[k]} are not a near-tie")

@@ -5,7 +5,7 @@ attention with dynamic NTK and LogN active (v1), left-padded batches and samplin
 import pytest
 import torch
 
-from helpers import random_prompts, tiny_model
+from helpers import assert_same_tokens_but_near_ties, generate_with_logits, random_prompts, tiny_model
 from qwenlm import GenerationConfig
 from qwenlm.engine import Engine
 from qwenlm.quant import q4
@@ -55,9 +55,14 @@ def test_fused_step_logits_equal_per_op_step(model, lengths):
 
 
 def test_fused_tokens_equal_per_op_tokens(model):
+    """The same greedy tokens, but for a near-tie that the paths' float rounding flips (the rows then
+    go their own ways)."""
     fused, plain = _engines(model)
     prompts = random_prompts(4, 17, 9)
-    assert fused.generate(prompts, GREEDY) == plain.generate(prompts, GREEDY)
+    got, got_logits = generate_with_logits(fused, prompts, GREEDY)
+    want, want_logits = generate_with_logits(plain, prompts, GREEDY)
+    assert fused._packs and not plain._packs
+    assert_same_tokens_but_near_ties(got, want, got_logits, want_logits)
 
 
 def test_fused_sampling_is_seeded(model):
