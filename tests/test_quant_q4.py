@@ -146,6 +146,8 @@ def test_5bit_blocks_layout():
     assert lin.bits == 5 and lin.in_features == 128
     with pytest.raises(ValueError, match="multiple of 64"):
         q4.pack_q5(q[:, :3])
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        q4.Q4Linear(nn.Linear(64, 8), bits=5)
 
 
 def test_q5_0_repack_kernel_equals_its_torch_reference():

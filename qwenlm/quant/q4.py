@@ -192,6 +192,8 @@ class Q4Linear(nn.Module):
         `perm`, the input-column order the blocks were built in (GPTQ act-order checkpoints)."""
         super().__init__()
         if linear is not None:
+            if bits not in (4, 8):
+                raise ValueError(f"a layer is quantized here to 4 or 8 bits, not {bits} (5-bit blocks come from GGUF files)")
             if bits == 8:
                 codes, d, m = quantize_q8(linear.weight.detach())
             else:
