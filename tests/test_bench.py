@@ -29,6 +29,8 @@ def test_bench_json_and_hf_twin(tmp_path, capsys, arch):
 def test_bench_bad_arguments(capsys):
     assert main(["bench", "--shape", "7B", "--gen", "lots", "--device", "cpu"]) == 2
     assert "--gen must be" in capsys.readouterr().err
+    assert main(["bench", "--shape", "tiny", "--quantize", "gguf", "--device", "cpu"]) == 2
+    assert "--quantize gguf takes a model converted from a GGUF file" in capsys.readouterr().err
 
 
 def test_bench_serve_json(v1_chat_dir):
