@@ -28,6 +28,8 @@ def test_info_json(v1_chat_dir, capsys):
     assert info["architecture"] == "QWenLMHeadModel" and info["parameters"] == n
     assert info["context_length"] == 32768 and info["path"] == os.path.abspath(v1_chat_dir)
     assert info["dynamic_ntk"] and info["chat_format"] == "chatml"
+    # an MLP 48 wide does not fit the CPU kernel's 32-wide blocks: loaded as stored; not from a GGUF
+    assert info["cpu_weights"].startswith("as stored") and info["gguf_source"] is None
 
 
 def test_generate_matches_chat(v1_chat_dir):

@@ -179,6 +179,10 @@ def test_gguf_blocks_are_the_files_weights(tmp_path):
     ref = load_model(out, dtype="float32", device="cpu", quantize="none")
     model = load_model(out, device="cpu", quantize="auto")
     assert model.quantization == "gguf-blocks"
+    from qwenlm.commands.info import describe
+
+    info = describe(out)  # `qwen info` says so without loading
+    assert info["gguf_source"] == os.path.abspath(src) and "(gguf)" in info["cpu_weights"]
     want = ref.state_dict()
     b0, b1 = model.blocks[0], model.blocks[1]
     exact = {"model.layers.0.self_attn.q_proj": b0.self_attn.q_proj, "model.layers.0.self_attn.v_proj": b0.self_attn.v_proj,
@@ -199,6 +203,7 @@ def test_gguf_blocks_are_the_files_weights(tmp_path):
     assert (a - b).abs().max() < 0.05 * a.abs().max()  # (8-bit activations and re-quantized layers)
     os.rename(src, str(tmp_path / "moved.gguf"))
     assert load_model(out, device="cpu", quantize="auto").quantization == "q8-avx2"
+    assert describe(out)["gguf_source"] is None and "(int8)" in describe(out)["cpu_weights"]
     with pytest.raises(ValueError, match="converted from a GGUF file that is still in place"):
         load_model(out, device="cpu", quantize="gguf")
 

@@ -17,12 +17,22 @@ def describe(path: str) -> dict:
     from ..auto import resolve_device, resolve_dtype
     from ..config import ModelConfig
     from ..generation.config import GenerationConfig
+    from ..quant import q4
+    from ..quant.gguf_blocks import source_of
     from ..weights.loader import checkpoint_files
 
     cfg = ModelConfig.from_pretrained(path)
     gen = GenerationConfig.from_pretrained(path)
     device = resolve_device("auto")
     files = checkpoint_files(path)
+    source = source_of(path)
+    # what `--quantize auto` loads on this machine's CPU (auto_quantize, without building the kernel)
+    kernel = {"avx2", "fma", "f16c"} <= q4._cpu_flags() and os.environ.get("QWENLM_Q4_KERNEL", "1") != "0"
+    widths = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
+    if not kernel or any(w % q4.BLOCK for w in widths):
+        cpu_weights = f"as stored ({cfg.torch_dtype})"
+    else:
+        cpu_weights = "the GGUF file's own blocks (gguf)" if source else "8-bit blocks (int8)"
     return {
         "path": os.path.abspath(path),
         "architecture": {"qwen": "QWenLMHeadModel", "qwen2": "Qwen2ForCausalLM"}[cfg.arch],
@@ -38,6 +48,8 @@ def describe(path: str) -> dict:
         "chat_format": gen.chat_format,
         "weight_files": len(files),
         "weight_bytes": sum(os.path.getsize(f) for f in files),
+        "gguf_source": source["path"] if source else None,
+        "cpu_weights": cpu_weights,
     }
 
 
