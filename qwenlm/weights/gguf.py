@@ -135,7 +135,8 @@ def dequantize_tensor(t) -> np.ndarray:
         arr = np.asarray(t.data, dtype=np.float16).astype(np.float32)
     else:
         try:
-            arr = dequantize(t.data, t.tensor_type)
+            # a plain array view: gguf's row grouping over its np.memmap pays the subclass on every slice
+            arr = dequantize(np.asarray(t.data), t.tensor_type)
         except NotImplementedError as e:
             raise GGUFError(f"tensor {t.name}: GGUF type {t.tensor_type.name} cannot be dequantised") from e
     return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
