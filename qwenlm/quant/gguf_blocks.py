@@ -67,7 +67,7 @@ def _f16(raw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(raw).view(np.float16)[..., 0]
 
 
-# Each decoder: raw bytes (N, row bytes) -> the kernel's code bytes (N, K/32, 16 | 20 | 32), d, m, width
+# Each decoder: raw bytes (N, row bytes) -> the kernel's code bytes (see q4.py), d and m (N, K/32), width
 def _q8_0(raw: np.ndarray, n: int, k: int):
     b = raw.reshape(n, k // 32, 34)  # fp16 d, 32 signed codes
     d = _f16(b[..., 0:2])

@@ -1,8 +1,9 @@
 """Q4 layers: 4-bit weights (blocks of 32, fp16 scale and minimum, like llama.cpp's Q4_1) multiplied
 by int8-quantized activations in a hand-written AVX2 kernel (`csrc/q4_gemv.cpp`), built on first use
 with torch's C++ extension loader. The same layer and kernel take 8-bit blocks (signed codes, fp16
-scale and offset: GPTQ Int8 checkpoints, `quantize="int8"`). A long prefill (many rows) dequantizes a layer to fp32 and uses
-one matmul instead. `available()` says whether this machine can use it; otherwise `int4.py` serves.
+scale and offset: GPTQ Int8 checkpoints, `quantize="int8"`) and 5-bit blocks in pairs (a GGUF file's Q5_0
+layers, `quantize="gguf"`, gguf_blocks.py). A long prefill (more than 40 rows) dequantizes a layer to
+fp32 and uses one matmul instead. `available()` says whether this machine can use it; otherwise `int4.py` serves.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// CPU decoding with 4- or 8-bit weights (AVX2 + FMA + F16C): a matrix-vector kernel, and one whole
+// CPU decoding with 4-, 5- or 8-bit weights (AVX2 + FMA + F16C): a matrix-vector kernel, and one whole
 // transformer block of a decode step in a single call (no per-op framework overhead).
 //
 // Weights: per output row, blocks of 32 input columns, each with an fp16 scale d and fp16 offset m:
@@ -90,8 +90,8 @@ inline __m256i nibbles(const uint8_t* c) {
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), _mm256_set1_epi8(0x0F));
 }
 
-// sum(q * a) over one block of 32, as eight int32 lanes: 4-bit codes (16 bytes at c) are unsigned, so
-// maddubs takes them as they are; 8-bit codes (32 bytes) are signed: maddubs(|q|, a * sign(q)), whose
+// sum(q * a) over one block of 32 (4 or 8 bits; 5-bit blocks go by pairs, pair_dot), as eight int32
+// lanes: 4-bit codes (16 bytes at c) are unsigned, so maddubs takes them as they are; 8-bit codes (32 bytes) are signed: maddubs(|q|, a * sign(q)), whose
 // pair sums (at most 2 * 128 * 127) cannot saturate
 template <int BITS>
 inline __m256i block_dot(const uint8_t* c, const int8_t* a_ptr) {
@@ -447,8 +447,6 @@ std::vector<torch::Tensor> quantize_q8(torch::Tensor w) {
   return {codes, d};
 }
 
-// The (N, K) float32 weight of 4-, 5- or 8-bit blocks, w = d * q + m (quant/q4.py's dequantize_q4, one
-// pass): the long-prompt path multiplies by it.
 // 32 codes (bytes; signed for 8 bits) -> 32 floats d * q + m at out
 inline void store_block(__m256i q, bool is_signed, float d, float m, float* out) {
   const __m256 D = _mm256_set1_ps(d), M = _mm256_set1_ps(m);
@@ -460,6 +458,8 @@ inline void store_block(__m256i q, bool is_signed, float d, float m, float* out)
   }
 }
 
+// The (N, K) float32 weight of 4-, 5- or 8-bit blocks, w = d * q + m (quant/q4.py's dequantize_q4, one
+// pass): the long-prompt path multiplies by it.
 torch::Tensor dequantize(torch::Tensor codes, torch::Tensor d, torch::Tensor m) {
   const QWeight W(codes, d, m);
   const int64_t N = W.N, K = W.K, nb = K / 32;
@@ -528,6 +528,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("quantize_q8", &quantize_q8, "8-bit blocks of 32 with an fp16 scale (one pass)");
   mod.def("dequantize", &dequantize, "the float32 weight of 4-, 5- or 8-bit blocks (one pass)");
   mod.def("repack_q5_0", &repack_q5_0, "llama.cpp Q5_0 rows -> the kernel's 5-bit pairs (one pass)");
-  mod.def("q4_gemv", &q4_gemv, "4- or 8-bit weight x int8 activation GEMV (AVX2)");
-  mod.def("decode_block", &decode_block, "one decoder block of a decode step, 4- or 8-bit weights (AVX2)");
+  mod.def("q4_gemv", &q4_gemv, "4-, 5- or 8-bit weight x int8 activation GEMV (AVX2)");
+  mod.def("decode_block", &decode_block, "one decoder block of a decode step, 4-, 5- or 8-bit weights (AVX2)");
 }
