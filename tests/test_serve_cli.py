@@ -2,6 +2,7 @@
 `error:` line; and the real default model answers a question through it."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,24 +15,28 @@ import pytest
 from qwenlm.commands.serve import plan_memory
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(*args):
-    port = _free_port()
+    """Start `qwen serve --port 0` and read the port it chose from its banner."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "qwenlm", "serve", "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "qwenlm", "serve", "--port", "0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
+    lines = []
+    for line in proc.stdout:  # ends when the process does
+        lines.append(line)
+        if "OpenAI API: http://127.0.0.1:" in line:
+            break
+    else:
+        proc.wait(30)
+        raise AssertionError(f"qwen serve exited: {''.join(lines)}")
+    url = re.search(r"http://127\.0\.0\.1:(\d+)", lines[-1]).group(0)
+    assert not url.endswith(":0")
     deadline = time.time() + 240
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"qwen serve exited: {proc.stdout.read()}")
+            raise AssertionError(f"qwen serve exited: {''.join(lines)}{proc.stdout.read()}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
+                proc.banner = "".join(lines)
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.2)
@@ -50,7 +55,7 @@ def test_serve_command(v1_chat_dir):
         assert r.usage.completion_tokens >= 1
     finally:
         proc.terminate()
-        out = proc.communicate(timeout=30)[0]
+        out = proc.banner + proc.communicate(timeout=30)[0]
     assert "chat page:  http://127.0.0.1:" in out and "key: required" in out
     assert "'tiny-v1' (cpu, float32)" in out
 
@@ -65,6 +70,27 @@ def test_bad_options_are_one_line(v1_chat_dir, args, message):
                        text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_listen_errors_come_before_the_model_loads(tmp_path):
+    """A busy port or a wrong address is one line at once: the socket is bound before the model is
+    looked for (the model path here does not exist, and its error must not be the one shown)."""
+    missing = str(tmp_path / "no-model")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [(["--port", str(port)], f"127.0.0.1:{port} is already in use"),
+                 (["--host", "no-such-host.invalid"], "cannot listen on --host 'no-such-host.invalid'"),
+                 (["--host", "192.0.2.7"], "'192.0.2.7' is not an address of this machine")]
+        for args, message in cases:
+            r = subprocess.run([sys.executable, "-m", "qwenlm", "serve", "-m", missing, *args],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 2 and r.stderr.strip().startswith("error:") and message in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr and "no model at" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "qwenlm", "serve", "--port", "70000"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "'70000' is not a port number (0-65535)" in r.stderr
 
 
 def test_memory_plan_shrinks_defaults(v1_chat_dir):

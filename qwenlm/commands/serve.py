@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI API (chat, completions, tools) and a web chat page")
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free one; default 8000)")
     p.add_argument("--api-key", default=os.environ.get("QWENLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health and the page "
                         "(default: $QWENLM_API_KEY)")
@@ -25,6 +25,51 @@ def add_parser(sub) -> None:
     p.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
                    help="enable CORS for this origin (repeatable; '*' for any)")
     p.set_defaults(func=run)
+
+
+def _port(text: str) -> int:
+    import argparse
+
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return port
+
+
+def bind_listener(host: str, port: int):
+    """The server's listening socket, bound before the model loads so that a busy port or a wrong
+    address is a one-line error at once instead of after the load."""
+    import errno
+    import socket
+
+    from ..errors import UserError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise UserError(f"cannot listen on --host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        where = f"{host}:{port}"
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"{where} is already in use (another server?): pick another --port") from None
+        if e.errno == errno.EACCES:
+            raise UserError(f"not allowed to listen on {where}: ports below 1024 need privileges; "
+                            f"pick another --port") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"{host!r} is not an address of this machine: use --host 127.0.0.1 (this "
+                            f"machine only) or 0.0.0.0 (every interface)") from None
+        raise UserError(f"cannot listen on {where}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _available_bytes(device) -> int:
@@ -70,6 +115,8 @@ def run(args) -> int:
 
     from ..serve import ServerOptions, create_app
 
+    sock = bind_listener(args.host, args.port)
+    port = sock.getsockname()[1]
     model, tokenizer = load_from_args(args)
     seqs, length = plan_memory(model, args.max_num_seqs, args.max_model_len)
     name = args.served_model_name or os.path.basename(os.path.normpath(getattr(model, "name_or_path", "qwen")))
@@ -78,7 +125,7 @@ def run(args) -> int:
     app = create_app(model, tokenizer, opts)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qwen serve: model {name!r} ({describe(model)}), {seqs} slots x {length} tokens\n"
-          f"  chat page:  http://{host}:{args.port}/\n"
-          f"  OpenAI API: http://{host}:{args.port}/v1  (key: {'required' if args.api_key else 'none'})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+          f"  chat page:  http://{host}:{port}/\n"
+          f"  OpenAI API: http://{host}:{port}/v1  (key: {'required' if args.api_key else 'none'})", flush=True)
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning")).run(sockets=[sock])
     return 0
