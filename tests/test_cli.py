@@ -93,6 +93,18 @@ def test_chat_commands(session_factory):
     assert s.handle(":exit") is False and s.handle(":q") is False
 
 
+def test_message_longer_than_the_context_keeps_the_chat(session_factory, monkeypatch):
+    s, out = session_factory(do_sample=False)
+    s.handle("hello")
+    monkeypatch.setattr(s.model, "use_dynamic_ntk", False)  # the window becomes seq_length
+    window = s.model.context_window
+    s.handle("word " * window)
+    assert "[ERROR] the prompt is" in out.getvalue() and f"at most {window:,}" in out.getvalue()
+    assert [q for q, _ in s.history] == ["hello"]  # the long message is not kept, the chat goes on
+    s.handle("again")
+    assert len(s.history) == 2
+
+
 def test_conf_takes_effect(session_factory):
     s, out = session_factory(do_sample=False)
     s.handle(":conf max_new_tokens=1")

@@ -6,6 +6,7 @@ import pytest
 from helpers import random_prompts, tiny_model
 from qwenlm import GenerationConfig
 from qwenlm.engine import Engine
+from qwenlm.errors import ContextLengthError, UserError
 from qwenlm.generation import StopChecker, generate
 
 GREEDY = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=20, eos_token_id=None,
@@ -66,3 +67,24 @@ def test_cache_freed_after_generation_on_cpu(model):
     assert eng._state is None  # ...and is released when the generation ends, even early
     eng.generate(random_prompts(5), GREEDY)
     assert eng._state is None
+
+
+def test_context_window(model, monkeypatch):
+    """A prompt that fills the model's window is a clear error; a reply stops where the window ends."""
+    if model.config.arch == "qwen":
+        assert model.context_window == 32768  # dynamic NTK: the original's LogN table bounds it
+        monkeypatch.setattr(model, "use_dynamic_ntk", False)
+        limit = model.config.seq_length  # without NTK: the trained length (16 here)
+    else:
+        monkeypatch.setattr(model.config, "max_position_embeddings", 24)
+        limit = 24
+    assert model.context_window == limit
+    eng = Engine(model, bucket=8)
+    with pytest.raises(ContextLengthError, match=f"the prompt is {limit} tokens, and the model reads at most {limit}"):
+        eng.generate(random_prompts(limit), GREEDY)
+    with pytest.raises(UserError):  # also a ValueError, for library callers
+        eng.generate(random_prompts(3, limit + 4), GREEDY)
+    prompts = random_prompts(limit - 5, 3)
+    out = eng.generate(prompts, GREEDY)  # 20 new tokens asked for; the longest prompt leaves room for 5
+    assert [len(o) for o in out] == [5, 5]
+    assert out == generate(model, prompts, GREEDY.update(max_new_tokens=5))

@@ -62,7 +62,8 @@ def test_serve_command(v1_chat_dir):
 
 @pytest.mark.parametrize("args,message", [
     (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
-    (["--max-num-seqs", "100000", "--max-model-len", "100000"], "of KV cache"),
+    (["--max-num-seqs", "100000", "--max-model-len", "32768"], "of KV cache"),
+    (["--max-model-len", "40000"], "--max-model-len 40000 is more than the model's context window (32768 tokens)"),
     (["--max-model-len", "8"], "--max-model-len must be at least 16"),
 ])
 def test_bad_options_are_one_line(v1_chat_dir, args, message):

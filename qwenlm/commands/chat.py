@@ -63,6 +63,7 @@ class ChatSession:
         return True
 
     def turn(self, query: str) -> None:
+        from ..errors import UserError
         from ..generation.api import chat_stream
 
         response = ""
@@ -75,6 +76,9 @@ class ChatSession:
                 response = text
         except KeyboardInterrupt:
             self.say("\n[WARNING] Generation interrupted")
+        except UserError as e:  # e.g. a message longer than the context: say so, keep the chat
+            self.say(f"\n[ERROR] {e}\n")
+            return
         self.say("\n")
         self.history.append((query, response))
 

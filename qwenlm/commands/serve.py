@@ -88,11 +88,12 @@ def plan_memory(model, max_num_seqs: int | None, max_model_len: int | None) -> t
     from ..errors import UserError
 
     cpu = model.device.type == "cpu"
-    c = model.config
-    context = c.seq_length if c.arch == "qwen" and not model.use_dynamic_ntk else c.max_position_embeddings
-    length = max_model_len or min(context, 4096 if cpu else 8192)
+    length = max_model_len or min(model.context_window, 4096 if cpu else 8192)
     if max_model_len is not None and max_model_len < 16:
         raise UserError("--max-model-len must be at least 16")
+    if max_model_len is not None and max_model_len > model.context_window:
+        raise UserError(f"--max-model-len {max_model_len} is more than the model's context window "
+                        f"({model.context_window} tokens)")
     per_seq = BatchEngine.kv_bytes_per_token(model) * length
     budget = _available_bytes(model.device)
     fit = budget // per_seq

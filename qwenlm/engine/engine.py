@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..errors import ContextLengthError
 from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, collect, left_pad, make_generator, record_step
 from ..generation.sampling import next_tokens
@@ -229,8 +230,11 @@ class Engine:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         stop = stop or StopChecker(cfg)
-        n_new = cfg.max_new_tokens
         w = max(len(p) for p in prompts)
+        limit = self.model.context_window
+        if w >= limit:
+            raise ContextLengthError(w, limit)
+        n_new = min(cfg.max_new_tokens, limit - w)  # a reply stops where the context ends
         max_len = self.bucket * math.ceil((w + n_new) / self.bucket)
         st = self._adopt(self._setup(prompts, cfg, max_len))
         b, dev = st["b"], self.device

@@ -50,6 +50,16 @@ class QwenCausalLM(GenerationMixin, nn.Module):
     lm_head: nn.Linear
 
     @property
+    def context_window(self) -> int:
+        """Most tokens (prompt and reply) one sequence may hold. Qwen2 family and Qwen v1 without
+        dynamic NTK (72B): the trained length. Qwen v1 with dynamic NTK reaches beyond its
+        `seq_length` by design; the original's LogN table stops at 32,767 positions."""
+        c = self.config
+        if c.arch == "qwen":
+            return max(c.max_position_embeddings, 32768) if self.use_dynamic_ntk else c.seq_length
+        return c.max_position_embeddings
+
+    @property
     def kv_int8(self) -> bool:
         """Whether the engines keep keys/values in 8 bits (`kv_cache == "int8"`)."""
         return self.kv_cache == "int8"
