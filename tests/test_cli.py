@@ -105,6 +105,29 @@ def test_message_longer_than_the_context_keeps_the_chat(session_factory, monkeyp
     assert len(s.history) == 2
 
 
+def test_long_prompt_progress_on_a_terminal(session_factory, monkeypatch):
+    """On a terminal a long prompt shows how much of it is read, then the line is given back to the
+    reply; anywhere else (a pipe, a file) nothing is added."""
+    from qwenlm.engine import get_engine
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    s, _ = session_factory(do_sample=False, max_new_tokens=4)
+    monkeypatch.setattr(get_engine(s.model), "prefill_chunk", 8)
+    s.out = Terminal()
+    s.handle("please read this message, which is long enough for several chunks of eight tokens")
+    text = s.out.getvalue()
+    total = int(text.split("[reading the prompt: 8/")[1].split(" ")[0])
+    assert total > 24 and f"[reading the prompt: 16/{total} tokens]" in text
+    assert "\r\x1b[KQwen: " + s.history[-1][1] in text  # the note is erased before the reply
+    assert get_engine(s.model).on_prefill is None  # not left behind
+    s.out = io.StringIO()
+    s.handle("please read this message, which is long enough for several chunks of eight tokens")
+    assert "reading the prompt" not in s.out.getvalue()
+
+
 def test_conf_takes_effect(session_factory):
     s, out = session_factory(do_sample=False)
     s.handle(":conf max_new_tokens=1")

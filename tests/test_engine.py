@@ -2,6 +2,7 @@
 sampled, batched with left padding, NTK/LogN active, run-ahead syncing), and the KV cache size."""
 
 import pytest
+import torch
 
 from helpers import random_prompts, tiny_model
 from qwenlm import GenerationConfig
@@ -88,3 +89,29 @@ def test_context_window(model, monkeypatch):
     out = eng.generate(prompts, GREEDY)  # 20 new tokens asked for; the longest prompt leaves room for 5
     assert [len(o) for o in out] == [5, 5]
     assert out == generate(model, prompts, GREEDY.update(max_new_tokens=5))
+
+
+@pytest.mark.parametrize("cfg", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("length", [20, 30])  # v1: past its seq_length of 16, so NTK and LogN are on
+def test_chunked_prefill_equals_reference(model, cfg, length):
+    """A long prompt read 8 tokens at a time (as a CPU reads long prompts, 512 at a time) generates
+    what the one-pass reference does, and reports each chunk."""
+    prompts = random_prompts(length)
+    eng = Engine(model, bucket=8, prefill_chunk=8)
+    seen = []
+    eng.on_prefill = lambda done, total: seen.append((done, total))
+    assert eng.generate(prompts, cfg) == generate(model, prompts, cfg)
+    assert seen == [(d, length) for d in (*range(8, length, 8), length)]
+
+
+def test_chunked_prefill_cache_equals_one_pass(model):
+    """The keys/values that chunks leave in the cache are the one-pass prefill's."""
+    prompts = random_prompts(27)
+    cfg = GREEDY.update(max_new_tokens=1)
+    caches = []
+    for chunk in (8, 10_000):
+        eng = Engine(model, bucket=8, prefill_chunk=chunk, keep_state=True)
+        eng.generate(prompts, cfg)
+        caches.append(eng._state["cache"])
+    for a, b in zip(caches[0].tensors, caches[1].tensors):
+        torch.testing.assert_close(a[..., :27, :], b[..., :27, :], rtol=1e-5, atol=1e-5)

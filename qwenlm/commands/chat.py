@@ -11,7 +11,8 @@ import ast
 import os
 import sys
 
-from .common import add_model_options, add_sampling_options, describe, load_from_args, sampling_overrides
+from .common import (add_model_options, add_sampling_options, describe, load_from_args, prompt_progress,
+                     sampling_overrides)
 
 HELP = """Commands:
   :help / :h                 show this help
@@ -69,11 +70,12 @@ class ChatSession:
         response = ""
         self.out.write("\nQwen: ")
         try:
-            for text in chat_stream(self.model, self.tokenizer, query, self.history, self.system,
-                                    generation_config=self.config, seed=self.seed):
-                self.out.write(text[len(response):])
-                self.out.flush()
-                response = text
+            with prompt_progress(self.model, self.out, "Qwen: "):
+                for text in chat_stream(self.model, self.tokenizer, query, self.history, self.system,
+                                        generation_config=self.config, seed=self.seed):
+                    self.out.write(text[len(response):])
+                    self.out.flush()
+                    response = text
         except KeyboardInterrupt:
             self.say("\n[WARNING] Generation interrupted")
         except UserError as e:  # e.g. a message longer than the context: say so, keep the chat

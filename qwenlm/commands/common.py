@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -56,3 +57,25 @@ def describe(model) -> str:
     if model.kv_int8:
         how += ", 8-bit KV cache"
     return f"{model.device.type}, {how}"
+
+
+@contextmanager
+def prompt_progress(model, stream, prefix: str = ""):
+    """While active, a long prompt (read in chunks: a CPU) shows how much of it is read on `stream`
+    when that is a terminal, as `prefix[reading the prompt: 1,024/3,000 tokens]`; the line is
+    set back to `prefix` once the prompt is read."""
+    from ..engine import get_engine
+
+    engine = get_engine(model)
+    before = engine.on_prefill
+
+    def show(done: int, total: int) -> None:
+        note = f"[reading the prompt: {done:,}/{total:,} tokens]" if done < total else ""
+        stream.write(f"\r\033[K{prefix}{note}")
+        stream.flush()
+
+    engine.on_prefill = show if stream.isatty() else None
+    try:
+        yield
+    finally:
+        engine.on_prefill = before

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_model_options, add_sampling_options, load_from_args, sampling_overrides
+from .common import add_model_options, add_sampling_options, load_from_args, prompt_progress, sampling_overrides
 
 
 def add_parser(sub) -> None:
@@ -38,8 +38,9 @@ def run(args) -> int:
     else:
         _, ids = make_context(tokenizer, prompt, system=args.system, max_window_size=cfg.max_window_size)
         extra = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
-    for piece in stream_text(model, tokenizer, ids, cfg, extra):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    with prompt_progress(model, sys.stderr):
+        for piece in stream_text(model, tokenizer, ids, cfg, extra):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -43,8 +43,10 @@ def fuse_projections(model) -> None:
 class Engine:
     """Fast generation for one model. `generate_steps(prompts, cfg)` yields each step's tokens."""
 
+    PREFILL_CHUNK = 512
+
     def __init__(self, model, cuda_graphs: bool | None = None, bucket: int = 256,
-                 keep_state: bool | None = None):
+                 keep_state: bool | None = None, prefill_chunk: int | None = None):
         self.model = model
         self.cfg = model.config
         self.device = model.device
@@ -57,6 +59,10 @@ class Engine:
         self._warm_stream = None
         self._state: dict | None = None
         self._packs = None  # fused CPU decode blocks (4-bit models), built on first decode
+        # a long unpadded prompt is read in chunks of this many tokens on a CPU (where it takes seconds
+        # per chunk), reporting each to `on_prefill(done, total)`; on a GPU in one pass
+        self.prefill_chunk = prefill_chunk or (self.PREFILL_CHUNK if self.device.type == "cpu" else None)
+        self.on_prefill: Callable[[int, int], None] | None = None
         fuse_projections(model)
         log.info("engine: %s, cuda graphs %s", self.device, "on" if self.cuda_graphs else "off")
 
@@ -151,11 +157,28 @@ class Engine:
         ids, mask, w = st["ids"], st["mask"], st["w"]
         padded = not bool(mask.all())
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        chunk = self.prefill_chunk
+        if chunk and not padded and w > chunk:
+            return self._chunked_prefill(st, positions, chunk)
         st["cache"].write_pos = torch.arange(w, device=self.device)
         st["cache"].chunk_mask = mask if padded else None
         amask = attention_mask_4d(mask, w) if padded else None
         h = self.model.run_blocks(ids, self._ctx(st, positions, amask, None))
         return self.model.lm_head(h[:, -1]).float()  # only the last position's logits
+
+    def _chunked_prefill(self, st: dict, positions: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Read an unpadded prompt `chunk` tokens at a time: each chunk writes its slots and attends to
+        every slot before it (the first to itself alone, like a one-pass prefill)."""
+        ids, mask, w, cache = st["ids"], st["mask"], st["w"], st["cache"]
+        cache.chunk_mask = None
+        for s in range(0, w, chunk):
+            e = min(w, s + chunk)
+            cache.write_pos = torch.arange(s, e, device=self.device)
+            amask = attention_mask_4d(mask[:, :e], e - s) if s else None
+            h = self.model.run_blocks(ids[:, s:e], self._ctx(st, positions[:, s:e], amask, e if s else None))
+            if self.on_prefill is not None:
+                self.on_prefill(e, w)
+        return self.model.lm_head(h[:, -1]).float()
 
     def _decode(self, st: dict, length: int) -> torch.Tensor:
         """One decode step over KV slots [0, length): token st['tok'] goes to slot st['slot']."""
