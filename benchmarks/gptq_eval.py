@@ -2,7 +2,8 @@
 standard-library sources (email/, json/), evaluated by perplexity on held-out ones (asyncio/), and a
 chat question. CPU, a few minutes per model.
 
-    python benchmarks/gptq_eval.py [--samples 32] [--seq-len 256] [--eval-windows 16] [--out /tmp/gptq]
+    python benchmarks/gptq_eval.py [--bits 8,4] [--group-size 128] [--asym] [--act-order] [--samples 32]
+                                   [--seq-len 256] [--eval-windows 16] [--out /tmp/gptq]
 """
 
 import argparse
@@ -25,6 +26,7 @@ def main():
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--asym", action="store_true", help="asymmetric groups")
+    ap.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
     ap.add_argument("--bits", default="8,4")
     ap.add_argument("--out", default="/tmp/qwenlm-gptq-eval")
     args = ap.parse_args()
@@ -37,7 +39,7 @@ def main():
     held_out = sorted(glob.glob(os.path.join(stdlib, "asyncio", "*.py")))
     results = {"calibration": [os.path.relpath(c, stdlib) for c in calib], "held_out": "asyncio/*.py",
                "samples": args.samples, "seq_len": args.seq_len, "group_size": args.group_size,
-               "sym": not args.asym}
+               "sym": not args.asym, "act_order": args.act_order}
     paths = {"fp32 (GGUF dequantized)": None}
     bit_list = [int(b) for b in args.bits.split(",")]
     for bits in bit_list:
@@ -46,7 +48,8 @@ def main():
             t0 = time.perf_counter()
             cmd = [sys.executable, "-m", "qwenlm", "quantize", "default", out, "--bits", str(bits),
                    "--group-size", str(args.group_size), "--samples", str(args.samples), "--seq-len",
-                   str(args.seq_len), "--device", "cpu"] + (["--asym"] if args.asym else [])
+                   str(args.seq_len), "--device", "cpu"] + (["--asym"] if args.asym else []) \
+                + (["--act-order"] if args.act_order else [])
             for c in calib:
                 cmd += ["--calib", c]
             subprocess.run(cmd, check=True)
