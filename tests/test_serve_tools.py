@@ -4,6 +4,7 @@ so that what is tested — prompt, stop at "Observation:", parsing, SSE tool-cal
 client's view — does not depend on what a random or tiny model happens to say."""
 
 import json
+import re
 
 import openai
 import pytest
@@ -124,3 +125,67 @@ def test_tool_choice_none_means_plain_chat(setup):
     r = client.chat.completions.create(model="tiny", messages=Q, tools=TOOLS, tool_choice="none", temperature=0)
     assert r.choices[0].message.content == "Hello there." and not r.choices[0].message.tool_calls
     assert "get_weather" not in tok.decode(ScriptedEngine.prompts[0])
+
+
+ARGS_ONLY = ' {"city": "Paris"}\nObservation: (the model making things up)'
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streaming"])
+@pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"],
+                         ids=["named", "required"])
+def test_forced_tool_choice(setup, choice, stream):
+    """A named function (or "required" with one tool) is written into the reply up to its arguments:
+    the model writes only those, and the answer is that call, with no content of the server's."""
+    client, tok = setup
+    _script(tok, ARGS_ONLY)
+    args = dict(model="tiny", messages=Q, tools=TOOLS, tool_choice=choice, temperature=0)
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **args))
+        calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        name, arguments = calls[0].function.name, calls[0].function.arguments
+    else:
+        m = client.chat.completions.create(**args).choices[0]
+        content, finish = m.message.content, [m.finish_reason]
+        name, arguments = m.message.tool_calls[0].function.name, m.message.tool_calls[0].function.arguments
+    assert name == "get_weather" and json.loads(arguments) == {"city": "Paris"}
+    assert finish == ["tool_calls"] and not content
+    prompt = tok.decode(ScriptedEngine.prompts[0])
+    assert prompt.endswith("<|im_start|>assistant\nThought: I need to call get_weather.\nAction: get_weather\n"
+                           "Action Input:")
+
+
+def test_forced_legacy_function_call(setup):
+    client, tok = setup
+    _script(tok, ARGS_ONLY)
+    r = client.chat.completions.create(model="tiny", messages=Q, functions=[TOOLS[0]["function"]],
+                                       function_call={"name": "get_weather"}, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "function_call" and c.message.function_call.name == "get_weather"
+    assert json.loads(c.message.function_call.arguments) == {"city": "Paris"}
+
+
+def test_required_with_several_tools_lets_the_model_name_one(setup):
+    client, tok = setup
+    _script(tok, ' get_time\nAction Input: {"zone": "CET"}\nObservation: x')
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    r = client.chat.completions.create(model="tiny", messages=Q, tools=TOOLS + [clock], tool_choice="required",
+                                       temperature=0)
+    call = r.choices[0].message.tool_calls[0].function
+    assert call.name == "get_time" and json.loads(call.arguments) == {"zone": "CET"}
+    assert tok.decode(ScriptedEngine.prompts[0]).endswith("Thought: I need to use a tool.\nAction:")
+
+
+@pytest.mark.parametrize("args,message", [
+    (dict(tool_choice={"type": "function", "function": {"name": "nope"}}, tools=TOOLS),
+     "names the function 'nope', which is not among the tools (get_weather)"),
+    (dict(tool_choice={"type": "function", "function": 5}, tools=TOOLS), "names the function None"),
+    (dict(tool_choice="required"), "tool_choice asks for a function call, but no tools are given"),
+    (dict(function_call={"name": "get_weather"}), "function_call asks for a function call, but no tools"),
+])
+def test_bad_tool_choice_is_a_400(setup, args, message):
+    client, tok = setup
+    with pytest.raises(openai.BadRequestError, match=re.escape(message)) as e:
+        client.chat.completions.create(model="tiny", messages=Q, **args)
+    assert e.value.body["param"] == ("function_call" if "function_call" in args else "tool_choice")

@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine.batch import BadToken, BatchEngine, QueueFull, Sequence
 from ..generation.generate import StopChecker, TextAssembler
 from .metrics import Metrics
-from .prompt import PromptError, ToolCall, ToolStream, build_chat_prompt, parse_reply, tool_specs
+from .prompt import (PromptError, ToolCall, ToolStream, build_chat_prompt, forced_call_prefix, parse_reply,
+                     tool_specs)
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("qwenlm")
@@ -319,9 +320,13 @@ class Server:
             specs = tool_specs(tools, funcs)
             prompt = build_chat_prompt(self.tokenizer, [m.model_dump(exclude_none=True) for m in req.messages],
                                        specs)
+            forced = forced_call_prefix(req.tool_choice if tools is not None else None,
+                                        req.function_call if funcs is not None else None, specs, prompt.open_thought)
         except PromptError as e:
             raise APIError(400, f"Invalid request: {e}", param=e.param) from None
         legacy = bool(funcs) and not tools
+        if forced:  # the reply starts inside the call: the model writes only the rest
+            prompt.ids = prompt.ids + self.tokenizer.encode(forced, allowed_special=set())
         max_tokens = req.max_completion_tokens or req.max_tokens
         if req.max_length is not None:
             max_tokens = min(max_tokens or req.max_length, req.max_length - len(prompt.ids))
@@ -338,25 +343,27 @@ class Server:
         texts = job.texts
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._chat_stream(job, texts, names, legacy, rid, created, include_usage),
-                                     media_type="text/event-stream")
+            return StreamingResponse(self._chat_stream(job, texts, names, legacy, rid, created, include_usage,
+                                                       forced), media_type="text/event-stream")
         reasons = await job.collect()
         if any(r == "abort" for r in reasons):
             return Response(status_code=499)
         choices = []
         for i, (text, reason) in enumerate(zip(texts, reasons)):
-            msg, reason = self._message(text.text, reason, names, legacy)
+            msg, reason = self._message(forced + text.text, reason, names, legacy, bool(forced))
             choices.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": None})
         self.metrics.generation_tokens.inc(job.completion_tokens)
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.opts.served_model_name,
                 "choices": choices, "usage": job.usage()}
 
     @staticmethod
-    def _message(text: str, reason: str, names: list[str], legacy: bool) -> tuple[dict, str]:
+    def _message(text: str, reason: str, names: list[str], legacy: bool, forced: bool = False) -> tuple[dict, str]:
         if not names:
             return {"role": "assistant", "content": text}, reason
         parsed = parse_reply(text, names)
         if isinstance(parsed, ToolCall):
+            if forced:  # the thought is the server's words, not the model's
+                parsed.content = ""
             if legacy:
                 return ({"role": "assistant", "content": parsed.content or None,
                          "function_call": {"name": parsed.name, "arguments": parsed.arguments}}, "function_call")
@@ -364,7 +371,7 @@ class Server:
                     "tool_calls")
         return {"role": "assistant", "content": parsed}, reason
 
-    async def _chat_stream(self, job: _Job, texts, names, legacy, rid, created, include_usage):
+    async def _chat_stream(self, job: _Job, texts, names, legacy, rid, created, include_usage, forced=""):
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.opts.served_model_name}
 
         def chunk(i, delta, reason=None):
@@ -373,6 +380,8 @@ class Server:
         text_fmt = _sse_format({**head, "choices": [{"index": INDEX, "delta": {"content": TEXT},
                                                      "finish_reason": None, "logprobs": None}]})
         tool_streams = [ToolStream(names) for _ in texts] if names else None
+        for ts in tool_streams or []:
+            ts.put(forced)  # holds back (it contains "Action:") and parses with the model's part
         try:
             yield "".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(len(texts)))
             async for batch in job.batches():
@@ -392,7 +401,7 @@ class Server:
                     if tool_streams is not None:
                         rest = tool_streams[i].finish()
                         if isinstance(rest, ToolCall):
-                            if rest.content:
+                            if rest.content and not forced:
                                 out.append(chunk(i, {"content": rest.content}))
                             if legacy:
                                 out.append(chunk(i, {"function_call": {"name": rest.name,
@@ -548,6 +557,12 @@ def create_app(model, tokenizer, opts: ServerOptions | None = None, engine: Batc
     async def _invalid(request, e: RequestValidationError):
         errs = e.errors()
         first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":  # loc is ("body", character offset)
+            where = first.get("loc", ("body", "?"))[-1]
+            reason = (first.get("ctx") or {}).get("error", "")
+            server.metrics.errors.labels("400").inc()
+            return error_response(400, f"the request body is not valid JSON (at character {where}"
+                                       f"{': ' + reason if reason else ''})", "invalid_request_error")
         loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         msg = f"{loc}: {first.get('msg')}" if loc else str(first.get("msg", "invalid request"))
         if len(errs) > 1:

@@ -112,6 +112,36 @@ def _assistant_text(msg: dict, tools_on: bool) -> str:
 class ChatPrompt:
     ids: list[int]
     tools_on: bool
+    open_thought: bool = False  # the prompt ends inside the assistant's turn, after "Thought:"
+
+
+def forced_call_prefix(tool_choice, function_call, specs: list[dict], open_thought: bool) -> str:
+    """The start of the assistant's reply that makes it call a tool, or "" when the choice is free.
+    A named function (`tool_choice={"type": "function", "function": {"name": N}}`, legacy
+    `function_call={"name": N}`, or "required" with one tool) is written up to its arguments, so the
+    model only writes those; "required" with several tools is written up to "Action:", so the model
+    names one (the ReAct format has no way to make it name a valid one)."""
+    choice = tool_choice if tool_choice not in (None, "auto", "none") else function_call
+    if choice in (None, "auto", "none"):
+        return ""
+    param = "tool_choice" if tool_choice not in (None, "auto", "none") else "function_call"
+    if not specs:
+        raise PromptError(f"{param} asks for a function call, but no tools are given", param)
+    names = [f.get("name_for_model", f.get("name")) for f in specs]
+    if choice == "required":
+        name = names[0] if len(names) == 1 else None
+    elif isinstance(choice, dict):
+        fn = choice.get("function") if "function" in choice else choice
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or name not in names:
+            raise PromptError(f"{param} names the function {name!r}, which is not among the tools "
+                              f"({', '.join(names)})", param)
+    else:
+        raise PromptError(f"{param} must be 'none', 'auto', 'required' or a function, not {choice!r}", param)
+    thought = "" if open_thought else "Thought:"
+    if name is None:
+        return f"{thought} I need to use a tool.\nAction:"
+    return f"{thought} I need to call {name}.\nAction: {name}\nAction Input:"
 
 
 def build_chat_prompt(tokenizer, messages: list[dict], specs: list[dict]) -> ChatPrompt:
@@ -161,7 +191,7 @@ def build_chat_prompt(tokenizer, messages: list[dict], specs: list[dict]) -> Cha
             ids += end
     if not continue_assistant:
         ids += nl + start + tokenizer.encode("assistant") + nl
-    return ChatPrompt(ids=ids, tools_on=tools_on)
+    return ChatPrompt(ids=ids, tools_on=tools_on, open_thought=continue_assistant)
 
 
 @dataclass
