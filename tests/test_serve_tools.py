@@ -110,10 +110,16 @@ def test_final_answer_after_tool_result(setup):
     assert "".join(deltas) == "It is sunny in Paris, 21 °C." and len(deltas) > 1  # streamed, not in one piece
 
 
-def test_legacy_functions(setup):
+ARGS_ONLY = ' {"city": "Paris"}\nObservation: (the model making things up)'
+
+
+@pytest.mark.parametrize("script,choice", [(CALL, {}), (ARGS_ONLY, {"function_call": {"name": "get_weather"}})],
+                         ids=["auto", "forced"])
+def test_legacy_functions(setup, script, choice):
     client, tok = setup
-    _script(tok, CALL)
-    r = client.chat.completions.create(model="tiny", messages=Q, functions=[TOOLS[0]["function"]], temperature=0)
+    _script(tok, script)
+    r = client.chat.completions.create(model="tiny", messages=Q, functions=[TOOLS[0]["function"]], temperature=0,
+                                       **choice)
     c = r.choices[0]
     assert c.finish_reason == "function_call" and c.message.function_call.name == "get_weather"
     assert json.loads(c.message.function_call.arguments) == {"city": "Paris"}
@@ -125,9 +131,6 @@ def test_tool_choice_none_means_plain_chat(setup):
     r = client.chat.completions.create(model="tiny", messages=Q, tools=TOOLS, tool_choice="none", temperature=0)
     assert r.choices[0].message.content == "Hello there." and not r.choices[0].message.tool_calls
     assert "get_weather" not in tok.decode(ScriptedEngine.prompts[0])
-
-
-ARGS_ONLY = ' {"city": "Paris"}\nObservation: (the model making things up)'
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streaming"])
@@ -154,16 +157,6 @@ def test_forced_tool_choice(setup, choice, stream):
     prompt = tok.decode(ScriptedEngine.prompts[0])
     assert prompt.endswith("<|im_start|>assistant\nThought: I need to call get_weather.\nAction: get_weather\n"
                            "Action Input:")
-
-
-def test_forced_legacy_function_call(setup):
-    client, tok = setup
-    _script(tok, ARGS_ONLY)
-    r = client.chat.completions.create(model="tiny", messages=Q, functions=[TOOLS[0]["function"]],
-                                       function_call={"name": "get_weather"}, temperature=0)
-    c = r.choices[0]
-    assert c.finish_reason == "function_call" and c.message.function_call.name == "get_weather"
-    assert json.loads(c.message.function_call.arguments) == {"city": "Paris"}
 
 
 def test_required_with_several_tools_lets_the_model_name_one(setup):
