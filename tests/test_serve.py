@@ -333,3 +333,31 @@ def test_batches_hand_over_everything_that_has_arrived(model_tok):
     assert job.first_token_at is not None
     got, _ = asyncio.run(run([(0, 5, None), (0, None, "error"), (1, 6, None)]))
     assert got == [[(0, 5, None)], 500]
+
+
+def test_logit_bias(client, model_tok):
+    """+100 makes a token the only choice (greedy and sampled, each row its own bias); -100 bans the
+    token greedy decoding picks otherwise. The library's chat takes the same setting."""
+    model, tok = model_tok
+    x = tok.encode(" hello")[0]
+    for extra in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+        r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=4,
+                                      logit_bias={str(x): 100}, **extra)
+        assert r.choices[0].text == tok.decode([x] * 4) and r.usage.completion_tokens == 4
+    free = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=1, temperature=0)
+    first = tok.encode(free.choices[0].text)[0]
+    banned = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=1, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert banned.choices[0].text != free.choices[0].text
+    reply, _ = model.chat(tok, "hi", do_sample=False, max_new_tokens=3, logit_bias={x: 100})
+    assert reply == tok.decode([x] * 3).strip()
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"999999999": 1}}, "logit_bias"),
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"best_of": 3}, "best_of"),
+])
+def test_unsupported_or_bad_settings_are_a_400(server, extra, param):
+    r = httpx.post(server + "/v1/completions", json={"prompt": "hi", "max_tokens": 2, **extra})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

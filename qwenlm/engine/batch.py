@@ -27,7 +27,7 @@ import torch
 
 from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, make_generator
-from ..generation.sampling import apply_presence_frequency, choose, uniforms
+from ..generation.sampling import apply_logit_bias, apply_presence_frequency, choose, uniforms
 from ..models.layers import ForwardContext, logn_scale, ntk_alpha, rotary_cos_sin
 from .cache import KernelAttention, KVStore, kernel_attention_on
 
@@ -415,6 +415,9 @@ class BatchEngine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit:] = float("-inf")
+        for i, s in enumerate(seqs):  # each row's own bias, before anything reads the logits
+            if s.cfg.logit_bias:
+                apply_logit_bias(logits[i:i + 1], s.cfg.logit_bias)
         chosen: list[int | None] = [None] * len(seqs)
         greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]
         if greedy:

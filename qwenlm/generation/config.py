@@ -27,6 +27,7 @@ class GenerationConfig:
     stop_words_ids: list[list[int]] | None = None  # token sequences that end generation
     stop: list[str] | None = None  # strings that end generation (cut from the text)
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None  # OpenAI's: added to these tokens' logits (-100 bans, 100 forces)
     chat_format: str = "chatml"
     max_window_size: int = 6144
     extra: dict = field(default_factory=dict)  # keys we keep but do not use
@@ -75,6 +76,10 @@ class GenerationConfig:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be between -2 and 2, not {getattr(self, name)}")
+        for k, v in (self.logit_bias or {}).items():
+            if not isinstance(k, int) or k < 0 or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                raise ValueError(f"logit_bias maps token ids (integers >= 0) to numbers between -100 and 100, "
+                                 f"not {k!r}: {v!r}")
         if self.chat_format not in ("chatml", "raw"):
             raise ValueError(f"chat_format must be 'chatml' or 'raw', not {self.chat_format!r}")
 

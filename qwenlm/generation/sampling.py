@@ -27,6 +27,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float] | None) -> torch.Tensor:
+    """Add OpenAI's `logit_bias` to every row of logits (B, V), in place; ids past V are ignored."""
+    if bias:
+        ids = [k for k in bias if k < logits.shape[-1]]
+        if ids:
+            logits[:, ids] += torch.tensor([float(bias[k]) for k in ids], dtype=logits.dtype, device=logits.device)
+    return logits
+
+
 def apply_presence_frequency(logits: torch.Tensor, counts: dict[int, int], presence: float,
                              frequency: float) -> torch.Tensor:
     """OpenAI's penalties on one row (1, V): logit -= presence * [count > 0] + frequency * count,
@@ -142,6 +151,7 @@ def choose(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerationConfig, u: t
 
 def next_tokens(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerationConfig,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """`choose` with the rows' uniform numbers drawn from one generator."""
+    """`choose` with the rows' uniform numbers drawn from one generator (after `cfg.logit_bias`)."""
+    apply_logit_bias(logits, cfg.logit_bias)
     u = None if cfg.greedy else uniforms(logits.shape[0], generator, logits.device)
     return choose(logits, seen, cfg, u)

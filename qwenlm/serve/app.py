@@ -290,7 +290,12 @@ class Server:
             raise APIError(400, f"at most {self.opts.max_stop_strings} stop strings of up to 256 characters",
                            param="stop")
         stops = [s for s in stops if s] + list(extra_stops)
-        kw = {"max_new_tokens": max_tokens, "stop": stops or None, "seed": req.seed}
+        kw = {"max_new_tokens": max_tokens, "stop": stops or None, "seed": req.seed,
+              "logit_bias": self._logit_bias(req.logit_bias)}
+        if (req.response_format or {}).get("type", "text") != "text":
+            raise APIError(400, f"response_format {req.response_format.get('type')!r} is not supported by this "
+                                "server (replies are free text; ask for JSON in the prompt, or use tools)",
+                           param="response_format")
         if req.temperature is not None:
             kw.update(do_sample=req.temperature > 1e-5, temperature=max(req.temperature, 1e-5))
         for name in ("top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -305,6 +310,22 @@ class Server:
         if req.ignore_eos:
             cfg.eos_token_id = None
         return cfg
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        """OpenAI's logit_bias (token id strings -> -100..100) as the generation setting."""
+        if not bias:
+            return None
+        out = {}
+        for k, v in bias.items():
+            try:
+                token = int(k)
+            except ValueError:
+                token = -1
+            if not 0 <= token < self.tokenizer.id_limit or not -100 <= v <= 100:
+                raise APIError(400, f"logit_bias: {k!r}: {v} is not a token id below {self.tokenizer.id_limit} "
+                                    "with a bias between -100 and 100", param="logit_bias")
+            out[token] = float(v)
+        return out
 
     def choice_cfgs(self, cfg, n: int):
         """n choices: with a seed, choice i uses seed + i (so choices differ but repeat)."""
@@ -450,6 +471,8 @@ class Server:
             raise APIError(400, "logprobs are not supported by this server", param="logprobs")
         if req.suffix:
             raise APIError(400, "suffix (insertion) is not supported by this server", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of is not supported by this server: ask for n choices instead", param="best_of")
         prompts = self._prompts(req.prompt)
         if len(prompts) * req.n > 64:
             raise APIError(400, "at most 64 completions (prompts times n) per request", param="n")

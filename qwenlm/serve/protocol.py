@@ -66,6 +66,8 @@ class _Sampling(_Lenient):
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1, le=16)
     seed: Optional[int] = None
+    logit_bias: Optional[dict[str, float]] = None
+    response_format: Optional[dict[str, Any]] = None
     user: Optional[str] = None
     ignore_eos: bool = Field(False, description="keep generating past end-of-text tokens (benchmarks; as vLLM)")
 
@@ -87,4 +89,5 @@ class CompletionRequest(_Sampling):
     max_tokens: Optional[int] = Field(16, ge=1)
     echo: bool = False
     suffix: Optional[str] = None
+    best_of: Optional[int] = None
     logprobs: Optional[int] = None
