@@ -197,6 +197,11 @@ def test_hf_style_generate_and_output(qwen2_model):
     out = qwen2_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                max_new_tokens=4, repetition_penalty=1.0, eos_token_id=None)
     assert out.shape == (2, 10) and torch.equal(out[:, :6], ids)
+    # transformers' max_length counts the prompt: 10 here is the same as 4 new tokens
+    same = qwen2_model.generate(ids, do_sample=False, max_length=10, repetition_penalty=1.0, eos_token_id=None)
+    assert torch.equal(same, out)
+    with pytest.raises(ValueError, match="the prompt is 6 tokens"):
+        qwen2_model.generate(ids, max_length=6)
     res = qwen2_model(ids)
     assert res.logits.shape == (2, 6, 1000) and res[0] is res.logits
 

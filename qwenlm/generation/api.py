@@ -81,17 +81,21 @@ def hf_generate(model, input_ids, attention_mask=None, generation_config: Genera
                 stop_words_ids: list[list[int]] | None = None, tokenizer=None, **kwargs: Any) -> torch.Tensor:
     """transformers-style `generate`: (B, T) prompt -> (B, T + new) with pad after a row ends.
     Rows are re-padded on the left (the prompt part keeps the input's width)."""
-    if kwargs.pop("max_length", None) is not None and "max_new_tokens" not in kwargs:
-        raise ValueError("max_length is not supported: pass max_new_tokens")
+    max_length = kwargs.pop("max_length", None)
+    prompts = prompts_from_tensor(input_ids, attention_mask)
+    width = max(len(p) for p in prompts)
+    if max_length is not None and kwargs.get("max_new_tokens") is None:  # transformers: prompt + new tokens
+        if not isinstance(max_length, int) or max_length <= width:
+            raise ValueError(f"max_length ({max_length!r}) counts the prompt too, and the prompt is {width} "
+                             "tokens: pass a larger max_length, or max_new_tokens")
+        kwargs["max_new_tokens"] = max_length - width
     cfg = _config(model, generation_config, kwargs)
     if stop_words_ids:
         cfg.stop_words_ids = list(cfg.stop_words_ids or []) + list(stop_words_ids)
-    prompts = prompts_from_tensor(input_ids, attention_mask)
     stop = StopChecker(cfg, (), tokenizer)
     limit = tokenizer.id_limit if tokenizer is not None else None
     rows = _engine(model).generate(prompts, cfg, stop, vocab_limit=limit)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    width = max(len(p) for p in prompts)
     new_w = max(len(r) for r in rows)
     out = torch.full((len(prompts), width + new_w), pad, dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompts, rows)):
