@@ -129,6 +129,8 @@ def test_errors_follow_the_openai_schema(client, server, model_tok):
     r = httpx.post(server + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert r.json()["error"]["message"].startswith("the request body is not valid JSON (at character 1")
+    r = httpx.post(server + "/v1/chat/completions", json=[1, 2])
+    assert r.status_code == 400 and r.json()["error"]["message"] == "the request body must be a JSON object"
     r = httpx.get(server + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = httpx.post(server + "/v1/completions", content=b"x" * (9 * 1024 * 1024))

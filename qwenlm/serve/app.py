@@ -587,6 +587,8 @@ def create_app(model, tokenizer, opts: ServerOptions | None = None, engine: Batc
             return error_response(400, f"the request body is not valid JSON (at character {where}"
                                        f"{': ' + reason if reason else ''})", "invalid_request_error")
         loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        if loc is None and first.get("type") in ("model_attributes_type", "dict_type"):
+            first = {**first, "msg": "the request body must be a JSON object"}
         msg = f"{loc}: {first.get('msg')}" if loc else str(first.get("msg", "invalid request"))
         if len(errs) > 1:
             msg += f" (and {len(errs) - 1} more problem(s))"
