@@ -128,6 +128,29 @@ def test_long_prompt_progress_on_a_terminal(session_factory, monkeypatch):
     assert "reading the prompt" not in s.out.getvalue()
 
 
+def test_multiline_messages_between_triple_quotes():
+    from qwenlm.commands.chat import read_message
+
+    def reader(*lines):
+        shown, it = [], iter(lines)
+
+        def read(prompt):
+            shown.append(prompt)
+            return next(it)
+        return read, shown
+
+    read, shown = reader("just one line")
+    assert read_message(read) == "just one line" and shown == ["\nUser> "]
+    q = '"' * 3
+    read, shown = reader(q, "def f(x):", "    return x", "", f"What does f do?{q}")
+    assert read_message(read) == "def f(x):\n    return x\n\nWhat does f do?"
+    assert shown == ["\nUser> "] + ["... "] * 4
+    read, _ = reader(f"  {q}inline{q}  ")
+    assert read_message(read) == "inline"
+    read, _ = reader(f"{q}first", f"second{q}")
+    assert read_message(read) == "first\nsecond"
+
+
 def test_conf_takes_effect(session_factory):
     s, out = session_factory(do_sample=False)
     s.handle(":conf max_new_tokens=1")

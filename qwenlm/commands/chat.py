@@ -25,7 +25,30 @@ HELP = """Commands:
   :conf                      show the generation settings
   :conf key=value            change a generation setting (e.g. :conf temperature=0.5)
   :reset-conf                restore the model's generation settings
-Anything else is sent to the model. Ctrl-C stops a reply; Ctrl-D leaves."""
+Anything else is sent to the model. For several lines (pasted code), begin and end with QQQ:
+  QQQ
+  def f(x):
+      return x
+  What does f do?QQQ
+Ctrl-C stops a reply; Ctrl-D leaves.""".replace("QQQ", '"' * 3)
+
+QUOTE = '"' * 3
+
+
+def read_message(read) -> str:
+    """One message from `read(prompt)` (input): a line, or the lines between an opening and a
+    closing triple quote (the quotes removed; the text inside kept as typed)."""
+    line = read("\nUser> ")
+    if not line.lstrip().startswith(QUOTE):
+        return line
+    text = line.lstrip()[len(QUOTE):]
+    lines = []
+    while True:
+        if text.rstrip().endswith(QUOTE):
+            lines.append(text.rstrip()[:-len(QUOTE)])
+            return "\n".join(lines).strip("\n")
+        lines.append(text)
+        text = read("... ")
 
 
 def add_parser(sub) -> None:
@@ -162,7 +185,7 @@ def run(args) -> int:
     session.say(f"Chatting with {name} ({describe(model)}). Type :help for commands, :exit or Ctrl-D to leave.")
     while True:
         try:
-            line = input("\nUser> ")
+            line = read_message(input)
         except EOFError:
             session.say()
             return 0
