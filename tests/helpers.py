@@ -132,12 +132,9 @@ def drain_batch_engine(eng, prompts: list[list[int]], cfg) -> list[list[int]]:
     outs: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         eng.submit(Sequence(p, cfg, StopChecker(cfg), lambda t, r, i=i: outs.setdefault(i, []).append(t)))
-    while eng.waiting or eng.active:
-        new = []
-        while eng.waiting and len(eng.active) + len(new) < eng.max_num_seqs:
-            new.append(eng.waiting.popleft())
+    while not eng.idle:
         with torch.inference_mode():
-            eng.step(new)
+            eng.step(eng.take_waiting())
     return [outs[i] for i in range(len(prompts))]
 
 

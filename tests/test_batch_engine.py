@@ -37,17 +37,17 @@ def _seq(prompt, cfg, out):
 
 
 def _run(eng, arrivals):
-    """arrivals: {step index: [(prompt, cfg), ...]} -> outputs in arrival order."""
+    """arrivals: {step index: [(prompt, cfg), ...]} (submitted; admitted as slots free up) -> outputs
+    in arrival order."""
     outs, pending = [], dict(arrivals)
     step = 0
-    while pending or eng.active:
-        new = []
+    while pending or not eng.idle:
         for prompt, cfg in pending.pop(step, []):
             out = {"tokens": [], "reason": None}
             outs.append(out)
-            new.append(_seq(prompt, cfg, out))
+            eng.submit(_seq(prompt, cfg, out))
         with torch.inference_mode():
-            eng.step(new)
+            eng.step(eng.take_waiting())
         step += 1
     return outs
 
@@ -70,15 +70,11 @@ def test_each_sequence_gets_its_solo_tokens(model, cfg):
             outs.append(out)
             eng.submit(_seq(prompt, c, out))
         for _ in range(2):
-            with eng._cv:
-                new = [eng.waiting.popleft() for _ in range(min(len(eng.waiting), 3 - len(eng.active)))]
             with torch.inference_mode():
-                eng.step(new)
-    while eng.active or eng.waiting:
-        with eng._cv:
-            new = [eng.waiting.popleft() for _ in range(min(len(eng.waiting), 3 - len(eng.active)))]
+                eng.step(eng.take_waiting())
+    while not eng.idle:
         with torch.inference_mode():
-            eng.step(new)
+            eng.step(eng.take_waiting())
     for p, b, out in zip(prompts, budgets, outs):
         want = generate(model, [p], cfg.update(max_new_tokens=b))[0]
         assert out["tokens"] == want
@@ -299,3 +295,108 @@ def test_a_decode_step_issues_as_many_tensor_operations_for_many_rows_as_for_few
                    and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
     assert ops(2) == ops(8)
+
+
+# ---- prompts read in chunks between decode steps (the CPU default) --------------------------------
+
+@pytest.mark.parametrize("cfg", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_long_prompts_read_in_chunks_get_their_solo_tokens(model, cfg):
+    """Long prompts (over `prefill_chunk`) are read a chunk per step in the top row, one at a time,
+    while short ones join and the running rows decode; then they move next to the running rows. Each
+    still gets its solo tokens (v1: 30 and 41 tokens are past seq_length 16, NTK and LogN on)."""
+    prompts = random_prompts(30, 5, 41, 9, 6, 17)
+    budgets = [12, 10, 6, 12, 3, 8]
+    cfgs = [cfg.update(max_new_tokens=b) for b in budgets]
+    eng = BatchEngine(model, max_num_seqs=4, max_model_len=64, prefill_chunk=8)
+    outs = _run(eng, {0: [(prompts[0], cfgs[0]), (prompts[1], cfgs[1]), (prompts[2], cfgs[2])],
+                      1: [(prompts[3], cfgs[3]), (prompts[4], cfgs[4])], 9: [(prompts[5], cfgs[5])]})
+    assert eng.stats["prompt_chunks"] == 4 + 6 + 2 + 3  # 30, 41, 9 and 17 tokens, 8 at a time
+    for p, c, out in zip(prompts, cfgs, outs):
+        assert out["tokens"] == generate(model, [p], c)[0]
+        assert out["reason"] == "length"
+
+
+def test_running_rows_decode_between_the_chunks_of_a_long_prompt(model):
+    """What chunking is for: a stream that is running gets a token at every step while a long prompt
+    is read, instead of waiting for the whole prompt."""
+    short, long = random_prompts(5, 40)
+    eng = BatchEngine(model, max_num_seqs=3, max_model_len=64, prefill_chunk=8)
+    o_short, o_long = {"tokens": [], "reason": None}, {"tokens": [], "reason": None}
+    s_long = _seq(long, GREEDY.update(max_new_tokens=3), o_long)
+    with torch.inference_mode():
+        eng.step([_seq(short, GREEDY.update(max_new_tokens=30), o_short)])
+        eng.step([s_long])
+        for i in range(1, 5):  # chunks 1-4 of 5: the long one waits in the top row, the short one decodes
+            assert s_long.row == 2 and s_long.cached == 8 * i and not o_long["tokens"]
+            assert len(o_short["tokens"]) == 2 + i  # (its first token at its prefill, one per step)
+            eng.step()
+        assert s_long.row == 1 and eng.active == [eng.active[0], s_long]  # read: moved down, joined
+        assert len(o_long["tokens"]) == 2 and len(o_short["tokens"]) == 7
+        while not eng.idle:
+            eng.step()
+    assert o_long["tokens"] == generate(model, [long], GREEDY.update(max_new_tokens=3))[0]
+    assert o_short["tokens"] == generate(model, [short], GREEDY.update(max_new_tokens=30))[0]
+
+
+def test_short_prompts_share_a_step_up_to_the_chunk_and_take_turns_with_a_long_one(model):
+    prompts = random_prompts(20, 3, 4, 5, 6)  # one long, then 3+4 fit a chunk of 8, 5+6 do not
+    eng = BatchEngine(model, max_num_seqs=5, max_model_len=64, prefill_chunk=8)
+    seqs = [_seq(p, GREEDY, {"tokens": [], "reason": None}) for p in prompts]
+    with torch.inference_mode():
+        eng.step(seqs)  # the shorts go first: 3 + 4 tokens
+        assert [s.row for s in eng.active] == [0, 1] and seqs[0].cached == 0
+        eng.step()  # the long one's turn
+        assert seqs[0].cached == 8 and len(eng.active) == 2
+        eng.step()  # 5 (6 would pass the chunk)
+        assert [s.prompt for s in eng.active] == prompts[1:4]
+        eng.step()
+        assert seqs[0].cached == 16
+        eng.step()
+        eng.step()
+        assert [s.prompt for s in eng.active] == prompts[1:5] + prompts[:1]
+
+
+def test_aborting_a_prompt_being_read_frees_its_slot(model):
+    p_long, p_next, p_short = random_prompts(30, 26, 7)
+    eng = BatchEngine(model, max_num_seqs=2, max_model_len=64, prefill_chunk=8)
+    outs = [{"tokens": [], "reason": None} for _ in range(3)]
+    s_long, s_next, s_short = (_seq(p, GREEDY, o) for p, o in zip((p_long, p_next, p_short), outs))
+    for s in (s_long, s_next, s_short):
+        eng.submit(s)
+    with torch.inference_mode():
+        eng.step(eng.take_waiting())  # two slots: the long one and the next; the short one waits
+        assert s_long.cached == 8 and eng.waiting[0] is s_short
+        eng.abort(s_long)
+        eng.step(eng.take_waiting())  # the slot goes to the short one; the next long one starts over
+        assert outs[0] == {"tokens": [], "reason": "abort"} and eng.stats["finished_abort"] == 1
+        while not eng.idle:
+            eng.step(eng.take_waiting())
+    assert outs[1]["tokens"] == generate(model, [p_next], GREEDY)[0]
+    assert outs[2]["tokens"] == generate(model, [p_short], GREEDY)[0]
+
+
+def test_fixed_shape_steps_leave_the_prompt_being_read_alone(model):
+    """Padding rows of a fixed-shape step write slot 0 of free rows: never the top row while a long
+    prompt is read there."""
+    if q4.pack_blocks(model):
+        pytest.skip("the fused 4-bit CPU step has no fixed-shape variant")
+    prompts = random_prompts(5, 9, 6, 30)
+    eng = BatchEngine(model, max_num_seqs=4, max_model_len=64, fixed_shapes=True, bucket=16, prefill_chunk=8)
+    outs = _run(eng, {0: [(p, GREEDY) for p in prompts]})  # 3 rows decode (padded to 4) while 30 is read
+    assert [o["tokens"] for o in outs] == [generate(model, [p], GREEDY)[0] for p in prompts]
+
+
+def test_int8_cache_chunks_read_like_the_single_engine(model):
+    """With an 8-bit cache later chunks attend to the codes of earlier ones: the same arithmetic as
+    the single-sequence Engine's chunked prefill."""
+    from qwenlm.engine import Engine
+
+    prompts = random_prompts(30, 5, 21)
+    model.kv_cache = "int8"
+    try:
+        outs = _run(BatchEngine(model, max_num_seqs=3, max_model_len=64, prefill_chunk=8),
+                    {0: [(p, GREEDY) for p in prompts]})
+        want = [Engine(model, bucket=8, prefill_chunk=8).generate([p], GREEDY)[0] for p in prompts]
+    finally:
+        model.kv_cache = "float"
+    assert [o["tokens"] for o in outs] == want

@@ -3,6 +3,7 @@ streaming, n, usage, finish reasons), completions, the OpenAI error schema, limi
 metrics, the chat page, client disconnects. A tiny random Qwen v1 chat model with the real
 tokenizer; every generated text is checked against the reference generation loop."""
 
+import concurrent.futures
 import os
 import shutil
 import time
@@ -61,6 +62,28 @@ def test_chat_equals_reference(client, model_tok):
     assert r.choices[0].message.content == text and r.choices[0].finish_reason == finish
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == n
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+
+
+def test_long_prompts_are_read_in_chunks_between_the_steps_of_other_streams(model_tok):
+    """`prefill_chunk`: a long prompt is read a chunk per engine step while another request streams;
+    both replies are still the reference's."""
+    model, tok = model_tok
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=256, max_num_seqs=2,
+                                               prefill_chunk=8))
+    engine = app.state.server.engine
+    assert engine.prefill_chunk == 8
+    long = [MSGS[0], {"role": "user", "content": "请把下面的话翻译成英文：" + "今天天气很好，我们去公园散步吧。" * 6}]
+    with running_server(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            jobs = [pool.submit(c.chat.completions.create, model="tiny", messages=m, temperature=0, max_tokens=24)
+                    for m in (MSGS, long)]
+            replies = [j.result().choices[0].message.content for j in jobs]
+    for msgs, reply in zip((MSGS, long), replies):
+        ids = build_chat_prompt(tok, msgs, []).ids
+        assert reply == _expected(model_tok, ids, 24)[0]
+    lengths = [len(build_chat_prompt(tok, m, []).ids) for m in (MSGS, long)]
+    assert lengths[1] > 64 and engine.stats["prompt_chunks"] == sum(-(-n // 8) for n in lengths)
 
 
 def test_stream_equals_non_stream(client):

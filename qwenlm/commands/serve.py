@@ -22,6 +22,10 @@ def add_parser(sub) -> None:
                    help="context per sequence, prompt + completion (default: the model's, at most 4096 on "
                         "CPU and 8192 on GPU)")
     p.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait; beyond it: 429")
+    p.add_argument("--prefill-chunk", type=_count, default=None, metavar="N",
+                   help="prompt tokens read per step between decode steps, so that a long prompt does not "
+                        "stall the running streams (default: 256 on CPU; 0 on GPU, where prompts are read "
+                        "whole; 0: whole)")
     p.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
                    help="enable CORS for this origin (repeatable; '*' for any)")
     p.set_defaults(func=run)
@@ -37,6 +41,14 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
     return port
+
+
+def _count(text: str) -> int:
+    import argparse
+
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
 
 
 def bind_listener(host: str, port: int):
@@ -122,7 +134,8 @@ def run(args) -> int:
     seqs, length = plan_memory(model, args.max_num_seqs, args.max_model_len)
     name = args.served_model_name or os.path.basename(os.path.normpath(getattr(model, "name_or_path", "qwen")))
     opts = ServerOptions(served_model_name=name, api_key=args.api_key, max_model_len=length, max_num_seqs=seqs,
-                         max_queue=args.max_queue, cors_origins=args.allowed_origins or [])
+                         max_queue=args.max_queue, cors_origins=args.allowed_origins or [],
+                         prefill_chunk=args.prefill_chunk)
     app = create_app(model, tokenizer, opts)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qwen serve: model {name!r} ({describe(model)}), {seqs} slots x {length} tokens\n"

@@ -12,6 +12,9 @@ Sequences that arrive together are prefilled in one forward pass (right-padded; 
 does not depend on the other rows on the fused 4-bit CPU path (per-row kernels, prompts prefilled
 alone), so a greedy request gives the same tokens alone or in a crowd there. Each sequence has its own
 sampling settings, random generator, stop rules and token budget.
+
+On a CPU, reading prompts is interleaved with decoding: a step reads at most `prefill_chunk` prompt
+tokens, so a long prompt delays the running streams by one chunk per token instead of its whole length.
 """
 
 from __future__ import annotations
@@ -70,17 +73,20 @@ class Sequence:
 
 
 class _RowWriter:
-    """KV cache adapter for a prefill into rows [row, row + B): write the chunk, attend to the chunk.
+    """KV cache adapter for a prefill into rows [row, row + B) of the chunk at slots [start, start + T):
+    write it, then attend to slots [0, start + T) (a first chunk, start 0, to its own exact values).
     `valid` (B, T): the real tokens of right-padded prompts (None: all)."""
 
-    def __init__(self, kv: KVStore, row: int, valid: torch.Tensor | None = None):
-        self.kv, self.row, self.valid = kv, row, valid
+    def __init__(self, kv: KVStore, row: int, valid: torch.Tensor | None = None, start: int = 0):
+        self.kv, self.row, self.valid, self.start = kv, row, valid, start
 
     def update(self, i, k, v):
-        b, t, row = k.shape[0], k.shape[2], self.row
-        self.kv.store(i, k, v, lambda dst, x: dst[row:row + b, :, :t].copy_(x), slice(row, row + b), first=True,
-                      mask=self.valid)
-        return k, v
+        b, t, row, s = k.shape[0], k.shape[2], self.row, self.start
+        self.kv.store(i, k, v, lambda dst, x: dst[row:row + b, :, s:s + t].copy_(x), slice(row, row + b),
+                      first=s == 0, mask=self.valid)
+        if s == 0:
+            return k, v
+        return self.kv.load(i, lambda x: x[row:row + b, :, :s + t])
 
 
 class _StepWriter:
@@ -106,9 +112,12 @@ class _StepWriter:
 class BatchEngine:
     """`submit(seq)` from any thread; `start()` runs the loop in a daemon thread."""
 
+    PREFILL_CHUNK = 256  # prompt tokens per step on a CPU (see __init__)
+
     def __init__(self, model, max_num_seqs: int = 8, max_model_len: int = 4096, max_queue: int = 256,
                  vocab_limit: int | None = None, cuda_graphs: bool | None = None, fixed_shapes: bool | None = None,
-                 bucket: int = 256, batch_prefill: bool | None = None, max_prefill_tokens: int = 8192):
+                 bucket: int = 256, batch_prefill: bool | None = None, max_prefill_tokens: int = 8192,
+                 prefill_chunk: int | None = None):
         if max_num_seqs < 1 or max_model_len < 2:
             raise ValueError("max_num_seqs must be >= 1 and max_model_len >= 2")
         self.model, self.cfg = model, model.config
@@ -145,7 +154,20 @@ class BatchEngine:
         self.batch_prefill = (self.device.type == "cuda") if batch_prefill is None else batch_prefill
         self.batch_prefill = self.batch_prefill and not self._packs
         self.max_prefill_tokens = max_prefill_tokens
+        # On a CPU a prompt takes seconds to read, and every running stream would wait for it: there each
+        # step reads at most `prefill_chunk` prompt tokens (whole short prompts, or one chunk of a long
+        # one, in turns) before its decode step. A long prompt is read in the top row, one at a time, then
+        # moves next to the running rows. Chunks start at fixed positions, so a request's numbers do not
+        # depend on the crowd. 0: read every admitted prompt whole before the next decode step.
+        if prefill_chunk is None:
+            prefill_chunk = self.PREFILL_CHUNK if self.device.type == "cpu" else 0
+        if prefill_chunk < 0:
+            raise ValueError("prefill_chunk must be >= 0")
+        self.prefill_chunk = prefill_chunk
+        self._long_turn = False
         self.active: list[Sequence] = []
+        # admitted (a slot is theirs) but their prompt not fully read; the first long one is being read
+        self.admitted: collections.deque[Sequence] = collections.deque()
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -205,44 +227,61 @@ class BatchEngine:
 
     @property
     def running(self) -> int:
-        return len(self.active)
+        """Sequences holding a slot: decoding, or having their prompt read."""
+        return len(self.active) + len(self.admitted)
+
+    @property
+    def idle(self) -> bool:
+        return not (self.waiting or self.active or self.admitted)
+
+    def take_waiting(self) -> list[Sequence]:
+        """Pop the waiting sequences that free slots can admit (call with the lock held, or from the
+        only thread that touches the engine)."""
+        new = []
+        while self.waiting and self.running + len(new) < self.max_num_seqs:
+            new.append(self.waiting.popleft())
+        return new
 
     # ---- the loop -------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not self._stopping and not self.waiting and not self.active:
+                while not self._stopping and self.idle:
                     self._cv.wait()
                 if self._stopping:
                     break
-                new = []
-                while self.waiting and len(self.active) + len(new) < self.max_num_seqs:
-                    new.append(self.waiting.popleft())
+                new = self.take_waiting()
             try:
                 with torch.inference_mode():
                     self.step(new)
             except Exception:  # a bug: fail the running requests, keep serving
                 log.exception("engine step failed")
-                for seq in self.active + new:
+                for seq in self.active + list(self.admitted) + [s for s in new if s not in self.admitted]:
                     if seq.finish_reason is None:
                         seq.finish_reason = "error"
                         seq.emit(None, "error")
                 self.active = []
-        for seq in list(self.active) + list(self.waiting):
+                self.admitted.clear()
+        for seq in list(self.active) + list(self.admitted) + list(self.waiting):
             seq.finish_reason = "abort"
             seq.emit(None, "abort")
 
     def step(self, new: list[Sequence] = ()) -> None:
-        """Drop aborted sequences, prefill the new ones, then one decode step for all."""
+        """Drop aborted sequences, admit the new ones, read prompts (all of them, or up to
+        `prefill_chunk` tokens), then one decode step for the running ones."""
         for seq in [s for s in self.active if s.aborted]:
             self._finish(seq, "abort", emit_none=True)
+        self.admitted.extend(new)
+        for seq in [s for s in self.admitted if s.aborted]:
+            self.admitted.remove(seq)
+            if seq.cached:  # it held the top row
+                self.stats["finished_abort"] += 1
+            seq.finish_reason = "abort"
+            seq.emit(None, "abort")
+        whole, long = self._plan()
         group: list[Sequence] = []
-        for seq in new:
-            if seq.aborted:
-                seq.finish_reason = "abort"
-                seq.emit(None, "abort")
-                continue
+        for seq in whole:
             width = max([len(seq.prompt)] + [len(s.prompt) for s in group])
             if group and (not self.batch_prefill or width * (len(group) + 1) > self.max_prefill_tokens):
                 self._prefill(group)
@@ -250,25 +289,63 @@ class BatchEngine:
             group.append(seq)
         if group:
             self._prefill(group)
+        if long is not None:
+            self._read_chunk(long)
         if self.active:
             self._decode()
 
+    def _plan(self) -> tuple[list[Sequence], Sequence | None]:
+        """This step's prompt reading: (prompts read whole, taken out of `admitted`; the long prompt
+        that gets its next chunk, or None)."""
+        chunk = self.prefill_chunk
+        if not chunk:
+            whole = list(self.admitted)
+            self.admitted.clear()
+            return whole, None
+        long = next((s for s in self.admitted if len(s.prompt) > chunk), None)
+        short = [s for s in self.admitted if len(s.prompt) <= chunk]
+        if long is not None and (self._long_turn or not short):
+            self._long_turn = False
+            return [], long
+        self._long_turn = True
+        whole, budget = [], chunk
+        for seq in short:
+            if len(seq.prompt) > budget:
+                break
+            whole.append(seq)
+            budget -= len(seq.prompt)
+        for seq in whole:
+            self.admitted.remove(seq)
+        return whole, None
+
     # ---- model calls ----------------------------------------------------------------------
+    def _join(self, seq: Sequence) -> None:
+        """`seq` (its prompt read into row len(active)) joins the running rows."""
+        c, dev = self.cfg, self.device
+        seq.row = len(self.active)
+        self.active.append(seq)
+        seq.cached = len(seq.prompt)
+        seq.generator = make_generator(seq.cfg.seed, dev)
+        if seq.cfg.repetition_penalty != 1.0:
+            seen = self._seen_matrix(c.vocab_size)
+            seen[seq.row] = False
+            seen[seq.row, torch.tensor(seq.prompt, device=dev)] = True
+        self.stats["prompt_tokens"] += len(seq.prompt)
+
+    def _set_alpha(self, seq: Sequence) -> None:
+        """Dynamic NTK: the prompt's rotary base, from its whole length (as one pass would)."""
+        n, c = len(seq.prompt), self.cfg
+        if self.model.use_dynamic_ntk and n > c.seq_length:
+            seq.alpha = float(ntk_alpha(n, c.seq_length))
+
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Prefill new sequences into the next free rows, together (right-padded) when several."""
-        m, c, dev = self.model, self.cfg, self.device
+        m, dev = self.model, self.device
         first_row = len(self.active)
         lengths = [len(s.prompt) for s in seqs]
-        for seq, n in zip(seqs, lengths):
-            seq.row = len(self.active)
-            self.active.append(seq)
-            if m.use_dynamic_ntk and n > c.seq_length:
-                seq.alpha = float(ntk_alpha(n, c.seq_length))
-            seq.generator = make_generator(seq.cfg.seed, dev)
-            if seq.cfg.repetition_penalty != 1.0:
-                seen = self._seen_matrix(c.vocab_size)
-                seen[seq.row] = False
-                seen[seq.row, torch.tensor(seq.prompt, device=dev)] = True
+        for seq in seqs:
+            self._set_alpha(seq)
+            self._join(seq)
         t = max(lengths)
         ids = torch.tensor([s.prompt + [0] * (t - len(s.prompt)) for s in seqs], device=dev)
         # right padding: a real token's causal window never reaches the pads, so plain causal
@@ -281,11 +358,33 @@ class BatchEngine:
         ctx.cache = _RowWriter(self.kv, first_row, valid)
         h = m.run_blocks(ids, ctx)
         last = h[torch.arange(len(seqs), device=dev), torch.tensor(lengths, device=dev) - 1]
-        for seq, n in zip(seqs, lengths):
-            seq.cached = n
-        self.stats["prompt_tokens"] += sum(lengths)
         self.stats["prefills"] += 1
         self._sample(seqs, m.lm_head(last).float())
+
+    def _read_chunk(self, seq: Sequence) -> None:
+        """Read the next `prefill_chunk` tokens of a long prompt into the top row (each chunk attends to
+        every slot before it); after the last, the row moves next to the running ones and joins them."""
+        m, dev, top = self.model, self.device, self.max_num_seqs - 1
+        s = seq.cached
+        if s == 0:
+            self._set_alpha(seq)
+            seq.row = top
+        e = min(len(seq.prompt), s + self.prefill_chunk)
+        pos = torch.arange(s, e, device=dev)[None]
+        mask = None if s == 0 else (torch.arange(e, device=dev)[None] <= pos[0][:, None])[None, None]
+        ctx = self._context(pos, [seq.alpha], mask=mask, last=e - 1)
+        ctx.cache = _RowWriter(self.kv, top, start=s)
+        h = m.run_blocks(torch.tensor([seq.prompt[s:e]], device=dev), ctx)
+        seq.cached = e
+        self.stats["prompt_chunks"] += 1
+        if e < len(seq.prompt):
+            return
+        self.admitted.remove(seq)
+        if len(self.active) != top:
+            self.kv.move_row(top, len(self.active), e)
+        self._join(seq)
+        self.stats["prefills"] += 1
+        self._sample([seq], m.lm_head(h[:, -1]).float())
 
     def _context(self, pos: torch.Tensor, alphas: list[float], mask, last: int) -> ForwardContext:
         """Rotary tables (and LogN past the trained length) for positions `pos`, the largest `last`."""
@@ -345,7 +444,9 @@ class BatchEngine:
         come from a table indexed inside the step (and LogN from the positions), unless a row has its
         own NTK alpha: then they are computed here and copied in."""
         c, dev = self.cfg, self.device
-        nb = min(1 << (n - 1).bit_length(), self.max_num_seqs)
+        # (padding rows stay clear of the top row while a long prompt is read there)
+        reading = any(s.cached for s in self.admitted)
+        nb = min(1 << (n - 1).bit_length(), self.max_num_seqs - reading)
         lb = min(self.bucket * -(-length // self.bucket), self.max_model_len)
         if self._buf is None:
             rows, d = self.max_num_seqs, c.head_dim
