@@ -40,6 +40,32 @@ def test_chinese_reply_and_second_turn(quickstart):
     assert len(history) == 2 and history[0] == ("你好", response) and response2
 
 
+def test_second_turn_reads_only_the_new_message(quickstart):
+    """The engine keeps the conversation's cache on a CPU: a real reply encodes back to the tokens that
+    were generated, so the next turn reads only `<|im_end|>` and the new message."""
+    from qwenlm.engine import get_engine
+
+    model, tokenizer = quickstart
+    eng = get_engine(model)
+    reads = []
+    prefill = eng._prefill
+    eng._prefill = lambda st: reads.append((st["w"], st["w"] - st["keep"])) or prefill(st)
+    try:
+        eng.release()
+        _, history = model.chat(tokenizer, "Write a Python function that adds two numbers.", history=None,
+                                do_sample=False, max_new_tokens=64)
+        question = "Now make it subtract."
+        reply, _ = model.chat(tokenizer, question, history=history, do_sample=False, max_new_tokens=24)
+        eng.release()
+        assert model.chat(tokenizer, question, history=history, do_sample=False, max_new_tokens=24)[0] == reply
+    finally:
+        del eng._prefill
+    (w1, _), (w2, new2), (w3, new3) = reads
+    end = len(tokenizer.encode(f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+                               allowed_special="all"))
+    assert new2 <= end + 1 and new3 == w3 == w2  # (+1: the reply's last token, never fed back)
+
+
 def test_sampled_chat_is_reproducible(quickstart):
     model, tokenizer = quickstart
     a = model.chat(tokenizer, "Name a color.", seed=7, max_new_tokens=16)[0]

@@ -115,3 +115,117 @@ def test_chunked_prefill_cache_equals_one_pass(model):
         caches.append(eng._state["cache"])
     for a, b in zip(caches[0].tensors, caches[1].tensors):
         torch.testing.assert_close(a[..., :27, :], b[..., :27, :], rtol=1e-5, atol=1e-5)
+
+
+# ---- a next prompt that starts with the last one's tokens (a chat's next turn) ----------------------
+
+def _reading(eng):
+    """Count the prompt tokens each generation reads (the model's forward passes before decoding)."""
+    counts = []
+    prefill = eng._prefill
+
+    def spy(st):
+        counts.append(st["w"] - st["keep"])
+        return prefill(st)
+    eng._prefill = spy
+    return counts
+
+
+@pytest.mark.parametrize("cfg", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_next_turn_reads_only_its_new_tokens(model, cfg):
+    """Turn 2's prompt is turn 1's prompt, its reply and a new message: only the reply's last token and
+    the message are read, the cache grows (small buckets) by a copy, and the tokens are the
+    reference's. The reply's last token was never fed back, so it is read again."""
+    eng = Engine(model, bucket=8, reuse_prefix=True)
+    reads = _reading(eng)
+    p1 = random_prompts(9)[0]
+    r1 = eng.generate([p1], cfg)[0]
+    assert r1 == generate(model, [p1], cfg)[0]
+    p2 = p1 + r1 + random_prompts(6)[0]
+    r2 = eng.generate([p2], cfg)[0]
+    assert r2 == generate(model, [p2], cfg)[0]
+    p3 = p2 + r2 + random_prompts(4)[0]
+    r3 = eng.generate([p3], cfg)[0]
+    assert r3 == generate(model, [p3], cfg)[0]
+    if model.use_dynamic_ntk:  # v1, seq_length 16: 35 tokens take a new NTK alpha (keys rotate with it),
+        assert eng._alpha(9) == 1.0 != eng._alpha(35) == eng._alpha(59)  # which 59 tokens keep
+        assert reads == [9, 35, 1 + 4]
+    else:
+        assert reads == [9, 1 + 6, 1 + 4]
+
+
+def test_a_prompt_that_differs_reuses_the_common_part_only(model):
+    eng = Engine(model, bucket=8, reuse_prefix=True)
+    reads = _reading(eng)
+    p1 = random_prompts(14)[0]
+    eng.generate([p1], GREEDY.update(max_new_tokens=3))
+    p2 = p1[:10] + [7, 8, 9]  # the history was edited after token 10
+    assert eng.generate([p2], GREEDY) == generate(model, [p2], GREEDY)
+    p3 = list(p2)  # the same prompt again (regenerate): all but its last token are in the cache
+    assert eng.generate([p3], GREEDY) == generate(model, [p3], GREEDY)
+    assert reads == [14, 3, 1]
+
+
+def test_an_interrupted_prompt_is_not_read_again(model):
+    """A long prompt interrupted after its first chunks (Ctrl-C in a chat): asking again reads only
+    the rest."""
+    eng = Engine(model, bucket=8, prefill_chunk=8, reuse_prefix=True)
+    p = random_prompts(30)[0]
+    seen = []
+
+    def stop_after_two(done, total):
+        seen.append(done)
+        if done == 16:
+            raise KeyboardInterrupt
+    eng.on_prefill = stop_after_two
+    with pytest.raises(KeyboardInterrupt):
+        eng.generate([p], GREEDY)
+    eng.on_prefill = lambda done, total: seen.append((done, total))
+    assert eng.generate([p], GREEDY) == generate(model, [p], GREEDY)
+    assert seen == [8, 16, (8, 14), (14, 14)]  # then the 14 tokens after the first 16
+
+
+def test_no_reuse_across_batches_or_cache_formats(model):
+    eng = Engine(model, bucket=8, reuse_prefix=True)
+    reads = _reading(eng)
+    p = random_prompts(12)[0]
+    eng.generate([p], GREEDY.update(max_new_tokens=2))
+    eng.generate([p, p[:5]], GREEDY.update(max_new_tokens=2))  # a batch: read whole, nothing kept
+    assert eng._kept is None
+    eng.generate([p], GREEDY.update(max_new_tokens=2))
+    model.kv_cache = "int8"  # another cache format: the kept keys cannot serve
+    try:
+        eng.generate([p + [1, 2]], GREEDY.update(max_new_tokens=2))
+    finally:
+        model.kv_cache = "float"
+    assert reads == [12, 12, 12, 14]
+
+
+def test_the_cache_is_freed_unless_kept_for_reuse(model):
+    assert Engine(model).reuse_prefix is False
+    eng = Engine(model, bucket=8)
+    eng.generate(random_prompts(5), GREEDY)
+    assert eng._state is None  # freed after the generation, the default
+    eng = Engine(model, bucket=8, reuse_prefix=True)
+    eng.generate(random_prompts(5), GREEDY)
+    assert eng._state is not None and eng._kept["tokens"][:5] == random_prompts(5)[0]
+    eng.release()
+    assert eng._state is None and eng._kept is None
+
+
+def test_int8_cache_next_turn_reads_like_a_chunked_prompt(model):
+    """With 8-bit keys/values the new tokens attend to the codes of the kept ones: what a prompt read in
+    chunks (here one of 20 tokens, then 8) computes. The kept codes, scales and key centers are copied
+    into the larger cache the second turn needs."""
+    p1, extra = random_prompts(20, 8)
+    model.kv_cache = "int8"
+    try:
+        eng = Engine(model, bucket=8, reuse_prefix=True)
+        reads = _reading(eng)
+        eng.generate([p1], GREEDY.update(max_new_tokens=1))  # 24 slots: 20 filled
+        got = eng.generate([p1 + extra], GREEDY)  # 48 slots: a copy
+        want = Engine(model, bucket=8, prefill_chunk=20).generate([p1 + extra], GREEDY)
+    finally:
+        model.kv_cache = "float"
+    assert reads == [20, 8] and eng.last_max_len == 48
+    assert got == want

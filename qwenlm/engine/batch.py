@@ -45,11 +45,11 @@ class BadToken(ValueError):
     """A prompt holds a token id that the model has no embedding for."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """One generation. `emit(token, finish_reason)` is called from the engine thread for every new
     token (finish_reason None while it goes on) and once more with token None if it ends without a
-    token of its own (abort, error)."""
+    token of its own (abort, error). Compared by identity (two requests may be alike field by field)."""
 
     prompt: list[int]
     cfg: GenerationConfig

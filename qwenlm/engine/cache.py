@@ -85,6 +85,15 @@ class KVStore:
             t[:, dst, :, :n] = t[:, src, :, :n]
         self.k_center[:, dst] = self.k_center[:, src]
 
+    def copy_prefix(self, src: "KVStore", n: int) -> None:
+        """Copy slots [0, n) of every row and layer from `src`, a store of the same rows and format."""
+        self.k[:, :, :, :n] = src.k[:, :, :, :n]
+        self.v[:, :, :, :n] = src.v[:, :, :, :n]
+        if self.int8:
+            for dst, t in zip(self.tensors[2:-1], src.tensors[2:-1]):
+                dst[:, :, :, :n] = t[:, :, :, :n]
+            self.k_center.copy_(src.k_center)
+
     def kernel_layer(self, i: int, b: int) -> tuple[torch.Tensor, ...]:
         """Layer i's rows [0, b) for the decode kernels (fused CPU step, Triton attention): k, v, the four
         scale tensors and the key centers (all but k and v empty for a float cache). Views, made once per

@@ -46,7 +46,7 @@ class Engine:
     PREFILL_CHUNK = 512
 
     def __init__(self, model, cuda_graphs: bool | None = None, bucket: int = 256,
-                 keep_state: bool | None = None, prefill_chunk: int | None = None):
+                 keep_state: bool | None = None, prefill_chunk: int | None = None, reuse_prefix: bool = False):
         self.model = model
         self.cfg = model.config
         self.device = model.device
@@ -63,6 +63,11 @@ class Engine:
         # per chunk), reporting each to `on_prefill(done, total)`; on a GPU in one pass
         self.prefill_chunk = prefill_chunk or (self.PREFILL_CHUNK if self.device.type == "cpu" else None)
         self.on_prefill: Callable[[int, int], None] | None = None
+        # `reuse_prefix`: after a one-prompt generation keep its cache, and read only what is new of a
+        # next prompt that starts with the same tokens (a chat's next turn: the whole conversation so
+        # far is the prefix). `_kept`: the tokens whose keys/values fill the kept cache's first slots.
+        self.reuse_prefix = reuse_prefix
+        self._kept: dict | None = None
         fuse_projections(model)
         log.info("engine: %s, cuda graphs %s", self.device, "on" if self.cuda_graphs else "off")
 
@@ -85,31 +90,45 @@ class Engine:
         return torch.stack(cos), torch.stack(sin)
 
     # ---- one generation -------------------------------------------------------------------
-    def _setup(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, max_len: int) -> dict:
+    def _alpha(self, n: int) -> float:
+        """The dynamic-NTK alpha of an n-token prompt: chosen at prefill, frozen afterwards."""
+        m, c = self.model, self.cfg
+        if m.use_dynamic_ntk and not m.training and n > c.seq_length:
+            return float(ntk_alpha(n, c.seq_length))
+        return 1.0
+
+    def _setup(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, max_len: int, keep: int = 0) -> dict:
+        """Buffers of one generation. `keep`: slots [0, keep) of the kept cache hold the prompt's first
+        tokens (see `_reusable`): the cache is used again, or copied into a larger one."""
         m, c, dev = self.model, self.cfg, self.device
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         ids, mask = left_pad(prompts, pad, dev)
         b, w = ids.shape
         lengths = [len(p) for p in prompts]
-        alphas = [1.0] * b
-        if m.use_dynamic_ntk and not m.training:  # chosen at prefill, frozen afterwards
-            alphas = [float(ntk_alpha(n, c.seq_length)) if n > c.seq_length else 1.0 for n in lengths]
+        alphas = [self._alpha(n) for n in lengths]
+        int8 = m.kv_int8
+        prev = self._state["cache"] if self._state is not None else None
+        shape = (len(m.blocks), b, c.num_kv_heads, max_len, c.head_dim)
+        if keep and prev.shape[3] >= max_len:
+            cache, max_len = prev, prev.shape[3]
+        elif prev is not None and prev.shape == shape and prev.dtype == m.dtype and prev.int8 == int8:
+            cache = prev  # stale slots are masked out by `valid`
+        else:
+            if not keep:
+                self.release()  # free the old cache before allocating the new one
+            cache = StaticKVCache(*shape, m.dtype, dev, int8=int8)
+            if keep:
+                cache.copy_prefix(prev, keep)
+                self.release()
         cos_t, sin_t = self._rotary_tables(alphas, max_len)
         logn_t = None
         if m.use_logn_attn and max(lengths) + cfg.max_new_tokens > c.seq_length:
             logn_t = logn_scale(torch.arange(max_len, device=dev)[None], c.seq_length)[0]
         valid = torch.zeros((b, max_len), dtype=torch.bool, device=dev)
         valid[:, :w] = mask.bool()
-        shape = (len(m.blocks), b, c.num_kv_heads, max_len, c.head_dim)
-        int8 = m.kv_int8
-        prev = self._state["cache"] if self._state is not None else None
-        if prev is not None and prev.shape == shape and prev.dtype == m.dtype and prev.int8 == int8:
-            cache = prev  # stale slots are masked out by `valid`
-        else:
-            self.release()  # free the old cache before allocating the new one
-            cache = StaticKVCache(*shape, m.dtype, dev, int8=int8)
         self.last_kv_bytes, self.last_max_len = cache.nbytes, max_len
         return {"ids": ids, "mask": mask, "b": b, "w": w, "cos": cos_t, "sin": sin_t, "logn": logn_t,
+                "alpha": alphas[0], "keep": keep, "filled": keep,
                 "valid": valid, "cache": cache, "table_rows": torch.arange(cos_t.shape[0], device=dev)[:, None]
                 if cos_t.shape[0] > 1 else torch.zeros((b, 1), dtype=torch.long, device=dev),
                 "tok": torch.zeros((b, 1), dtype=torch.long, device=dev),
@@ -132,7 +151,7 @@ class Engine:
             for k in self._GRAPH_INPUTS:
                 if st[k] is not None:
                     old[k].copy_(st[k])
-            for k in ("ids", "mask", "b", "w"):
+            for k in ("ids", "mask", "b", "w", "alpha", "keep", "filled"):
                 old[k] = st[k]
             return old
         self.release()
@@ -144,6 +163,34 @@ class Engine:
         self._graphs.clear()
         self._pool = None  # a pool must not outlive the graphs that used it
         self._state = None
+        self._kept = None
+
+    def _reusable(self, prompts: Sequence[Sequence[int]]) -> int:
+        """How many leading tokens of a one-prompt generation the kept cache already holds (at most
+        all but the last: its logits are needed). 0 when another setting changed what the cache
+        would hold: the cache format, or the NTK alpha (keys are rotated with it)."""
+        kept = self._kept
+        if kept is None or self._state is None or len(prompts) != 1:
+            return 0
+        m, p = self.model, prompts[0]
+        if (kept["int8"], kept["dtype"], kept["alpha"]) != (m.kv_int8, m.dtype, self._alpha(len(p))):
+            return 0
+        n, limit = 0, min(len(p) - 1, len(kept["tokens"]))
+        tokens = kept["tokens"]
+        while n < limit and p[n] == tokens[n]:
+            n += 1
+        return n
+
+    def _remember(self, prompts, st: dict, sampled: torch.Tensor) -> None:
+        """After a one-prompt generation (finished, stopped early or interrupted): which tokens fill
+        the cache's first st['filled'] slots."""
+        if not self.reuse_prefix or len(prompts) != 1 or st["filled"] == 0:
+            self._kept = None
+            return
+        w, filled = st["w"], st["filled"]
+        tokens = list(prompts[0]) + sampled[0, :max(0, filled - w)].tolist()
+        self._kept = {"tokens": tokens[:filled], "alpha": st["alpha"], "int8": self.model.kv_int8,
+                      "dtype": self.model.dtype}
 
     def _ctx(self, st: dict, positions: torch.Tensor, mask, cache_read: int | None) -> ForwardContext:
         rows = st["table_rows"]
@@ -158,26 +205,31 @@ class Engine:
         padded = not bool(mask.all())
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         chunk = self.prefill_chunk
+        if st["keep"]:  # the first st["keep"] tokens are in the cache already: read the rest
+            return self._chunked_prefill(st, positions, chunk or w, st["keep"])
         if chunk and not padded and w > chunk:
             return self._chunked_prefill(st, positions, chunk)
         st["cache"].write_pos = torch.arange(w, device=self.device)
         st["cache"].chunk_mask = mask if padded else None
         amask = attention_mask_4d(mask, w) if padded else None
         h = self.model.run_blocks(ids, self._ctx(st, positions, amask, None))
+        st["filled"] = w
         return self.model.lm_head(h[:, -1]).float()  # only the last position's logits
 
-    def _chunked_prefill(self, st: dict, positions: torch.Tensor, chunk: int) -> torch.Tensor:
-        """Read an unpadded prompt `chunk` tokens at a time: each chunk writes its slots and attends to
-        every slot before it (the first to itself alone, like a one-pass prefill)."""
+    def _chunked_prefill(self, st: dict, positions: torch.Tensor, chunk: int, start: int = 0) -> torch.Tensor:
+        """Read an unpadded prompt from token `start` on, `chunk` tokens at a time: each chunk writes its
+        slots and attends to every slot before it (a first chunk to itself alone, like a one-pass
+        prefill). Progress, `on_prefill(done, total)`, counts the tokens read here."""
         ids, mask, w, cache = st["ids"], st["mask"], st["w"], st["cache"]
         cache.chunk_mask = None
-        for s in range(0, w, chunk):
+        for s in range(start, w, chunk):
             e = min(w, s + chunk)
             cache.write_pos = torch.arange(s, e, device=self.device)
             amask = attention_mask_4d(mask[:, :e], e - s) if s else None
             h = self.model.run_blocks(ids[:, s:e], self._ctx(st, positions[:, s:e], amask, e if s else None))
+            st["filled"] = e
             if self.on_prefill is not None:
-                self.on_prefill(e, w)
+                self.on_prefill(e - start, w - start)
         return self.model.lm_head(h[:, -1]).float()
 
     def _decode(self, st: dict, length: int) -> torch.Tensor:
@@ -246,7 +298,7 @@ class Engine:
         try:
             yield from self._steps(prompts, cfg, stop, vocab_limit, sync_every)
         finally:
-            if not self.keep_state:
+            if not self.keep_state and self._kept is None:
                 self.release()  # free the KV cache as soon as the generation ends
 
     def _steps(self, prompts, cfg, stop, vocab_limit, sync_every):
@@ -259,17 +311,28 @@ class Engine:
             raise ContextLengthError(w, limit)
         n_new = min(cfg.max_new_tokens, limit - w)  # a reply stops where the context ends
         max_len = self.bucket * math.ceil((w + n_new) / self.bucket)
-        st = self._adopt(self._setup(prompts, cfg, max_len))
+        keep = self._reusable(prompts) if self.reuse_prefix else 0
+        self._kept = None  # (the cache is about to change)
+        st = self._adopt(self._setup(prompts, cfg, max_len, keep))
         b, dev = st["b"], self.device
-        vocab = self.cfg.vocab_size
-        seen = torch.zeros((b, vocab), dtype=torch.bool, device=dev)
+        seen = torch.zeros((b, self.cfg.vocab_size), dtype=torch.bool, device=dev)
         if cfg.repetition_penalty != 1.0:
             seen.scatter_(1, st["ids"], st["mask"].bool())
         generator = make_generator(cfg.seed, dev)
         out_tokens = torch.zeros((b, max(n_new, 1)), dtype=torch.long, device=dev)
-        rows = torch.arange(b, device=dev)
         generated: list[list[int]] = [[] for _ in range(b)]
         finished = [False] * b
+        try:
+            yield from self._token_loop(st, cfg, stop, vocab_limit, sync_every, n_new, seen, generator, out_tokens,
+                                  generated, finished)
+        finally:
+            self._remember(prompts, st, out_tokens)
+
+    def _token_loop(self, st, cfg, stop, vocab_limit, sync_every, n_new, seen, generator, out_tokens, generated,
+                    finished):
+        b, w, dev, vocab = st["b"], st["w"], self.device, self.cfg.vocab_size
+        max_len = st["valid"].shape[1]
+        rows = torch.arange(b, device=dev)
         logits = self._prefill(st) if n_new else None
         done_steps = 0
         for step in range(n_new):
@@ -294,6 +357,7 @@ class Engine:
             # graphs need a few fixed lengths; without them attend to exactly the filled slots
             length = min(self.bucket * math.ceil((slot + 1) / self.bucket), max_len) if self.cuda_graphs else slot + 1
             logits = self._decode_step(st, length)
+            st["filled"] = slot + 1
 
     def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
                  stop: StopChecker | None = None, vocab_limit: int | None = None,
@@ -309,6 +373,7 @@ def get_engine(model) -> Engine:
     """The model's engine, created on first use."""
     eng = getattr(model, "_qwenlm_engine", None)
     if eng is None or eng.device != model.device:
-        eng = Engine(model)
+        # on a CPU, where reading a prompt takes seconds, a chat's next turn reads only its new tokens
+        eng = Engine(model, reuse_prefix=model.device.type == "cpu")
         object.__setattr__(model, "_qwenlm_engine", eng)
     return eng
