@@ -63,6 +63,25 @@ def test_kernel_equals_python_arithmetic(n, k, rows, bits):
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
 
 
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(bits):
+    """The kernel takes rows two at a time: each row's output must be bit for bit what it is alone (the
+    serving engine's batched decode steps give a request the same tokens alone or in a crowd)."""
+    torch.manual_seed(bits)
+    n, k = 70, 896  # 28 blocks: the 8-block loop and a tail
+    if bits == 5:
+        d = (torch.rand(n, k // 32) * 0.02 + 1e-3).half()
+        lin = q4.Q4Linear(codes=q4.pack_q5(torch.randint(0, 32, (n, k // 32, 32))), d=d, m=(-16 * d.float()).half())
+    else:
+        lin = q4.Q4Linear(nn.Linear(k, n, bias=False), bits=bits)
+    x = torch.randn(7, k) * 3
+    gemv = q4._extension().q4_gemv
+    alone = torch.cat([gemv(x[i:i + 1].contiguous(), lin.codes, lin.d, lin.m) for i in range(7)])
+    for rows in range(2, 8):
+        assert torch.equal(gemv(x[:rows].contiguous(), lin.codes, lin.d, lin.m), alone[:rows])
+    assert torch.equal(gemv(x[3:].contiguous(), lin.codes, lin.d, lin.m), alone[3:])  # other partners
+
+
 def test_quantization_error_bound():
     torch.manual_seed(1)
     w = torch.randn(64, 128)

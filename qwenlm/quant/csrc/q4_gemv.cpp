@@ -129,55 +129,96 @@ inline void pair_dot(const uint8_t* c, const int8_t* a_ptr, __m256i& d0, __m256i
   d1 = unsigned_dot(q1, a_ptr + 32);
 }
 
-// y (M, N) = x (M, K) @ W.T (+ bias), x already quantized into q
+// The codes of two consecutive blocks (a 5-bit pair, or two 4- or 8-bit blocks), one byte per code
 template <int BITS>
-void gemv_bits(const QuantRows& q, int64_t M, const QWeight& W, const float* bias, float* Y) {
+inline void load_pair(const uint8_t* c, __m256i& q0, __m256i& q1) {
+  if (BITS == 4) {
+    q0 = nibbles(c);
+    q1 = nibbles(c + 16);
+  } else if (BITS == 5) {
+    pair_codes(c, q0, q1);
+  } else {
+    q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+    q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32));
+  }
+}
+
+// sum(q * a) over one block of 32 codes already loaded (load_pair), as eight int32 lanes
+template <int BITS>
+inline __m256i codes_dot(__m256i q, const int8_t* a_ptr) {
+  if (BITS != 8) return unsigned_dot(q, a_ptr);
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a_ptr));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(a, q)), _mm256_set1_epi16(1));
+}
+
+// Output column n of R consecutive activation rows r0..r0+R-1: each block's codes are unpacked once
+// for the R rows. Every row goes through the same float operations in the same order whatever R is,
+// so a row's result does not depend on the rows computed beside it (the serving engine relies on it).
+template <int BITS, int R>
+inline void rows_dot(const QuantRows& q, int64_t r0, const QWeight& W, int64_t n, const float* bias, float* Y) {
   constexpr int64_t BB = BITS * 4;  // bytes of codes per block: 16, 20 or 32
   const int64_t K = W.K, N = W.N, nb = K / 32;
-  const int8_t* XQ = q.xq.data();
-  const float* XS = q.xs.data();
-  const float* MS = q.ms.data();
+  const uint8_t* Cn = W.codes + n * nb * BB;
+  const uint16_t* Dn = W.d + n * nb;
+  const uint16_t* Mn = W.m + n * nb;
+  const int8_t* XQ = q.xq.data() + r0 * K;
+  const float* XS = q.xs.data() + r0 * nb;
+  const float* MS = q.ms.data() + r0 * nb;
+  __m256 acc0[R], acc1[R], accm[R];
+  for (int i = 0; i < R; ++i) acc0[i] = acc1[i] = accm[i] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {
+    // eight blocks' scales at once: d*s, and the minimum term m * s * sum(xq)
+    alignas(32) float ds[R][8];
+    const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Dn + b)));
+    const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Mn + b)));
+    for (int i = 0; i < R; ++i) {
+      _mm256_store_ps(ds[i], _mm256_mul_ps(dv, _mm256_loadu_ps(XS + i * nb + b)));
+      accm[i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(MS + i * nb + b), accm[i]);
+    }
+    for (int j = 0; j < 8; j += 2) {
+      __m256i q0, q1;
+      load_pair<BITS>(Cn + (b + j) * BB, q0, q1);
+      for (int i = 0; i < R; ++i) {
+        const int8_t* a = XQ + i * K + (b + j) * 32;
+        const __m256i i0 = codes_dot<BITS>(q0, a), i1 = codes_dot<BITS>(q1, a + 32);
+        acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(ds[i][j]), acc0[i]);
+        acc1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(ds[i][j + 1]), acc1[i]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    const int8_t* XQr = XQ + i * K;
+    const float* XSr = XS + i * nb;
+    const float* MSr = MS + i * nb;
+    float tail = 0.f;
+    for (int64_t t = b; t < nb; t += (BITS == 5 ? 2 : 1)) {  // the last nb % 8 blocks (5 bits: nb is even, in pairs)
+      __m256i i0, i1;
+      if (BITS == 5)
+        pair_dot<BITS>(Cn + t * BB, XQr + t * 32, i0, i1);
+      else
+        i0 = block_dot<BITS>(Cn + t * BB, XQr + t * 32);
+      acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(_cvtsh_ss(Dn[t]) * XSr[t]), acc0[i]);
+      tail += _cvtsh_ss(Mn[t]) * MSr[t];
+      if (BITS == 5) {
+        acc1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(_cvtsh_ss(Dn[t + 1]) * XSr[t + 1]), acc1[i]);
+        tail += _cvtsh_ss(Mn[t + 1]) * MSr[t + 1];
+      }
+    }
+    Y[(r0 + i) * N + n] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + hsum(accm[i]) + tail + (bias ? bias[n] : 0.f);
+  }
+}
+
+// y (M, N) = x (M, K) @ W.T (+ bias), x already quantized into q; rows two at a time (four spill
+// registers and lose on 8-bit codes)
+template <int BITS>
+void gemv_bits(const QuantRows& q, int64_t M, const QWeight& W, const float* bias, float* Y) {
+  const int64_t N = W.N;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* Cn = W.codes + n * nb * BB;
-    const uint16_t* Dn = W.d + n * nb;
-    const uint16_t* Mn = W.m + n * nb;
-    for (int64_t r = 0; r < M; ++r) {
-      const int8_t* XQr = XQ + r * K;
-      const float* XSr = XS + r * nb;
-      const float* MSr = MS + r * nb;
-      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
-      int64_t b = 0;
-      for (; b + 8 <= nb; b += 8) {
-        // eight blocks' scales at once: d*s, and the minimum term m * s * sum(xq)
-        alignas(32) float ds[8];
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Dn + b)));
-        _mm256_store_ps(ds, _mm256_mul_ps(dv, _mm256_loadu_ps(XSr + b)));
-        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Mn + b)));
-        accm = _mm256_fmadd_ps(mv, _mm256_loadu_ps(MSr + b), accm);
-        for (int j = 0; j < 8; j += 2) {
-          __m256i i0, i1;
-          pair_dot<BITS>(Cn + (b + j) * BB, XQr + (b + j) * 32, i0, i1);
-          acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(ds[j]), acc0);
-          acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(ds[j + 1]), acc1);
-        }
-      }
-      float tail = 0.f;
-      for (; b < nb; b += (BITS == 5 ? 2 : 1)) {  // the last nb % 8 blocks (5 bits: nb is even, in pairs)
-        __m256i i0, i1;
-        if (BITS == 5)
-          pair_dot<BITS>(Cn + b * BB, XQr + b * 32, i0, i1);
-        else
-          i0 = block_dot<BITS>(Cn + b * BB, XQr + b * 32);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(_cvtsh_ss(Dn[b]) * XSr[b]), acc0);
-        tail += _cvtsh_ss(Mn[b]) * MSr[b];
-        if (BITS == 5) {
-          acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(_cvtsh_ss(Dn[b + 1]) * XSr[b + 1]), acc1);
-          tail += _cvtsh_ss(Mn[b + 1]) * MSr[b + 1];
-        }
-      }
-      Y[r * N + n] = hsum(_mm256_add_ps(acc0, acc1)) + hsum(accm) + tail + (bias ? bias[n] : 0.f);
-    }
+    int64_t r = 0;
+    for (; r + 2 <= M; r += 2) rows_dot<BITS, 2>(q, r, W, n, bias, Y);
+    if (r < M) rows_dot<BITS, 1>(q, r, W, n, bias, Y);
   }
 }
 
