@@ -116,6 +116,7 @@ def test_long_prompt_progress_on_a_terminal(session_factory, monkeypatch):
 
     s, _ = session_factory(do_sample=False, max_new_tokens=4)
     monkeypatch.setattr(get_engine(s.model), "prefill_chunk", 8)
+    get_engine(s.model).release()  # (nothing kept from earlier tests: the whole prompt is read)
     s.out = Terminal()
     s.handle("please read this message, which is long enough for several chunks of eight tokens")
     text = s.out.getvalue()
