@@ -10,6 +10,8 @@ original's ChatML prompt, system "You are a helpful assistant."):
   last tokens and evaluates only what differs), when `--llama-python` is given.
 
     python benchmarks/chat_turns.py [--tokens 160] [--threads 2] [--llama-python /path/to/python]
+    python benchmarks/chat_turns.py --serve   # the same conversation through `qwen serve` (in process,
+                                              # streaming, the openai client), prefix cache on and off
 
 Per turn: prompt tokens, time to the first reply token, and (qwenlm) prompt tokens read.
 """
@@ -88,17 +90,53 @@ def ours(model, tok, n: int, reuse: bool) -> list[dict]:
     return rows
 
 
+def served(model, tok, n: int, prefix_cache: bool) -> list[dict]:
+    import openai
+
+    from qwenlm.serve import ServerOptions, create_app, serve_in_thread
+
+    app = create_app(model, tok, ServerOptions(served_model_name="qwen", max_model_len=4096, max_num_seqs=4,
+                                               prefix_cache=prefix_cache))
+    engine = app.state.server.engine
+    messages, rows = [{"role": "system", "content": SYSTEM}], []
+    with serve_in_thread(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
+        for q in MESSAGES:
+            messages.append({"role": "user", "content": q})
+            before = engine.stats["prompt_tokens_reused"]
+            t0, ttft, text = time.perf_counter(), None, ""
+            for ch in client.chat.completions.create(model="qwen", messages=messages, temperature=0, max_tokens=n,
+                                                     stream=True, stream_options={"include_usage": True}):
+                if ch.usage is not None:
+                    prompt = ch.usage.prompt_tokens
+                if ch.choices and ch.choices[0].delta.content:
+                    ttft = ttft or time.perf_counter() - t0
+                    text += ch.choices[0].delta.content
+            messages.append({"role": "assistant", "content": text})
+            reused = engine.stats["prompt_tokens_reused"] - before
+            rows.append({"prompt_tokens": prompt, "read_tokens": prompt - reused, "ttft_s": round(ttft, 2)})
+    engine.shutdown()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=160, help="longest reply, in tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-python", default=None, help="a python with llama-cpp-python installed")
+    ap.add_argument("--serve", action="store_true", help="through `qwen serve`, prefix cache on and off")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from qwenlm import load
 
     model, tok = load(device="cpu", quantize="auto")  # what `qwen chat` loads: the GGUF file's own blocks
     model.chat(tok, "hi", max_new_tokens=2)  # warm-up
+    if args.serve:
+        res = {"qwen serve (prefix cache)": served(model, tok, args.tokens, True),
+               "qwen serve --no-prefix-cache": served(model, tok, args.tokens, False)}
+        json.dump(res, sys.stdout, indent=1)
+        print()
+        return
     res = {"qwenlm (kept cache)": ours(model, tok, args.tokens, True),
            "qwenlm (every prompt read whole)": ours(model, tok, args.tokens, False)}
     if args.llama_python:

@@ -400,3 +400,93 @@ def test_int8_cache_chunks_read_like_the_single_engine(model):
     finally:
         model.kv_cache = "float"
     assert [o["tokens"] for o in outs] == want
+
+
+# ---- prefix cache: a finished sequence's row is parked; a prompt that starts with its tokens takes it --
+
+def _parking(model, **kw):
+    eng = BatchEngine(model, max_model_len=96, prefix_cache=True, **kw)
+    eng.prefix_min = 4
+    return eng
+
+
+def test_next_turn_takes_the_parked_row_and_reads_the_rest(model):
+    """Turn 2's prompt is turn 1's prompt, its reply and a new message: it reads the reply's last token
+    and the message only, and generates the reference's tokens (v1: 20 and 28 tokens share an alpha)."""
+    p1, extra = random_prompts(20, 4)
+    cfg = GREEDY.update(max_new_tokens=4)
+    eng = _parking(model, max_num_seqs=2)
+    r1 = _run(eng, {0: [(p1, cfg)]})[0]["tokens"]
+    p2 = p1 + r1 + extra
+    r2 = _run(eng, {0: [(p2, GREEDY)]})[0]["tokens"]
+    assert r1 == generate(model, [p1], cfg)[0] and r2 == generate(model, [p2], GREEDY)[0]
+    assert eng.stats["prompt_tokens_reused"] == 20 + 3  # all but the reply's last token
+
+
+def test_two_conversations_keep_their_rows(model):
+    """Two conversations finish side by side; their next turns arrive one after the other and each
+    finds its own parked row (the second after the first has swapped rows with it)."""
+    (a1, b1), extra = random_prompts(20, 18), random_prompts(3)[0]
+    cfg = GREEDY.update(max_new_tokens=4)
+    eng = _parking(model, max_num_seqs=3)
+    ra, rb = (o["tokens"] for o in _run(eng, {0: [(a1, cfg), (b1, cfg)]}))
+    assert list(eng._parked) == [1, 0]  # a finished first: it swapped with b, the last row
+    a2, b2 = a1 + ra + extra, b1 + rb + extra
+    outs = _run(eng, {0: [(a2, GREEDY)], 2: [(b2, GREEDY)]})  # a's row 1 swaps with b's row 0
+    assert [o["tokens"] for o in outs] == [generate(model, [p], GREEDY)[0] for p in (a2, b2)]
+    assert eng.stats["prompt_tokens_reused"] == (18 + 3) + (20 + 3)
+
+
+def test_a_row_written_by_another_prompt_moves_its_parked_sequence_out_of_the_way(model):
+    p1, other, extra = random_prompts(20, 9, 4)
+    cfg = GREEDY.update(max_new_tokens=4)
+    eng = _parking(model, max_num_seqs=3)
+    r1 = _run(eng, {0: [(p1, cfg)]})[0]["tokens"]
+    assert list(eng._parked) == [0]
+    _run(eng, {0: [([7] + other, GREEDY)]})  # nothing in common: it is read into row 0
+    assert list(eng._parked) == [1, 0]  # p1's row moved to row 1 first, then the newcomer was parked
+    p2 = p1 + r1 + extra
+    assert _run(eng, {0: [(p2, GREEDY)]})[0]["tokens"] == generate(model, [p2], GREEDY)[0]
+    assert eng.stats["prompt_tokens_reused"] == 23
+
+
+def test_a_long_rest_is_read_in_chunks_from_the_parked_row(model):
+    p1, extra = random_prompts(17, 11)
+    cfg = GREEDY.update(max_new_tokens=4)
+    eng = _parking(model, max_num_seqs=2, prefill_chunk=8)
+    r1 = _run(eng, {0: [(p1, cfg)]})[0]["tokens"]
+    chunks = eng.stats["prompt_chunks"]
+    p2 = p1 + r1 + extra  # 32 tokens (v1: the alpha of 17), 12 to read: 2 chunks from slot 20, in the top row
+    assert _run(eng, {0: [(p2, GREEDY)]})[0]["tokens"] == generate(model, [p2], GREEDY)[0]
+    assert eng.stats["prompt_tokens_reused"] == 20 and eng.stats["prompt_chunks"] - chunks == 2
+
+
+def test_no_parking_where_rows_are_not_prefilled_in_place(model):
+    assert BatchEngine(model, max_num_seqs=2, max_model_len=64).prefix_cache  # the CPU default
+    assert not BatchEngine(model, max_num_seqs=2, max_model_len=64, prefix_cache=False).prefix_cache
+    assert not BatchEngine(model, max_num_seqs=2, max_model_len=64, fixed_shapes=True).prefix_cache \
+        or q4.pack_blocks(model)  # (the fused 4-bit path has no fixed-shape steps)
+    assert not BatchEngine(model, max_num_seqs=2, max_model_len=64, batch_prefill=True).prefix_cache \
+        or q4.pack_blocks(model)
+
+
+def test_a_prompt_with_another_ntk_alpha_reads_whole(model):
+    """Qwen v1 past seq_length rotates keys with an alpha chosen from the prompt's length: 10 and 18
+    tokens have different alphas, so the parked keys cannot serve (Qwen2 has no such alpha)."""
+    p1, extra = random_prompts(10, 4)
+    cfg = GREEDY.update(max_new_tokens=4)
+    eng = _parking(model, max_num_seqs=2)
+    p2 = p1 + _run(eng, {0: [(p1, cfg)]})[0]["tokens"] + extra
+    assert _run(eng, {0: [(p2, GREEDY)]})[0]["tokens"] == generate(model, [p2], GREEDY)[0]
+    assert eng.stats["prompt_tokens_reused"] == (0 if model.use_dynamic_ntk else 13)
+
+
+def test_the_same_prompt_again_reads_its_last_token(model):
+    """Regenerate: the parked row holds the whole prompt and more; the last prompt token is read again
+    for its logits, sampled anew (another seed)."""
+    p = random_prompts(12)[0]
+    eng = _parking(model, max_num_seqs=2)
+    cfgs = [SAMPLED.update(seed=1), SAMPLED.update(seed=2)]
+    outs = [_run(eng, {0: [(p, c)]})[0]["tokens"] for c in cfgs]
+    assert outs == [generate(model, [p], c)[0] for c in cfgs]
+    assert eng.stats["prompt_tokens_reused"] == 11

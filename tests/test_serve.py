@@ -86,6 +86,31 @@ def test_long_prompts_are_read_in_chunks_between_the_steps_of_other_streams(mode
     assert lengths[1] > 64 and engine.stats["prompt_chunks"] == sum(-(-n // 8) for n in lengths)
 
 
+def test_a_conversations_next_turn_reuses_its_parked_row(model_tok):
+    """The prefix cache through the API: turn 2 of a conversation (turn 1's messages, its reply and a
+    new message) reads only what follows the part it shares with turn 1's tokens; the reply is the
+    reference's; /metrics counts the reused tokens."""
+    model, tok = model_tok
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=256, max_num_seqs=2))
+    engine = app.state.server.engine
+    assert engine.prefix_cache  # the CPU default
+    engine.prefix_min = 8
+    with running_server(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        first = c.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=8)
+        turn2 = MSGS + [{"role": "assistant", "content": first.choices[0].message.content},
+                        {"role": "user", "content": "再说一遍"}]
+        reply = c.chat.completions.create(model="tiny", messages=turn2, temperature=0, max_tokens=12)
+        metrics = httpx.get(url + "/metrics").text
+    ids1 = build_chat_prompt(tok, MSGS, []).ids
+    ids2 = build_chat_prompt(tok, turn2, []).ids
+    assert reply.choices[0].message.content == _expected(model_tok, ids2, 12)[0]
+    # turn 1's prompt at least (this random model's reply text seldom encodes back to its tokens)
+    shared = next((i for i, (a, b) in enumerate(zip(ids1, ids2)) if a != b), len(ids1))
+    assert shared == len(ids1) and engine.stats["prompt_tokens_reused"] >= shared
+    assert f"qwenlm_prompt_tokens_reused {float(engine.stats['prompt_tokens_reused'])}" in metrics
+
+
 def test_stream_equals_non_stream(client):
     kw = dict(model="tiny", messages=MSGS, temperature=0, max_tokens=16)
     full = client.chat.completions.create(**kw).choices[0]

@@ -90,7 +90,8 @@ def test_listen_errors_come_before_the_model_loads(tmp_path):
             assert r.returncode == 2 and r.stderr.strip().startswith("error:") and message in r.stderr, r.stderr
             assert "Traceback" not in r.stderr and "no model at" not in r.stderr
     for args, message in ((["--port", "70000"], "'70000' is not a port number (0-65535)"),
-                          (["--prefill-chunk", "-5"], "'-5' is not a whole number >= 0")):
+                          (["--prefill-chunk", "-5"], "'-5' is not a whole number >= 0"),
+                          (["--no-prefix-cache", "yes"], "unrecognized arguments: yes")):
         r = subprocess.run([sys.executable, "-m", "qwenlm", "serve", *args], capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 2 and message in r.stderr

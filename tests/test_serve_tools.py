@@ -57,7 +57,7 @@ class ScriptedEngine(BatchEngine):
 def setup(v1_chat_dir):
     model, tok = load(v1_chat_dir, dtype="float32", device="cpu")
     eng = ScriptedEngine(model, max_num_seqs=4, max_model_len=2048, vocab_limit=tok.id_limit,
-                         prefill_chunk=0)  # (every prompt through the scripted _prefill)
+                         prefill_chunk=0, prefix_cache=False)  # (every prompt through the scripted _prefill)
     eng.end_id = tok.im_end_id
     app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=2048), engine=eng)
     with running_server(app) as url:

@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
                    help="prompt tokens read per step between decode steps, so that a long prompt does not "
                         "stall the running streams (default: 256 on CPU; 0 on GPU, where prompts are read "
                         "whole; 0: whole)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
+                   help="do not keep finished requests' keys/values for prompts that start with the same "
+                        "tokens (kept by default on CPU: a conversation's next turn reads only its new part)")
     p.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
                    help="enable CORS for this origin (repeatable; '*' for any)")
     p.set_defaults(func=run)
@@ -135,7 +138,7 @@ def run(args) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(getattr(model, "name_or_path", "qwen")))
     opts = ServerOptions(served_model_name=name, api_key=args.api_key, max_model_len=length, max_num_seqs=seqs,
                          max_queue=args.max_queue, cors_origins=args.allowed_origins or [],
-                         prefill_chunk=args.prefill_chunk)
+                         prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache)
     app = create_app(model, tokenizer, opts)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qwen serve: model {name!r} ({describe(model)}), {seqs} slots x {length} tokens\n"

@@ -72,6 +72,15 @@ class Sequence:
         return c.greedy and c.repetition_penalty == 1.0 and c.presence_penalty == 0 and c.frequency_penalty == 0
 
 
+def _common_prefix(prompt: list[int], tokens: list[int]) -> int:
+    """How many leading tokens `prompt` shares with `tokens`, at most all but its last (whose logits
+    are needed)."""
+    n, limit = 0, min(len(prompt) - 1, len(tokens))
+    while n < limit and prompt[n] == tokens[n]:
+        n += 1
+    return n
+
+
 class _RowWriter:
     """KV cache adapter for a prefill into rows [row, row + B) of the chunk at slots [start, start + T):
     write it, then attend to slots [0, start + T) (a first chunk, start 0, to its own exact values).
@@ -117,7 +126,7 @@ class BatchEngine:
     def __init__(self, model, max_num_seqs: int = 8, max_model_len: int = 4096, max_queue: int = 256,
                  vocab_limit: int | None = None, cuda_graphs: bool | None = None, fixed_shapes: bool | None = None,
                  bucket: int = 256, batch_prefill: bool | None = None, max_prefill_tokens: int = 8192,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, prefix_cache: bool | None = None):
         if max_num_seqs < 1 or max_model_len < 2:
             raise ValueError("max_num_seqs must be >= 1 and max_model_len >= 2")
         self.model, self.cfg = model, model.config
@@ -165,6 +174,16 @@ class BatchEngine:
             raise ValueError("prefill_chunk must be >= 0")
         self.prefill_chunk = prefill_chunk
         self._long_turn = False
+        # Prefix cache: a finished sequence's row keeps its keys/values while no one needs the row
+        # ("parked", with the tokens its slots hold), and a new prompt that starts with at least
+        # `prefix_min` of those tokens (a conversation's next turn) takes the row and reads only the
+        # rest. On by default on a CPU, where prompts are slow to read; only where rows are prefilled
+        # one at a time in place (not with fixed-shape steps, whose padding rows write free rows).
+        if prefix_cache is None:
+            prefix_cache = self.device.type == "cpu"
+        self.prefix_cache = prefix_cache and not self.static_shapes and not self.batch_prefill
+        self.prefix_min = 32
+        self._parked: dict[int, dict] = {}  # row -> {"tokens": [...], "alpha": NTK alpha}
         self.active: list[Sequence] = []
         # admitted (a slot is theirs) but their prompt not fully read; the first long one is being read
         self.admitted: collections.deque[Sequence] = collections.deque()
@@ -263,6 +282,7 @@ class BatchEngine:
                         seq.emit(None, "error")
                 self.active = []
                 self.admitted.clear()
+                self._parked.clear()
         for seq in list(self.active) + list(self.admitted) + list(self.waiting):
             seq.finish_reason = "abort"
             seq.emit(None, "abort")
@@ -279,6 +299,9 @@ class BatchEngine:
                 self.stats["finished_abort"] += 1
             seq.finish_reason = "abort"
             seq.emit(None, "abort")
+        for seq in new:
+            if self._parked and not seq.aborted:
+                self._claim(seq)
         whole, long = self._plan()
         group: list[Sequence] = []
         for seq in whole:
@@ -302,8 +325,9 @@ class BatchEngine:
             whole = list(self.admitted)
             self.admitted.clear()
             return whole, None
-        long = next((s for s in self.admitted if len(s.prompt) > chunk), None)
-        short = [s for s in self.admitted if len(s.prompt) <= chunk]
+        long = next((s for s in self.admitted if s.cached), None)  # (one being read, or a claimed row)
+        long = long or next((s for s in self.admitted if len(s.prompt) > chunk), None)
+        short = [s for s in self.admitted if len(s.prompt) <= chunk and not s.cached]
         if long is not None and (self._long_turn or not short):
             self._long_turn = False
             return [], long
@@ -323,6 +347,7 @@ class BatchEngine:
         """`seq` (its prompt read into row len(active)) joins the running rows."""
         c, dev = self.cfg, self.device
         seq.row = len(self.active)
+        self._vacate(seq.row)
         self.active.append(seq)
         seq.cached = len(seq.prompt)
         seq.generator = make_generator(seq.cfg.seed, dev)
@@ -361,21 +386,28 @@ class BatchEngine:
         self.stats["prefills"] += 1
         self._sample(seqs, m.lm_head(last).float())
 
+    def _read_part(self, seq: Sequence, row: int, s: int, e: int) -> torch.Tensor:
+        """Read prompt tokens [s, e) into `row`, attending to its slots before s; the last hidden state."""
+        dev = self.device
+        pos = torch.arange(s, e, device=dev)[None]
+        mask = None if s == 0 else (torch.arange(e, device=dev)[None] <= pos[0][:, None])[None, None]
+        ctx = self._context(pos, [seq.alpha], mask=mask, last=e - 1)
+        ctx.cache = _RowWriter(self.kv, row, start=s)
+        h = self.model.run_blocks(torch.tensor([seq.prompt[s:e]], device=dev), ctx)
+        seq.cached = e
+        return h[:, -1]
+
     def _read_chunk(self, seq: Sequence) -> None:
         """Read the next `prefill_chunk` tokens of a long prompt into the top row (each chunk attends to
         every slot before it); after the last, the row moves next to the running ones and joins them."""
-        m, dev, top = self.model, self.device, self.max_num_seqs - 1
+        top = self.max_num_seqs - 1
         s = seq.cached
         if s == 0:
             self._set_alpha(seq)
             seq.row = top
+            self._vacate(top)
         e = min(len(seq.prompt), s + self.prefill_chunk)
-        pos = torch.arange(s, e, device=dev)[None]
-        mask = None if s == 0 else (torch.arange(e, device=dev)[None] <= pos[0][:, None])[None, None]
-        ctx = self._context(pos, [seq.alpha], mask=mask, last=e - 1)
-        ctx.cache = _RowWriter(self.kv, top, start=s)
-        h = m.run_blocks(torch.tensor([seq.prompt[s:e]], device=dev), ctx)
-        seq.cached = e
+        h = self._read_part(seq, top, s, e)
         self.stats["prompt_chunks"] += 1
         if e < len(seq.prompt):
             return
@@ -384,7 +416,59 @@ class BatchEngine:
             self.kv.move_row(top, len(self.active), e)
         self._join(seq)
         self.stats["prefills"] += 1
-        self._sample([seq], m.lm_head(h[:, -1]).float())
+        self._sample([seq], self.model.lm_head(h).float())
+
+    # ---- prefix cache -----------------------------------------------------------------------
+    def _claim(self, seq: Sequence) -> None:
+        """If `seq`'s prompt starts with a parked row's tokens, it takes that row and reads only the
+        rest: at once when the rest fits a step's chunk (it joins the running rows), otherwise in the
+        top row as a long prompt (if no other is being read there)."""
+        self._set_alpha(seq)
+        best, keep = -1, 0
+        for row, p in self._parked.items():
+            if p["alpha"] == seq.alpha:  # (keys are rotated with the alpha their prompt had)
+                n = _common_prefix(seq.prompt, p["tokens"])
+                if n > keep:
+                    best, keep = row, n
+        if keep < self.prefix_min:
+            return
+        top, chunk = self.max_num_seqs - 1, self.prefill_chunk
+        long = bool(chunk) and len(seq.prompt) - keep > chunk
+        if long and any(s.cached for s in self.admitted):
+            return  # the top row is taken
+        dst = top if long else len(self.active)
+        if dst != best:
+            if dst in self._parked:  # swap: the parked row there lives on where this one was
+                self.kv.swap_rows(best, dst, keep, len(self._parked[dst]["tokens"]))
+                self._parked[best] = self._parked.pop(dst)
+            else:
+                self.kv.move_row(best, dst, keep)
+                del self._parked[best]
+        else:
+            del self._parked[best]
+        seq.row, seq.cached = dst, keep
+        self.stats["prompt_tokens_reused"] += keep
+        if long:
+            return  # `_plan` gives it the top row's chunks from here
+        self.admitted.remove(seq)
+        h = self._read_part(seq, dst, keep, len(seq.prompt))
+        self._join(seq)
+        self.stats["prefills"] += 1
+        self._sample([seq], self.model.lm_head(h).float())
+
+    def _vacate(self, row: int) -> None:
+        """`row` is about to be written: a sequence parked there moves to a free row if there is one
+        (the top row only while no long prompt is being read), else it is forgotten."""
+        parked = self._parked.pop(row, None)
+        if parked is None:
+            return
+        top = self.max_num_seqs - 1
+        reading = any(s.cached for s in self.admitted)
+        free = [r for r in range(len(self.active) + 1, self.max_num_seqs)
+                if r != row and r not in self._parked and not (r == top and reading)]
+        if free:
+            self.kv.move_row(row, free[0], len(parked["tokens"]))
+            self._parked[free[0]] = parked
 
     def _context(self, pos: torch.Tensor, alphas: list[float], mask, last: int) -> ForwardContext:
         """Rotary tables (and LogN past the trained length) for positions `pos`, the largest `last`."""
@@ -573,16 +657,23 @@ class BatchEngine:
                 s.emit(t, reason)
 
     def _finish(self, seq: Sequence, reason: str, emit_none: bool = False) -> None:
-        """Take `seq` out of the batch; the last row moves into its place."""
+        """Take `seq` out of the batch; the last row moves into its place (with the prefix cache on,
+        the two swap, and `seq`'s keys/values stay parked in the last row)."""
         row, last = seq.row, len(self.active) - 1
+        park = self.prefix_cache and seq.cached > 0
         if row != last:
             mover = self.active[last]
-            self.kv.move_row(last, row, mover.cached)
+            if park:
+                self.kv.swap_rows(row, last, seq.cached, mover.cached)
+            else:
+                self.kv.move_row(last, row, mover.cached)
             if self._seen is not None and mover.cfg.repetition_penalty != 1.0:
                 self._seen[row] = self._seen[last]
             self.active[row] = mover
             mover.row = row
         self.active.pop()
+        if park:
+            self._parked[last] = {"tokens": (seq.prompt + seq.generated)[:seq.cached], "alpha": seq.alpha}
         seq.row = -1
         self.stats[f"finished_{reason}"] += 1
         if emit_none:

@@ -85,6 +85,15 @@ class KVStore:
             t[:, dst, :, :n] = t[:, src, :, :n]
         self.k_center[:, dst] = self.k_center[:, src]
 
+    def swap_rows(self, a: int, b: int, na: int, nb: int) -> None:
+        """Row a's first na slots go to row b and row b's first nb slots to row a, in every layer."""
+        for t in self.tensors[:-1] if self.int8 else self.tensors[:2]:
+            keep = t[:, a, :, :na].clone()
+            t[:, a, :, :nb] = t[:, b, :, :nb]
+            t[:, b, :, :na] = keep
+        if self.int8:
+            self.k_center[:, [a, b]] = self.k_center[:, [b, a]]
+
     def copy_prefix(self, src: "KVStore", n: int) -> None:
         """Copy slots [0, n) of every row and layer from `src`, a store of the same rows and format."""
         self.k[:, :, :, :n] = src.k[:, :, :, :n]

@@ -46,6 +46,7 @@ class ServerOptions:
     max_body_bytes: int = 8 * 1024 * 1024
     max_stop_strings: int = 16
     prefill_chunk: int | None = None  # prompt tokens read per engine step (None: the engine's default)
+    prefix_cache: bool | None = None  # finished rows kept for prompts that start with their tokens (None: default)
 
 
 class APIError(Exception):
@@ -266,7 +267,8 @@ class Server:
     def __init__(self, model, tokenizer, opts: ServerOptions, engine: BatchEngine | None = None):
         self.model, self.tokenizer, self.opts = model, tokenizer, opts
         self.engine = engine or BatchEngine(model, opts.max_num_seqs, opts.max_model_len, opts.max_queue,
-                                            vocab_limit=tokenizer.id_limit, prefill_chunk=opts.prefill_chunk)
+                                            vocab_limit=tokenizer.id_limit, prefill_chunk=opts.prefill_chunk,
+                                            prefix_cache=opts.prefix_cache)
         self.metrics = Metrics(self.engine)
         t = tokenizer
         self.chat_stop_ids = [i for i in (t.im_end_id, t.im_start_id, t.eod_id) if i is not None]

@@ -23,6 +23,8 @@ class Metrics:
             lambda: engine.queue_length)
         Gauge("qwenlm_running_sequences", "sequences in the running batch", registry=r).set_function(
             lambda: engine.running)
+        Gauge("qwenlm_prompt_tokens_reused", "prompt tokens whose keys/values came from the prefix cache (total)",
+              registry=r).set_function(lambda: engine.stats["prompt_tokens_reused"])
         Gauge("qwenlm_kv_cache_bytes", "KV cache size", registry=r).set(engine.kv_bytes)
         Gauge("qwenlm_max_num_seqs", "slots in the running batch", registry=r).set(engine.max_num_seqs)
 
