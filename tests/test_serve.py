@@ -109,6 +109,25 @@ def test_a_conversations_next_turn_reuses_its_parked_row(model_tok):
     shared = next((i for i, (a, b) in enumerate(zip(ids1, ids2)) if a != b), len(ids1))
     assert shared == len(ids1) and engine.stats["prompt_tokens_reused"] >= shared
     assert f"qwenlm_prompt_tokens_reused {float(engine.stats['prompt_tokens_reused'])}" in metrics
+    # and in the usage, as OpenAI reports its prompt caching
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert reply.usage.prompt_tokens_details.cached_tokens == engine.stats["prompt_tokens_reused"]
+
+
+def test_cached_tokens_count_each_prompt_once(model_tok):
+    """Two choices of one prompt, asked again: each choice takes one of the two parked rows, and the
+    usage counts the prompt's cached tokens once (as its prompt_tokens do)."""
+    model, tok = model_tok
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=256, max_num_seqs=2))
+    app.state.server.engine.prefix_min = 8
+    with running_server(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        kw = dict(model="tiny", messages=MSGS, temperature=0.7, max_tokens=4, n=2)
+        assert c.chat.completions.create(**kw).usage.prompt_tokens_details.cached_tokens == 0
+        again = c.chat.completions.create(**kw).usage
+    n = len(build_chat_prompt(tok, MSGS, []).ids)
+    assert again.prompt_tokens == n and again.prompt_tokens_details.cached_tokens == n - 1
+    assert app.state.server.engine.stats["prompt_tokens_reused"] == 2 * (n - 1)
 
 
 def test_stream_equals_non_stream(client):

@@ -65,6 +65,7 @@ class Sequence:
     alpha: float = 1.0
     generator: torch.Generator | None = None
     counts: dict[int, int] = field(default_factory=dict)
+    reused: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
     @property
     def plain_greedy(self) -> bool:
@@ -446,7 +447,7 @@ class BatchEngine:
                 del self._parked[best]
         else:
             del self._parked[best]
-        seq.row, seq.cached = dst, keep
+        seq.row, seq.cached, seq.reused = dst, keep, keep
         self.stats["prompt_tokens_reused"] += keep
         if long:
             return  # `_plan` gives it the top row's chunks from here

@@ -231,7 +231,16 @@ class _Job:
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens()}}
+
+    def cached_tokens(self) -> int:
+        """Prompt tokens read from the prefix cache, as OpenAI reports them: each prompt once (the
+        choices of one prompt share it)."""
+        best: dict[int, int] = {}
+        for s in self.seqs:
+            best[id(s.prompt)] = max(best.get(id(s.prompt), 0), s.reused)
+        return sum(best.values())
 
 
 def _sse(obj) -> str:
