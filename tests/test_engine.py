@@ -229,3 +229,18 @@ def test_int8_cache_next_turn_reads_like_a_chunked_prompt(model):
         model.kv_cache = "float"
     assert reads == [20, 8] and eng.last_max_len == 48
     assert got == want
+
+
+def test_new_weights_invalidate_the_kept_cache(model):
+    """Keys/values computed with other weights must not serve: after an in-place update of a parameter
+    (an optimizer step, load_state_dict) the next prompt is read whole."""
+    eng = Engine(model, bucket=8, reuse_prefix=True)
+    reads = _reading(eng)
+    p = random_prompts(12)[0]
+    eng.generate([p], GREEDY.update(max_new_tokens=2))
+    eng.generate([p + [5]], GREEDY.update(max_new_tokens=2))
+    weight = next(model.parameters())
+    with torch.no_grad():
+        weight.mul_(1.0)  # (same values, but an update all the same)
+    eng.generate([p + [5, 6]], GREEDY.update(max_new_tokens=2))
+    assert reads == [12, 1, 14]

@@ -173,7 +173,8 @@ class Engine:
         if kept is None or self._state is None or len(prompts) != 1:
             return 0
         m, p = self.model, prompts[0]
-        if (kept["int8"], kept["dtype"], kept["alpha"]) != (m.kv_int8, m.dtype, self._alpha(len(p))):
+        if (kept["int8"], kept["dtype"], kept["alpha"], kept["weights"]) != (
+                m.kv_int8, m.dtype, self._alpha(len(p)), self._weights_stamp()):
             return 0
         n, limit = 0, min(len(p) - 1, len(kept["tokens"]))
         tokens = kept["tokens"]
@@ -190,7 +191,21 @@ class Engine:
         w, filled = st["w"], st["filled"]
         tokens = list(prompts[0]) + sampled[0, :max(0, filled - w)].tolist()
         self._kept = {"tokens": tokens[:filled], "alpha": st["alpha"], "int8": self.model.kv_int8,
-                      "dtype": self.model.dtype}
+                      "dtype": self.model.dtype, "weights": self._weights_stamp()}
+
+    def _weights_stamp(self) -> tuple[int, int, int]:
+        """Changes when the model's parameters do: replaced (their number and identities) or updated
+        in place (their version counters: an optimizer step, load_state_dict). Kept keys/values
+        computed with other weights must not serve. (Inference-mode tensors, such as quantized
+        blocks, have no counter; they are not trained.)"""
+        n = ids = versions = 0
+        for p in self.model.parameters():
+            n, ids = n + 1, ids + id(p)
+            try:
+                versions += p._version
+            except RuntimeError:
+                pass
+        return n, ids, versions
 
     def _ctx(self, st: dict, positions: torch.Tensor, mask, cache_read: int | None) -> ForwardContext:
         rows = st["table_rows"]
