@@ -7,6 +7,7 @@ import torch
 from helpers import random_prompts, tiny_model
 from qwenlm import GenerationConfig
 from qwenlm.engine import Engine
+from qwenlm.engine.engine import prompt_alpha
 from qwenlm.errors import ContextLengthError, UserError
 from qwenlm.generation import StopChecker, generate
 
@@ -148,7 +149,7 @@ def test_next_turn_reads_only_its_new_tokens(model, cfg):
     r3 = eng.generate([p3], cfg)[0]
     assert r3 == generate(model, [p3], cfg)[0]
     if model.use_dynamic_ntk:  # v1, seq_length 16: 35 tokens take a new NTK alpha (keys rotate with it),
-        assert eng._alpha(9) == 1.0 != eng._alpha(35) == eng._alpha(59)  # which 59 tokens keep
+        assert prompt_alpha(model, 9) == 1.0 != prompt_alpha(model, 35) == prompt_alpha(model, 59)  # (59 keeps it)
         assert reads == [9, 35, 1 + 4]
     else:
         assert reads == [9, 1 + 6, 1 + 4]

@@ -31,8 +31,9 @@ import torch
 from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, make_generator
 from ..generation.sampling import apply_logit_bias, apply_presence_frequency, choose, uniforms
-from ..models.layers import ForwardContext, logn_scale, ntk_alpha, rotary_cos_sin
+from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, rotary_cos_sin
 from .cache import KernelAttention, KVStore, kernel_attention_on
+from .engine import common_prefix, fuse_projections, prompt_alpha
 
 log = logging.getLogger("qwenlm")
 
@@ -71,15 +72,6 @@ class Sequence:
     def plain_greedy(self) -> bool:
         c = self.cfg
         return c.greedy and c.repetition_penalty == 1.0 and c.presence_penalty == 0 and c.frequency_penalty == 0
-
-
-def _common_prefix(prompt: list[int], tokens: list[int]) -> int:
-    """How many leading tokens `prompt` shares with `tokens`, at most all but its last (whose logits
-    are needed)."""
-    n, limit = 0, min(len(prompt) - 1, len(tokens))
-    while n < limit and prompt[n] == tokens[n]:
-        n += 1
-    return n
 
 
 class _RowWriter:
@@ -139,7 +131,6 @@ class BatchEngine:
                           self.device, int8=model.kv_int8)
         self.kv_bytes = self.kv.nbytes
         from ..quant.q4 import pack_blocks
-        from .engine import fuse_projections
 
         fuse_projections(model)
         self._packs = pack_blocks(model) if self.device.type == "cpu" else None
@@ -254,6 +245,11 @@ class BatchEngine:
     def idle(self) -> bool:
         return not (self.waiting or self.active or self.admitted)
 
+    @property
+    def _reading(self) -> Sequence | None:
+        """The admitted sequence whose prompt is being read in the top row (it has slots filled)."""
+        return next((s for s in self.admitted if s.cached), None)
+
     def take_waiting(self) -> list[Sequence]:
         """Pop the waiting sequences that free slots can admit (call with the lock held, or from the
         only thread that touches the engine)."""
@@ -326,8 +322,7 @@ class BatchEngine:
             whole = list(self.admitted)
             self.admitted.clear()
             return whole, None
-        long = next((s for s in self.admitted if s.cached), None)  # (one being read, or a claimed row)
-        long = long or next((s for s in self.admitted if len(s.prompt) > chunk), None)
+        long = self._reading or next((s for s in self.admitted if len(s.prompt) > chunk), None)
         short = [s for s in self.admitted if len(s.prompt) <= chunk and not s.cached]
         if long is not None and (self._long_turn or not short):
             self._long_turn = False
@@ -360,9 +355,7 @@ class BatchEngine:
 
     def _set_alpha(self, seq: Sequence) -> None:
         """Dynamic NTK: the prompt's rotary base, from its whole length (as one pass would)."""
-        n, c = len(seq.prompt), self.cfg
-        if self.model.use_dynamic_ntk and n > c.seq_length:
-            seq.alpha = float(ntk_alpha(n, c.seq_length))
+        seq.alpha = prompt_alpha(self.model, len(seq.prompt))
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Prefill new sequences into the next free rows, together (right-padded) when several."""
@@ -391,7 +384,7 @@ class BatchEngine:
         """Read prompt tokens [s, e) into `row`, attending to its slots before s; the last hidden state."""
         dev = self.device
         pos = torch.arange(s, e, device=dev)[None]
-        mask = None if s == 0 else (torch.arange(e, device=dev)[None] <= pos[0][:, None])[None, None]
+        mask = None if s == 0 else attention_mask_4d(torch.ones((1, e), dtype=torch.bool, device=dev), e - s)
         ctx = self._context(pos, [seq.alpha], mask=mask, last=e - 1)
         ctx.cache = _RowWriter(self.kv, row, start=s)
         h = self.model.run_blocks(torch.tensor([seq.prompt[s:e]], device=dev), ctx)
@@ -415,6 +408,11 @@ class BatchEngine:
         self.admitted.remove(seq)
         if len(self.active) != top:
             self.kv.move_row(top, len(self.active), e)
+        self._joined(seq, h)
+
+    def _joined(self, seq: Sequence, h: torch.Tensor) -> None:
+        """`seq`'s prompt is read into row len(active), `h` its last hidden state: it joins the running
+        rows with its first token."""
         self._join(seq)
         self.stats["prefills"] += 1
         self._sample([seq], self.model.lm_head(h).float())
@@ -428,14 +426,14 @@ class BatchEngine:
         best, keep = -1, 0
         for row, p in self._parked.items():
             if p["alpha"] == seq.alpha:  # (keys are rotated with the alpha their prompt had)
-                n = _common_prefix(seq.prompt, p["tokens"])
+                n = common_prefix(seq.prompt, p["tokens"])
                 if n > keep:
                     best, keep = row, n
         if keep < self.prefix_min:
             return
         top, chunk = self.max_num_seqs - 1, self.prefill_chunk
         long = bool(chunk) and len(seq.prompt) - keep > chunk
-        if long and any(s.cached for s in self.admitted):
+        if long and self._reading:
             return  # the top row is taken
         dst = top if long else len(self.active)
         if dst != best:
@@ -452,10 +450,7 @@ class BatchEngine:
         if long:
             return  # `_plan` gives it the top row's chunks from here
         self.admitted.remove(seq)
-        h = self._read_part(seq, dst, keep, len(seq.prompt))
-        self._join(seq)
-        self.stats["prefills"] += 1
-        self._sample([seq], self.model.lm_head(h).float())
+        self._joined(seq, self._read_part(seq, dst, keep, len(seq.prompt)))
 
     def _vacate(self, row: int) -> None:
         """`row` is about to be written: a sequence parked there moves to a free row if there is one
@@ -464,7 +459,7 @@ class BatchEngine:
         if parked is None:
             return
         top = self.max_num_seqs - 1
-        reading = any(s.cached for s in self.admitted)
+        reading = self._reading is not None
         free = [r for r in range(len(self.active) + 1, self.max_num_seqs)
                 if r != row and r not in self._parked and not (r == top and reading)]
         if free:
@@ -530,8 +525,7 @@ class BatchEngine:
         own NTK alpha: then they are computed here and copied in."""
         c, dev = self.cfg, self.device
         # (padding rows stay clear of the top row while a long prompt is read there)
-        reading = any(s.cached for s in self.admitted)
-        nb = min(1 << (n - 1).bit_length(), self.max_num_seqs - reading)
+        nb = min(1 << (n - 1).bit_length(), self.max_num_seqs - (self._reading is not None))
         lb = min(self.bucket * -(-length // self.bucket), self.max_model_len)
         if self._buf is None:
             rows, d = self.max_num_seqs, c.head_dim

@@ -40,6 +40,24 @@ def fuse_projections(model) -> None:
             torch.cuda.empty_cache()
 
 
+def prompt_alpha(model, n: int) -> float:
+    """The dynamic-NTK alpha of an n-token prompt (Qwen v1 past `seq_length`): chosen at prefill and
+    frozen afterwards; keys are rotated with it, so cached keys serve only prompts of the same alpha."""
+    c = model.config
+    if model.use_dynamic_ntk and not model.training and n > c.seq_length:
+        return float(ntk_alpha(n, c.seq_length))
+    return 1.0
+
+
+def common_prefix(prompt: Sequence[int], tokens: Sequence[int]) -> int:
+    """How many leading tokens `prompt` shares with `tokens` (whose keys/values a cache holds), at most
+    all but its last (whose logits are needed)."""
+    n, limit = 0, min(len(prompt) - 1, len(tokens))
+    while n < limit and prompt[n] == tokens[n]:
+        n += 1
+    return n
+
+
 class Engine:
     """Fast generation for one model. `generate_steps(prompts, cfg)` yields each step's tokens."""
 
@@ -90,13 +108,6 @@ class Engine:
         return torch.stack(cos), torch.stack(sin)
 
     # ---- one generation -------------------------------------------------------------------
-    def _alpha(self, n: int) -> float:
-        """The dynamic-NTK alpha of an n-token prompt: chosen at prefill, frozen afterwards."""
-        m, c = self.model, self.cfg
-        if m.use_dynamic_ntk and not m.training and n > c.seq_length:
-            return float(ntk_alpha(n, c.seq_length))
-        return 1.0
-
     def _setup(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, max_len: int, keep: int = 0) -> dict:
         """Buffers of one generation. `keep`: slots [0, keep) of the kept cache hold the prompt's first
         tokens (see `_reusable`): the cache is used again, or copied into a larger one."""
@@ -105,7 +116,7 @@ class Engine:
         ids, mask = left_pad(prompts, pad, dev)
         b, w = ids.shape
         lengths = [len(p) for p in prompts]
-        alphas = [self._alpha(n) for n in lengths]
+        alphas = [prompt_alpha(m, n) for n in lengths]
         int8 = m.kv_int8
         prev = self._state["cache"] if self._state is not None else None
         shape = (len(m.blocks), b, c.num_kv_heads, max_len, c.head_dim)
@@ -174,13 +185,9 @@ class Engine:
             return 0
         m, p = self.model, prompts[0]
         if (kept["int8"], kept["dtype"], kept["alpha"], kept["weights"]) != (
-                m.kv_int8, m.dtype, self._alpha(len(p)), self._weights_stamp()):
+                m.kv_int8, m.dtype, prompt_alpha(m, len(p)), self._weights_stamp()):
             return 0
-        n, limit = 0, min(len(p) - 1, len(kept["tokens"]))
-        tokens = kept["tokens"]
-        while n < limit and p[n] == tokens[n]:
-            n += 1
-        return n
+        return common_prefix(p, kept["tokens"])
 
     def _remember(self, prompts, st: dict, sampled: torch.Tensor) -> None:
         """After a one-prompt generation (finished, stopped early or interrupted): which tokens fill
