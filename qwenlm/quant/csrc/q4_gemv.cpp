@@ -8,7 +8,12 @@
 // -128..127. Activations are quantized
 // per block of 32 to int8 (-127..127) with one fp32 scale s:  x = s * xq.  Then a block's dot product
 // is  d*s*sum(q*xq) + m*s*sum(xq).
-#include <torch/extension.h>
+// The ops are registered with the dispatcher (torch.ops.qwenlm_q4.*) and include only the ATen headers
+// they use: torch/extension.h (pybind11 and the whole C++ API) took ~30 s of a ~35 s build.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 #include <immintrin.h>
 #include <omp.h>
 
@@ -61,13 +66,13 @@ struct QWeight {
   const uint16_t* d;
   const uint16_t* m;
   int64_t N, K, bits;
-  QWeight(const torch::Tensor& c, const torch::Tensor& dd, const torch::Tensor& mm) {
+  QWeight(const at::Tensor& c, const at::Tensor& dd, const at::Tensor& mm) {
     TORCH_CHECK(c.is_contiguous() && c.dim() == 3 &&
-                ((c.dtype() == torch::kUInt8 && (c.size(2) == 16 || c.size(2) == 40)) ||
-                 (c.dtype() == torch::kInt8 && c.size(2) == 32)),
+                ((c.dtype() == at::kByte && (c.size(2) == 16 || c.size(2) == 40)) ||
+                 (c.dtype() == at::kChar && c.size(2) == 32)),
                 "codes must be contiguous (N, K/32, 16) uint8, (N, K/64, 40) uint8 or (N, K/32, 32) int8");
     bits = c.size(2) == 16 ? 4 : c.size(2) == 40 ? 5 : 8;
-    TORCH_CHECK(dd.dtype() == torch::kHalf && mm.dtype() == torch::kHalf && dd.is_contiguous() &&
+    TORCH_CHECK(dd.dtype() == at::kHalf && mm.dtype() == at::kHalf && dd.is_contiguous() &&
                 mm.is_contiguous() && dd.numel() == c.size(0) * c.size(1) * (bits == 5 ? 2 : 1) &&
                 mm.numel() == dd.numel(), "d and m must be contiguous (N, K/32) float16");
     codes = static_cast<const uint8_t*>(c.data_ptr());
@@ -261,21 +266,21 @@ struct KVView {
   const float* center = nullptr;  // keys: (B, Hkv, D) subtracted before quantizing (or null)
   int64_t S = 0, D = 0;
 
-  KVView(torch::Tensor t, torch::Tensor sc, torch::Tensor lo, torch::Tensor c = torch::Tensor()) {
+  KVView(at::Tensor t, at::Tensor sc, at::Tensor lo, at::Tensor c = at::Tensor()) {
     TORCH_CHECK(t.is_contiguous() && t.dim() == 4, "kv cache: contiguous (B, Hkv, S, D)");
     S = t.size(2);
     D = t.size(3);
-    if (t.dtype() == torch::kFloat32) {
+    if (t.dtype() == at::kFloat) {
       f = t.data_ptr<float>();
     } else {
-      TORCH_CHECK(t.dtype() == torch::kUInt8 && sc.dtype() == torch::kFloat16 && lo.dtype() == torch::kFloat16 &&
+      TORCH_CHECK(t.dtype() == at::kByte && sc.dtype() == at::kHalf && lo.dtype() == at::kHalf &&
                   sc.is_contiguous() && lo.is_contiguous() && sc.numel() * D == t.numel() && lo.numel() == sc.numel(),
                   "kv cache: float32, or uint8 with fp16 (B, Hkv, S) scales and lows");
       q = t.data_ptr<uint8_t>();
       scale = sc.data_ptr<at::Half>();
       low = lo.data_ptr<at::Half>();
       if (c.defined()) {
-        TORCH_CHECK(c.dtype() == torch::kFloat32 && c.is_contiguous() && c.numel() * S == sc.numel() * D,
+        TORCH_CHECK(c.dtype() == at::kFloat && c.is_contiguous() && c.numel() * S == sc.numel() * D,
                     "kv cache: key centers must be contiguous (B, Hkv, D) float32");
         center = c.data_ptr<float>();
       }
@@ -355,14 +360,14 @@ struct KVView {
 }  // namespace
 
 // x (M, K) float32; codes (N, K/32, 16) uint8 or (N, K/32, 32) int8; d, m (N, K/32) float16 -> y (M, N) float32
-torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor d, torch::Tensor m) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous (M, K) float32");
+at::Tensor q4_gemv(at::Tensor x, at::Tensor codes, at::Tensor d, at::Tensor m) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x: contiguous (M, K) float32");
   QWeight W(codes, d, m);
   const int64_t M = x.size(0);
   TORCH_CHECK(x.size(1) == W.K, "x has ", x.size(1), " columns, the weight ", W.K);
   QuantRows q;
   q.quantize(x.data_ptr<float>(), M, W.K);
-  auto y = torch::empty({M, W.N}, torch::kFloat32);
+  auto y = at::empty({M, W.N}, at::kFloat);
   gemv(q, M, W, nullptr, y.data_ptr<float>());
   return y;
 }
@@ -375,12 +380,12 @@ torch::Tensor q4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor d, tor
 // k/v (B, Hkv, S, D) float32 (the rest empty) or uint8 (scales (B, Hkv, S) fp16, centers (B, Hkv, D)
 // fp32: keys are stored minus their row's center, which attention's softmax does not see); slot (B) int64;
 // valid (B, S) bool: the slots row b attends to, among the first L.
-void decode_block(torch::Tensor h, std::vector<torch::Tensor> w, double eps, torch::Tensor cos,
-                  torch::Tensor sin, torch::Tensor logn, std::vector<torch::Tensor> kv,
-                  torch::Tensor slot, torch::Tensor valid, int64_t L, int64_t heads, int64_t kv_heads) {
+void decode_block(at::Tensor h, std::vector<at::Tensor> w, double eps, at::Tensor cos,
+                  at::Tensor sin, at::Tensor logn, std::vector<at::Tensor> kv,
+                  at::Tensor slot, at::Tensor valid, int64_t L, int64_t heads, int64_t kv_heads) {
   TORCH_CHECK(w.size() == 15, "decode_block: 15 weight tensors expected");
   TORCH_CHECK(kv.size() == 7, "decode_block: 7 kv cache tensors expected");
-  TORCH_CHECK(h.dtype() == torch::kFloat32 && h.is_contiguous() && h.dim() == 2, "h: contiguous (B, H) float32");
+  TORCH_CHECK(h.dtype() == at::kFloat && h.is_contiguous() && h.dim() == 2, "h: contiguous (B, H) float32");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && valid.is_contiguous() && slot.is_contiguous(),
               "tables must be contiguous");
   KVView K_(kv[0], kv[2], kv[3], kv[6]), V_(kv[1], kv[4], kv[5]);
@@ -465,12 +470,12 @@ void decode_block(torch::Tensor h, std::vector<torch::Tensor> w, double eps, tor
 // w (N, K) float32 -> 8-bit blocks of 32: codes (N, K/32, 32) int8 and d (N, K/32) fp16, with
 // d = half(amax / 127) and codes = round_half_even(w / max(float(d), 1e-12)) clamped to [-127, 127]:
 // the arithmetic of quantize_q8's torch reference (quant/q4.py), in one pass instead of six.
-std::vector<torch::Tensor> quantize_q8(torch::Tensor w) {
-  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.is_contiguous() && w.dim() == 2 && w.size(1) % 32 == 0,
+std::vector<at::Tensor> quantize_q8(at::Tensor w) {
+  TORCH_CHECK(w.dtype() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(1) % 32 == 0,
               "quantize_q8: contiguous (N, K) float32 with K a multiple of 32");
   const int64_t blocks = w.size(0) * (w.size(1) / 32);
-  auto codes = torch::empty({w.size(0), w.size(1) / 32, 32}, torch::kInt8);
-  auto d = torch::empty({w.size(0), w.size(1) / 32}, torch::kHalf);
+  auto codes = at::empty({w.size(0), w.size(1) / 32, 32}, at::kChar);
+  auto d = at::empty({w.size(0), w.size(1) / 32}, at::kHalf);
   const float* src = w.data_ptr<float>();
   int8_t* dst = codes.data_ptr<int8_t>();
   at::Half* dp = d.data_ptr<at::Half>();
@@ -501,10 +506,10 @@ inline void store_block(__m256i q, bool is_signed, float d, float m, float* out)
 
 // The (N, K) float32 weight of 4-, 5- or 8-bit blocks, w = d * q + m (quant/q4.py's dequantize_q4, one
 // pass): the long-prompt path multiplies by it.
-torch::Tensor dequantize(torch::Tensor codes, torch::Tensor d, torch::Tensor m) {
+at::Tensor dequantize(at::Tensor codes, at::Tensor d, at::Tensor m) {
   const QWeight W(codes, d, m);
   const int64_t N = W.N, K = W.K, nb = K / 32;
-  auto out = torch::empty({N, K}, torch::kFloat32);
+  auto out = at::empty({N, K}, at::kFloat);
   float* y = out.data_ptr<float>();
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t n = 0; n < N; ++n) {
@@ -532,12 +537,12 @@ torch::Tensor dequantize(torch::Tensor codes, torch::Tensor d, torch::Tensor m) 
 // llama.cpp Q5_0 rows (N, nb * 22) uint8 (per block: fp16 d, the 32-bit word of fifth bits, 16 bytes of
 // nibbles), nb even -> 5-bit pairs (N, nb/2, 40) uint8 as pair_dot reads them, and d (N, nb) fp16: what
 // pack_q5_words (quant/q4.py) computes, in one pass.
-std::vector<torch::Tensor> repack_q5_0(torch::Tensor raw, int64_t nb) {
-  TORCH_CHECK(raw.dtype() == torch::kUInt8 && raw.dim() == 2 && raw.is_contiguous() && nb % 2 == 0 &&
+std::vector<at::Tensor> repack_q5_0(at::Tensor raw, int64_t nb) {
+  TORCH_CHECK(raw.dtype() == at::kByte && raw.dim() == 2 && raw.is_contiguous() && nb % 2 == 0 &&
               raw.size(1) == nb * 22, "repack_q5_0: contiguous (N, nb * 22) uint8 with nb even");
   const int64_t N = raw.size(0);
-  auto codes = torch::empty({N, nb / 2, 40}, torch::kUInt8);
-  auto d = torch::empty({N, nb}, torch::kHalf);
+  auto codes = at::empty({N, nb / 2, 40}, at::kByte);
+  auto d = at::empty({N, nb}, at::kHalf);
   const uint8_t* src = raw.data_ptr<uint8_t>();
   uint8_t* dst = codes.data_ptr<uint8_t>();
   uint16_t* dd = reinterpret_cast<uint16_t*>(d.data_ptr<at::Half>());
@@ -565,10 +570,12 @@ std::vector<torch::Tensor> repack_q5_0(torch::Tensor raw, int64_t nb) {
   return {codes, d};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("quantize_q8", &quantize_q8, "8-bit blocks of 32 with an fp16 scale (one pass)");
-  mod.def("dequantize", &dequantize, "the float32 weight of 4-, 5- or 8-bit blocks (one pass)");
-  mod.def("repack_q5_0", &repack_q5_0, "llama.cpp Q5_0 rows -> the kernel's 5-bit pairs (one pass)");
-  mod.def("q4_gemv", &q4_gemv, "4-, 5- or 8-bit weight x int8 activation GEMV (AVX2)");
-  mod.def("decode_block", &decode_block, "one decoder block of a decode step, 4-, 5- or 8-bit weights (AVX2)");
+TORCH_LIBRARY(qwenlm_q4, mod) {
+  mod.def("quantize_q8(Tensor w) -> Tensor[]", &quantize_q8);  // 8-bit blocks of 32, fp16 scale (one pass)
+  mod.def("dequantize(Tensor codes, Tensor d, Tensor m) -> Tensor", &dequantize);  // the float32 weight
+  mod.def("repack_q5_0(Tensor raw, int nb) -> Tensor[]", &repack_q5_0);  // llama.cpp Q5_0 -> 5-bit pairs
+  mod.def("q4_gemv(Tensor x, Tensor codes, Tensor d, Tensor m) -> Tensor", &q4_gemv);  // weight x int8 activations
+  // one decoder block of a decode step; h and the cache (kv) are written in place
+  mod.def("decode_block(Tensor(a!) h, Tensor[] w, float eps, Tensor cos, Tensor sin, Tensor logn, "
+          "Tensor(b!)[] kv, Tensor slot, Tensor valid, int L, int heads, int kv_heads) -> ()", &decode_block);
 }
