@@ -2,6 +2,8 @@
 activation blocks, 4-bit (or signed 8-bit) weight blocks with fp16 scale/offset — and the prefill
 path equal to the decode path."""
 
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -150,6 +152,26 @@ def test_prefill_path_equals_decode_path(bits):
     small = torch.cat([lin(x[i:i + 1]) for i in range(0, 150)])
     # the decode path also rounds activations to int8: about 1% of the output scale
     assert (big - small).abs().max() < 2e-2 * big.abs().max()
+
+
+def test_large_layer_multiplied_in_slices(monkeypatch):
+    """A layer above _TILE_ABOVE weights (the output head) is dequantized a slice of rows at a time;
+    each slice's product is the whole layer's, column for column, and a ragged last slice is kept."""
+    torch.manual_seed(4)
+    lin = q4.Q4Linear(nn.Linear(256, 200, bias=True), bits=4)
+    x = torch.randn(100, 256)  # > _GEMV_MAX_ROWS: the dequantize path
+    whole = lin(x)
+    reference = x @ q4.dequantize_q4(lin.codes, lin.d, lin.m).t() + lin.bias
+    assert torch.allclose(whole, reference, rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(q4, "_TILE_ABOVE", 256 * 100)
+    monkeypatch.setattr(q4, "_TILE", 256 * 64)  # slices of 64 rows: 64, 64, 64, 8
+    calls = []
+    real = q4._extension().dequantize
+    monkeypatch.setattr(q4, "_extension", lambda: types.SimpleNamespace(
+        dequantize=lambda c, d, m: calls.append(c.shape[0]) or real(c, d, m)))
+    sliced = lin(x)
+    assert calls == [64, 64, 64, 8]
+    assert torch.allclose(sliced, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_5bit_blocks_layout():

@@ -18,6 +18,11 @@ from torch import nn
 log = logging.getLogger("qwenlm")
 BLOCK = 32
 _GEMV_MAX_ROWS = 40  # above this, dequantize (one C++ pass) + one fp32 matmul beats the kernel (BENCHMARKS.md)
+# A layer larger than this (weights; the output head) is dequantized and multiplied a slice of its rows
+# at a time, each slice about _TILE weights: its fp32 copy stays in cache, and memory does not grow
+# by the whole layer in fp32 (545 MB for the default model's head). 64 rows x the head: 431 -> 171 ms.
+_TILE_ABOVE = 1 << 24
+_TILE = 1 << 20
 
 
 @lru_cache(maxsize=1)
@@ -218,12 +223,24 @@ class Q4Linear(nn.Module):
             xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
             y = _extension().q4_gemv(xf, self.codes, self.d, self.m)
         else:
-            # fp32, not bf16: CPUs without AVX512-BF16 multiply bf16 matrices slowly
-            y = x2.float() @ _extension().dequantize(self.codes, self.d, self.m).t()
+            y = self._dequantized_matmul(x2.float())
         y = y.view(*shape[:-1], self.out_features)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+    def _dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32, not bf16: CPUs without AVX512-BF16 multiply bf16 matrices slowly
+        ext, n = _extension(), self.out_features
+        if n * self.in_features <= _TILE_ABOVE:
+            return x @ ext.dequantize(self.codes, self.d, self.m).t()
+        y = torch.empty(x.shape[0], n)
+        step = max(64, _TILE // self.in_features)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            torch.matmul(x, ext.dequantize(self.codes[s:e], self.d[s:e], self.m[s:e]).t(), out=y[:, s:e])
+        return y
 
 
 def _concat_rows(layers: list[Q4Linear]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
