@@ -461,6 +461,22 @@ def test_a_long_rest_is_read_in_chunks_from_the_parked_row(model):
     assert eng.stats["prompt_tokens_reused"] == 20 and eng.stats["prompt_chunks"] - chunks == 2
 
 
+def test_a_prompt_read_in_the_top_row_moves_a_parked_row_out_of_the_way_before_taking_its_place(model):
+    """A long prompt is read in the top row, then moves next to the running rows: where a conversation
+    is parked. That conversation moves to a free row first (found by a randomized run: it was moved
+    after being overwritten, and its next turn read the long prompt's keys)."""
+    p1, long, extra = random_prompts(6, 20, 3)
+    cfg = GREEDY.update(max_new_tokens=4)
+    eng = _parking(model, max_num_seqs=3, prefill_chunk=8)
+    r1 = _run(eng, {0: [(p1, cfg)]})[0]["tokens"]
+    assert list(eng._parked) == [0]
+    _run(eng, {0: [([p1[0] + 1] + long, cfg)]})  # nothing in common: read in chunks in row 2, then row 0
+    assert eng._parked[1]["tokens"] == p1 + r1[:-1]  # p1's conversation, moved to row 1
+    p2 = p1 + r1 + extra
+    assert _run(eng, {0: [(p2, GREEDY)]})[0]["tokens"] == generate(model, [p2], GREEDY)[0]
+    assert eng.stats["prompt_tokens_reused"] == 6 + 3
+
+
 def test_no_parking_where_rows_are_not_prefilled_in_place(model):
     assert BatchEngine(model, max_num_seqs=2, max_model_len=64).prefix_cache  # the CPU default
     assert not BatchEngine(model, max_num_seqs=2, max_model_len=64, prefix_cache=False).prefix_cache

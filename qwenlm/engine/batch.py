@@ -405,9 +405,11 @@ class BatchEngine:
         self.stats["prompt_chunks"] += 1
         if e < len(seq.prompt):
             return
-        self.admitted.remove(seq)
         if len(self.active) != top:
+            # a conversation parked where the row goes moves away first (while `seq` still holds the top row)
+            self._vacate(len(self.active))
             self.kv.move_row(top, len(self.active), e)
+        self.admitted.remove(seq)
         self._joined(seq, h)
 
     def _joined(self, seq: Sequence, h: torch.Tensor) -> None:

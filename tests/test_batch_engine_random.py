@@ -1,0 +1,83 @@
+"""Randomized schedules for the serving engine: conversations whose next turns arrive at random steps,
+random batch sizes, prefill chunks and prefix-cache thresholds, aborts; every sequence that finishes
+must get the reference loop's tokens for its prompt (fp32 models, where the two paths compute alike).
+A fixed seed per case keeps it reproducible; a failure prints the case to replay."""
+
+import random
+
+import pytest
+import torch
+
+from helpers import tiny_model
+from qwenlm import GenerationConfig
+from qwenlm.engine.batch import BatchEngine, Sequence
+from qwenlm.generation import StopChecker, generate
+
+GREEDY = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=8, eos_token_id=None,
+                          pad_token_id=0)
+SAMPLED = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.15,
+                           max_new_tokens=8, seed=0, eos_token_id=None, pad_token_id=0)
+
+
+@pytest.fixture(scope="module", params=["v1", "qwen2"])
+def model(request, tmp_path_factory):
+    return tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))
+
+
+def _schedule(model, rng: random.Random) -> tuple[dict, list[dict]]:
+    """Run one random schedule; (the engine's settings, the records of its requests)."""
+    settings = {"max_num_seqs": rng.randint(1, 5), "prefill_chunk": rng.choice([0, 4, 8, 16]),
+                "prefix_min": rng.choice([1, 4, 8])}
+    eng = BatchEngine(model, max_num_seqs=settings["max_num_seqs"], max_model_len=96, prefix_cache=True,
+                      prefill_chunk=settings["prefill_chunk"])
+    eng.prefix_min = settings["prefix_min"]
+    history = [[rng.randrange(1000) for _ in range(rng.randint(1, 20))] for _ in range(rng.randint(1, 4))]
+    arrivals = sorted((rng.randint(0, 30), rng.randrange(len(history))) for _ in range(rng.randint(3, 10)))
+    records, step = [], 0
+    while arrivals or not eng.idle:
+        while arrivals and arrivals[0][0] <= step:
+            _, c = arrivals.pop(0)
+            base = history[c] if len(history[c]) <= 60 else history[c][:rng.randint(1, 30)]
+            prompt = (base + [rng.randrange(1000) for _ in range(rng.randint(0, 12))]) or [5]
+            cfg = GREEDY if rng.random() < 0.6 else SAMPLED.update(seed=rng.randint(0, 99))
+            rec = {"conversation": c, "prompt": prompt, "cfg": cfg.update(max_new_tokens=rng.randint(1, 8)),
+                   "tokens": [], "reason": None}
+
+            def emit(tok, reason, rec=rec):
+                if tok is not None:
+                    rec["tokens"].append(tok)
+                if reason is not None:
+                    rec["reason"] = reason
+                    if reason in ("stop", "length"):  # the conversation's next turn continues this one
+                        history[rec["conversation"]] = rec["prompt"] + rec["tokens"]
+            rec["seq"] = Sequence(prompt=prompt, cfg=rec["cfg"], stop=StopChecker(rec["cfg"]), emit=emit)
+            records.append(rec)
+            eng.submit(rec["seq"])
+        running = [r["seq"] for r in records if r["reason"] is None]
+        if running and rng.random() < 0.04:
+            eng.abort(rng.choice(running))
+        with torch.inference_mode():
+            eng.step(eng.take_waiting())
+        step += 1
+        assert step < 2000, "the engine stopped making progress"
+    settings["reused"] = eng.stats["prompt_tokens_reused"]
+    return settings, records
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_schedules_give_every_request_its_solo_tokens(model, seed):
+    settings, records = _schedule(model, random.Random(seed))
+    for r in records:
+        assert r["reason"] in ("length", "abort")
+        if r["reason"] == "abort":
+            continue
+        assert r["tokens"] == generate(model, [r["prompt"]], r["cfg"])[0], (
+            f"seed {seed}, {settings}: a prompt of {len(r['prompt'])} tokens, {r['seq'].reused} of them reused")
+
+
+def test_the_random_schedules_exercise_the_prefix_cache_and_chunks(model):
+    """The seeds above are not idle: together they reuse parked rows, read prompts in chunks, abort."""
+    seen = [_schedule(model, random.Random(seed)) for seed in range(6)]
+    assert sum(s["reused"] for s, _ in seen) > 100
+    assert any(s["prefill_chunk"] and s["reused"] for s, _ in seen)
+    assert any(r["reason"] == "abort" for _, recs in seen for r in recs)
