@@ -93,6 +93,18 @@ def test_chat_commands(session_factory):
     assert s.handle(":exit") is False and s.handle(":q") is False
 
 
+def test_chat_commands_also_take_a_slash(session_factory):
+    """llama.cpp's and ollama's users type /exit or /bye: a known command name works after '/', and
+    anything else that starts with '/' (a path) is a message."""
+    s, out = session_factory(do_sample=False)
+    s.handle("hello")
+    s.handle("/clear-history")
+    assert s.history == []
+    s.handle("/usr/lib/python3 is missing")
+    assert s.history[0][0] == "/usr/lib/python3 is missing"
+    assert s.handle("/exit") is False and s.handle("/bye") is False and s.handle(":bye") is False
+
+
 def test_message_longer_than_the_context_keeps_the_chat(session_factory, monkeypatch):
     s, out = session_factory(do_sample=False)
     s.handle("hello")

@@ -16,7 +16,7 @@ from .common import (add_model_options, add_sampling_options, describe, load_fro
 
 HELP = """Commands:
   :help / :h                 show this help
-  :exit / :quit / :q         leave the chat
+  :exit / :quit / :q         leave the chat (also /exit, /quit, /bye: any command works with /)
   :clear / :cl               clear the screen
   :clear-history / :clh      forget the conversation
   :history / :his            show the conversation
@@ -78,7 +78,7 @@ class ChatSession:
         if not query:
             self.say("[ERROR] Query is empty")
             return True
-        if query.startswith(":"):
+        if query[0] in ":/":  # ':' as in the original cli_demo; '/' as in llama.cpp and ollama
             name, _, arg = query[1:].partition(" ")
             handler = _COMMANDS.get(name)
             if handler is not None:
@@ -164,7 +164,7 @@ class ChatSession:
 
 _COMMANDS = {}
 for _names, _fn in (
-    (("help", "h"), ChatSession.cmd_help), (("exit", "quit", "q"), ChatSession.cmd_exit),
+    (("help", "h"), ChatSession.cmd_help), (("exit", "quit", "q", "bye"), ChatSession.cmd_exit),
     (("clear", "cl"), ChatSession.cmd_clear),
     (("clear-history", "clear-his", "clh"), ChatSession.cmd_clear_history),
     (("history", "his"), ChatSession.cmd_history), (("seed",), ChatSession.cmd_seed),
