@@ -65,7 +65,6 @@ def test_chat_page_streams_a_reply(model_tok, browser):
     with _open(browser, model_tok, max_model_len=2048, max_num_seqs=2) as (page, url):
         assert page.text_content("#model") == "tiny"
         _settings(page, 16)
-        _count_updates(page)
         page.fill("#input", "你好")
         page.press("#input", "Enter")
         page.wait_for_selector(".msg.assistant.done", timeout=60000)
@@ -77,7 +76,6 @@ def test_chat_page_streams_a_reply(model_tok, browser):
             "temperature": 0, "top_p": 0.8, "max_tokens": 16}, timeout=60).json()["choices"][0]["message"]["content"]
         assert kept == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": want}]
         assert shown.strip()
-        assert page.evaluate("window.updates") > 3  # the reply arrived in pieces
         # the conversation is kept in the browser
         page.reload()
         assert page.locator(".msg.user").count() == 1 and page.locator(".msg.assistant").count() == 1
@@ -87,13 +85,15 @@ def test_chat_page_streams_a_reply(model_tok, browser):
         assert page.locator(".msg.assistant").count() == 1
         kept = page.evaluate("JSON.parse(localStorage.getItem('qwenlm-chat')).messages")
         assert [m["content"] for m in kept] == ["你好", want]
-        # stop a long reply midway
+        # a long reply is shown in pieces as it streams; stop it midway
         _settings(page, 1500)
+        _count_updates(page)
         page.fill("#input", "Tell me a long story.")
         page.press("#input", "Enter")
-        page.wait_for_function("document.querySelectorAll('.msg.assistant')[1]"
+        page.wait_for_function("window.updates > 3 && document.querySelectorAll('.msg.assistant')[1]"
                                " && document.querySelectorAll('.msg.assistant')[1].textContent.length > 30",
                                timeout=60000)
+        assert page.locator(".msg.assistant.streaming").count() == 1  # still streaming: shown in pieces
         page.click("#stop")
         page.wait_for_selector("#send:not([disabled])", timeout=10000)
         assert page.locator(".msg.assistant.done").count() == 2
