@@ -117,6 +117,22 @@ def tiny_model(kind: str, path: str, quantize: str | None = None, **qwen2_kw):
     return load_model(path, dtype="float32", device="cpu", quantize=quantize)
 
 
+def greedy_config(max_new_tokens: int):
+    """Greedy decoding with no penalty and no end token: every request runs its full length."""
+    from qwenlm import GenerationConfig
+
+    return GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                            eos_token_id=None, pad_token_id=0)
+
+
+def sampled_config(max_new_tokens: int, seed: int):
+    """Sampling with every filter on (temperature, top-p, top-k, repetition penalty), no end token."""
+    from qwenlm import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.15,
+                            max_new_tokens=max_new_tokens, seed=seed, eos_token_id=None, pad_token_id=0)
+
+
 def random_prompts(*lengths: int) -> list[list[int]]:
     """Reproducible random prompts (ids < 1000) of the given lengths."""
     return [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]

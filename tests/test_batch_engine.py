@@ -6,17 +6,14 @@ import threading
 
 import pytest
 import torch
+from helpers import greedy_config, random_prompts, sampled_config, tiny_model
 
-from helpers import random_prompts, tiny_model
-from qwenlm import GenerationConfig
 from qwenlm.engine.batch import BadToken, BatchEngine, QueueFull, Sequence
 from qwenlm.generation import StopChecker, generate
 from qwenlm.quant import q4
 
-GREEDY = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=12, eos_token_id=None,
-                          pad_token_id=0)
-SAMPLED = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.15,
-                           max_new_tokens=12, seed=3, eos_token_id=None, pad_token_id=0)
+GREEDY = greedy_config(12)
+SAMPLED = sampled_config(12, seed=3)
 
 KINDS = ["v1", "qwen2"] + (["qwen2-int4"] if {"avx2", "fma", "f16c"} <= q4._cpu_flags() else [])
 

@@ -7,16 +7,13 @@ import random
 
 import pytest
 import torch
+from helpers import greedy_config, sampled_config, tiny_model
 
-from helpers import tiny_model
-from qwenlm import GenerationConfig
 from qwenlm.engine.batch import BatchEngine, Sequence
 from qwenlm.generation import StopChecker, generate
 
-GREEDY = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=8, eos_token_id=None,
-                          pad_token_id=0)
-SAMPLED = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.15,
-                           max_new_tokens=8, seed=0, eos_token_id=None, pad_token_id=0)
+GREEDY = greedy_config(8)
+SAMPLED = sampled_config(8, seed=0)
 
 
 @pytest.fixture(scope="module", params=["v1", "qwen2"])

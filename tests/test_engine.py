@@ -3,18 +3,15 @@ sampled, batched with left padding, NTK/LogN active, run-ahead syncing), and the
 
 import pytest
 import torch
+from helpers import greedy_config, random_prompts, sampled_config, tiny_model
 
-from helpers import random_prompts, tiny_model
-from qwenlm import GenerationConfig
 from qwenlm.engine import Engine
 from qwenlm.engine.engine import prompt_alpha
 from qwenlm.errors import ContextLengthError, UserError
 from qwenlm.generation import StopChecker, generate
 
-GREEDY = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=20, eos_token_id=None,
-                          pad_token_id=0)
-SAMPLED = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.15,
-                           max_new_tokens=20, seed=11, eos_token_id=None, pad_token_id=0)
+GREEDY = greedy_config(20)
+SAMPLED = sampled_config(20, seed=11)
 
 
 @pytest.fixture(scope="module", params=["v1", "qwen2"])
