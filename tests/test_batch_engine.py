@@ -6,8 +6,8 @@ import threading
 
 import pytest
 import torch
-from helpers import greedy_config, random_prompts, sampled_config, tiny_model
 
+from helpers import greedy_config, random_prompts, sampled_config, tiny_model
 from qwenlm.engine.batch import BadToken, BatchEngine, QueueFull, Sequence
 from qwenlm.generation import StopChecker, generate
 from qwenlm.quant import q4

@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-from helpers import greedy_config, sampled_config, tiny_model
 
+from helpers import greedy_config, sampled_config, tiny_model
 from qwenlm.engine.batch import BatchEngine, Sequence
 from qwenlm.generation import StopChecker, generate
 

@@ -3,8 +3,8 @@ sampled, batched with left padding, NTK/LogN active, run-ahead syncing), and the
 
 import pytest
 import torch
-from helpers import greedy_config, random_prompts, sampled_config, tiny_model
 
+from helpers import greedy_config, random_prompts, sampled_config, tiny_model
 from qwenlm.engine import Engine
 from qwenlm.engine.engine import prompt_alpha
 from qwenlm.errors import ContextLengthError, UserError
