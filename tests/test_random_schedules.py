@@ -1,6 +1,9 @@
-"""Randomized schedules for the serving engine: conversations whose next turns arrive at random steps,
-random batch sizes, prefill chunks and prefix-cache thresholds, aborts; every sequence that finishes
-must get the reference loop's tokens for its prompt (fp32 models, where the two paths compute alike).
+"""Randomized schedules against the reference loop, on fp32 models (where the paths compute alike):
+- the serving engine: conversations whose next turns arrive at random steps, random batch sizes,
+  prefill chunks and prefix-cache thresholds, aborts; every sequence that finishes gets the
+  reference's tokens for its prompt;
+- the chat engine that keeps its last cache (`reuse_prefix`): random next turns, regenerations,
+  histories cut short or replaced, batches, bucket and chunk sizes.
 A fixed seed per case keeps it reproducible; a failure prints the case to replay."""
 
 import random
@@ -9,6 +12,7 @@ import pytest
 import torch
 
 from helpers import greedy_config, sampled_config, tiny_model
+from qwenlm.engine import Engine
 from qwenlm.engine.batch import BatchEngine, Sequence
 from qwenlm.generation import StopChecker, generate
 
@@ -78,3 +82,42 @@ def test_the_random_schedules_exercise_the_prefix_cache_and_chunks(model):
     assert sum(s["reused"] for s, _ in seen) > 100
     assert any(s["prefill_chunk"] and s["reused"] for s, _ in seen)
     assert any(r["reason"] == "abort" for _, recs in seen for r in recs)
+
+
+def _turns(model, rng: random.Random) -> tuple[dict, list[tuple]]:
+    """One chat engine, a random conversation; (its settings, (prompts, settings, tokens) per turn)."""
+    settings = {"bucket": rng.choice([8, 16, 256]), "prefill_chunk": rng.choice([None, 4, 8, 16])}
+    eng = Engine(model, reuse_prefix=True, **settings)
+    reused, real = [], eng._reusable  # (counted for the test below)
+    eng._reusable = lambda prompts: reused.append(real(prompts)) or reused[-1]
+    turns, last = [], None
+    for _ in range(rng.randint(2, 8)):
+        r = rng.random()
+        if last is None or r < 0.15:  # a new conversation
+            prompt = [rng.randrange(1000) for _ in range(rng.randint(1, 20))]
+        elif r < 0.3:  # the history cut short (an edited message)
+            prompt = last[:rng.randint(1, len(last))]
+        elif r < 0.4:  # the same prompt again (regenerate)
+            prompt = list(last)
+        else:  # the next turn
+            prompt = last + [rng.randrange(1000) for _ in range(rng.randint(1, 15))]
+        prompt = prompt[:80]
+        cfg = (GREEDY if rng.random() < 0.6 else SAMPLED.update(seed=rng.randint(0, 99))).update(
+            max_new_tokens=rng.randint(1, 8))
+        prompts = [prompt, prompt[:max(1, len(prompt) // 2)]] if rng.random() < 0.1 else [prompt]
+        got = eng.generate(prompts, cfg)
+        turns.append((prompts, cfg, got))
+        last = prompt + got[0]
+    settings["reused"] = sum(reused)
+    return settings, turns
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_chat_turns_give_the_reference_tokens(model, seed):
+    settings, turns = _turns(model, random.Random(seed))
+    for i, (prompts, cfg, got) in enumerate(turns):
+        assert got == generate(model, prompts, cfg), f"seed {seed}, {settings}: turn {i}"
+
+
+def test_the_random_chat_turns_reuse_the_kept_cache(model):
+    assert sum(_turns(model, random.Random(seed))[0]["reused"] for seed in range(4)) > 50
