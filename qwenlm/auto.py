@@ -6,6 +6,7 @@ snippets run with only the import changed; `load()` is the plain API for new cod
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from .hub import resolve_model
 from .models import QwenCausalLM, build_model
 from .quant.gptq import GPTQConfig, finish_gptq, install_gptq_layers
 from .tokenizer import QwenTokenizer
-from .weights.loader import checkpoint_files, checkpoint_names, load_weights
+from .weights.loader import CheckpointError, checkpoint_files, checkpoint_names, load_weights
 
 log = logging.getLogger("qwenlm")
 
@@ -117,11 +118,15 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
         model = build_model(config, init=False)  # (the checkpoint's weights replace every parameter)
     files = checkpoint_files(path)
     gptq = GPTQConfig.from_checkpoint(path, config.raw)
-    source = None
-    if quantize in ("auto", "gguf"):
-        from .quant.gguf_blocks import source_of
+    from .quant.gguf_blocks import recorded_source, source_of
 
-        source = source_of(path)
+    recorded, source = recorded_source(path), source_of(path)
+    lean = bool(recorded and recorded.get("lean"))
+    if lean and source is None:
+        raise CheckpointError(
+            f"{path} is a lean conversion of {recorded.get('path')}: its quantized "
+            "weights are read from that file, which is missing or has changed since. Pass the .gguf "
+            "file again (it is converted anew), or convert it with `qwen convert FILE OUT`.")
     if quantize == "auto":
         quantize = auto_quantize(model, dtype, dev, gptq, from_gguf=source is not None)
         if quantize:
@@ -130,7 +135,14 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
         if quantize:
             raise ValueError("this checkpoint is already quantized (GPTQ): drop --quantize")
         install_gptq_layers(model, gptq, checkpoint_names(files))
-    load_weights(model, files, dt, dev)
+    extra, deferred = (), frozenset()
+    if lean:  # the weights not in the checkpoint's files come from the GGUF file
+        from .quant.gguf_blocks import block_weights, file_tensors
+
+        deferred = frozenset(block_weights(model, source)) if quantize == "gguf" else frozenset()
+        stored = checkpoint_names(files)
+        extra = file_tensors(source, [n for n in source["tensors"] if n not in stored and n not in deferred])
+    load_weights(model, files, dt, dev, extra, deferred)
     if gptq is not None:
         model.quantization = finish_gptq(model, gptq, dt)
     if quantize == "int4":
@@ -148,6 +160,8 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
             raise ValueError(f"--quantize gguf needs a checkpoint converted from a GGUF file that is still in "
                              f"place (a .gguf path, or the default model); {path} is not one")
         quantize_model_gguf(model, source)
+    if deferred and any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        raise RuntimeError("a lean checkpoint's weights were left unfilled (a bug: please report it)")
     if kv_cache in (None, "auto"):
         kv_cache = "int8" if config.use_cache_quantization else "float"
     model.kv_cache = kv_cache

@@ -124,7 +124,7 @@ def _converted_gguf_dir(path: str) -> str:
     if not os.path.isfile(os.path.join(target, ".complete")):
         if os.path.isdir(target):
             shutil.rmtree(target)
-        convert_gguf(path, target)
+        convert_gguf(path, target, lean="auto")  # (a large file: its quantized tensors stay in it)
         open(os.path.join(target, ".complete"), "w").close()
     return target
 

@@ -17,6 +17,7 @@ from qwenlm.cli import main
 from qwenlm.tokenizer.vocab import byte_encoder
 from qwenlm.weights.convert import convert_gguf
 from qwenlm.weights.gguf import GGUFError
+from qwenlm.weights.loader import CheckpointError
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 H, FF, LAYERS, HEADS, KV = 64, 96, 2, 4, 2
@@ -225,3 +226,75 @@ def test_gguf_blocks_of_a_tied_head_and_a_changed_file(tmp_path):
     assert torch.equal(q4.dequantize_q4(model.lm_head.codes, model.lm_head.d, model.lm_head.m), emb)
     os.utime(src, ns=(0, 0))  # the file changed since (its time)
     assert load_model(out, device="cpu", quantize="auto").quantization == "q8-avx2"
+
+
+# ---- lean conversion: a large GGUF's quantized tensors stay in the file ----------------------------
+
+LEAN = {**BLOCKS, "token_embd.weight": Q.Q5_0}  # (the embedding quantized too, as in the default model)
+
+def test_lean_conversion_reads_the_files_tensors_as_the_full_one_stores_them(tmp_path):
+    """A lean checkpoint holds only the file's float tensors; loaded in float, every weight equals the
+    full conversion's (gguf's own dequantization, read from the file at load)."""
+    src = _write_gguf(str(tmp_path / "m.gguf"), "qwen2", _qwen2_tensors(seed=3), LEAN)
+    full, lean = str(tmp_path / "full"), str(tmp_path / "lean")
+    convert_gguf(src, full, progress=False)
+    convert_gguf(src, lean, progress=False, lean=True)
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(lean, "model.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
+    assert "model.layers.0.input_layernorm.weight" in stored and "model.layers.1.self_attn.q_proj.weight" in stored
+    assert not stored & {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"}
+    want = load_model(full, dtype="float32", device="cpu", quantize="none").state_dict()
+    got = load_model(lean, dtype="float32", device="cpu", quantize="none").state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert load_model(lean, dtype="bfloat16", device="cpu").state_dict()["lm_head.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not __import__("qwenlm.quant.q4", fromlist=["q4"]).available(), reason="needs the AVX2 kernel")
+def test_lean_conversion_on_the_cpu_kernel_never_dequantizes_the_blocks(tmp_path, monkeypatch):
+    """With the file's blocks (the CPU default), a lean checkpoint gives the full one's model exactly,
+    and the layers that take the file's blocks are never dequantized; the file gone, one clear error."""
+    from qwenlm.quant import gguf_blocks, q4
+
+    src = _write_gguf(str(tmp_path / "m.gguf"), "qwen2", _qwen2_tensors(seed=3), LEAN)
+    full, lean = str(tmp_path / "full"), str(tmp_path / "lean")
+    convert_gguf(src, full, progress=False)
+    convert_gguf(src, lean, progress=False, lean=True)
+    read = []
+    real = gguf_blocks.file_tensors
+    monkeypatch.setattr(gguf_blocks, "file_tensors", lambda source, names: real(source, read.extend(names) or names))
+    model = load_model(lean, device="cpu", quantize="auto")
+    ref = load_model(full, device="cpu", quantize="auto")
+    assert model.quantization == ref.quantization == "gguf-blocks"
+    from qwenlm.commands.info import describe
+
+    assert describe(lean)["weights_in_gguf"] and not describe(full)["weights_in_gguf"]
+    assert "model.layers.0.self_attn.q_proj.weight" not in read and "lm_head.weight" not in read
+    assert "model.embed_tokens.weight" in read and "model.layers.0.self_attn.o_proj.weight" in read  # Q4_0: 8 bits
+    for (name, a), (_, b) in zip(model.named_modules(), ref.named_modules()):
+        if isinstance(a, q4.Q4Linear):
+            assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("codes", "d", "m")), name
+    x = torch.tensor([[1, 5, 9, 200, 7]])
+    assert torch.equal(model(x).logits, ref(x).logits)
+    os.rename(src, str(tmp_path / "moved.gguf"))
+    assert main(["generate", "--model", lean, "hi"]) == 2  # one error line, no traceback
+    with pytest.raises(CheckpointError, match="lean conversion of .*m.gguf"):
+        load_model(lean, device="cpu")
+
+
+def test_a_large_gguf_is_converted_lean_into_the_cache(tmp_path, monkeypatch):
+    """A .gguf path is converted once into the cache: in full below LEAN_ABOVE fp32 bytes, lean above."""
+    from qwenlm import hub
+    from qwenlm.weights import convert
+
+    monkeypatch.setenv("QWENLM_HOME", str(tmp_path / "home"))
+    src = _write_gguf(str(tmp_path / "m.gguf"), "qwen2", _qwen2_tensors(seed=3), LEAN)
+    assert not json.load(open(os.path.join(hub.resolve_model(src), "gguf_source.json")))["lean"]
+    monkeypatch.setattr(convert, "LEAN_ABOVE", 1000)
+    os.utime(src, ns=(1, 1))  # another version of the file: converted anew
+    out = hub.resolve_model(src)
+    assert json.load(open(os.path.join(out, "gguf_source.json")))["lean"]
+    assert load_model(out, dtype="float32", device="cpu", quantize="none").lm_head.weight.shape == (272, H)

@@ -18,7 +18,7 @@ def describe(path: str) -> dict:
     from ..config import ModelConfig
     from ..generation.config import GenerationConfig
     from ..quant import q4
-    from ..quant.gguf_blocks import source_of
+    from ..quant.gguf_blocks import recorded_source, source_of
     from ..weights.loader import checkpoint_files
 
     cfg = ModelConfig.from_pretrained(path)
@@ -49,6 +49,8 @@ def describe(path: str) -> dict:
         "weight_files": len(files),
         "weight_bytes": sum(os.path.getsize(f) for f in files),
         "gguf_source": source["path"] if source else None,
+        # a lean conversion: the quantized weights are read from the GGUF file (not in weight_bytes)
+        "weights_in_gguf": bool((recorded_source(path) or {}).get("lean")),
         "cpu_weights": cpu_weights,
     }
 

@@ -22,6 +22,7 @@ import logging
 import os
 import warnings
 from collections import Counter
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -33,10 +34,11 @@ log = logging.getLogger("qwenlm")
 SOURCE_FILE = "gguf_source.json"  # in a converted checkpoint: the GGUF it came from
 
 
-def record_source(checkpoint_dir: str, gguf_path: str, reader=None) -> None:
+def record_source(checkpoint_dir: str, gguf_path: str, reader=None, lean: bool = False) -> None:
     """Note in a converted checkpoint which GGUF file it came from (path and size) and where each
     tensor's blocks are in it (reading a GGUF's header with the `gguf` package takes ~12 s for a
-    150k-token vocabulary: too slow for every start)."""
+    150k-token vocabulary: too slow for every start). `lean`: the checkpoint holds only the file's
+    float tensors; the others are read from the file at load (`file_tensors`)."""
     from ..weights.gguf import checkpoint_name, gguf_metadata, open_gguf
 
     reader = reader or open_gguf(gguf_path)
@@ -46,20 +48,69 @@ def record_source(checkpoint_dir: str, gguf_path: str, reader=None) -> None:
     st = os.stat(gguf_path)
     with open(os.path.join(checkpoint_dir, SOURCE_FILE), "w", encoding="utf-8") as f:
         json.dump({"path": os.path.abspath(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                   "arch": arch, "tensors": tensors}, f)
+                   "arch": arch, "lean": lean, "tensors": tensors}, f)
+
+
+def recorded_source(checkpoint_dir: str) -> dict | None:
+    """What `record_source` noted, whether or not the GGUF file is still there."""
+    try:
+        with open(os.path.join(checkpoint_dir, SOURCE_FILE), encoding="utf-8") as f:
+            src = json.load(f)
+        return src if isinstance(src, dict) and isinstance(src.get("tensors"), dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def source_of(checkpoint_dir: str) -> dict | None:
     """What `record_source` noted, if the GGUF file is still there, unchanged (size and time)."""
+    src = recorded_source(checkpoint_dir)
     try:
-        with open(os.path.join(checkpoint_dir, SOURCE_FILE), encoding="utf-8") as f:
-            src = json.load(f)
         st = os.stat(src["path"])
-        if not isinstance(src["tensors"], dict):
-            return None
         return src if (st.st_size, st.st_mtime_ns) == (int(src["size"]), int(src["mtime_ns"])) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def file_tensors(source: dict, names) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, float32 tensor) for each of `names`, dequantized from the GGUF file (`gguf`'s own
+    dequantization: the values a full conversion stores)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    data = np.memmap(source["path"], dtype=np.uint8, mode="r")
+    for name in names:
+        type_name, shape, offset, nbytes = source["tensors"][name]
+        qtype = GGMLQuantizationType[type_name]
+        raw = np.asarray(data[offset:offset + nbytes])
+        out_shape = tuple(int(x) for x in reversed(shape))  # GGUF lists the innermost dimension first
+        if qtype == GGMLQuantizationType.F32:
+            arr = raw.view(np.float32).copy()
+        elif qtype == GGMLQuantizationType.F16:
+            arr = raw.view(np.float16).astype(np.float32)
+        else:
+            arr = dequantize(raw.reshape(int(np.prod(out_shape[:-1], dtype=np.int64)), -1), qtype)
+        yield name, torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(out_shape))
+
+
+def _block_entry(mod: nn.Module, t) -> bool:
+    """Whether a GGUF tensor entry (type, shape, offset, bytes) gives `mod` (an nn.Linear) its blocks as
+    they are (`gguf_blocks` maps its type), rather than 8 bits from the dequantized weight."""
+    return t is not None and t[0] in _DECODERS and len(t[1]) == 2 and list(t[1]) == [mod.in_features, mod.out_features]
+
+
+def _linear_entries(model: nn.Module, source: dict) -> dict[str, tuple[nn.Module, list | None]]:
+    """Each nn.Linear of the model by name, with the GGUF entry of its weight (or None)."""
+    tensors = dict(source["tensors"])
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = tensors.get(_embedding_name(source["arch"]))
+    return {name: (mod, tensors.get(name + ".weight")) for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear)}
+
+
+def block_weights(model: nn.Module, source: dict) -> set[str]:
+    """The weights that `quantize_model_gguf` takes from the file's blocks as they are: a lean
+    checkpoint's loading leaves them out (they are never dequantized)."""
+    return {name + ".weight" for name, (mod, t) in _linear_entries(model, source).items() if _block_entry(mod, t)}
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -137,19 +188,13 @@ def quantize_model_gguf(model: nn.Module, source: dict) -> nn.Module:
     `source_of`) describes (see the module doc)."""
     if model.device.type != "cpu" or not q4.available():
         raise ValueError("the GGUF file's blocks run on the CPU kernel (AVX2/FMA/F16C), unavailable here")
-    tensors = dict(source["tensors"])
-    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in tensors:
-        tensors["lm_head.weight"] = tensors.get(_embedding_name(source["arch"]))
     data = np.memmap(source["path"], dtype=np.uint8, mode="r")
     model.to(torch.float32)
     made: dict[str, tuple] = {}
     kinds = Counter()
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        t = tensors.get(name + ".weight")
+    for name, (mod, t) in _linear_entries(model, source).items():
         got = None
-        if t is not None and list(t[1][:2]) == [mod.in_features, mod.out_features] and len(t[1]) == 2:
+        if _block_entry(mod, t):
             type_name, shape, offset, nbytes = t
             got = gguf_blocks(type_name, shape, data[offset:offset + nbytes].reshape(mod.out_features, -1))
         if got is None:  # no exact mapping: 8 bits from the dequantized weight

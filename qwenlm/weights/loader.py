@@ -7,11 +7,12 @@ missing or damaged shard) is reported in one error that lists everything.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import re
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -95,14 +96,17 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_weights(model: torch.nn.Module, files: list[str], dtype: torch.dtype,
-                 device: torch.device) -> None:
-    """Fill a (meta-device) model from checkpoint files; raise one CheckpointError on mismatch."""
+                 device: torch.device, extra: Iterable[tuple[str, torch.Tensor]] = (),
+                 deferred: frozenset[str] | set[str] = frozenset()) -> None:
+    """Fill a (meta-device) model from checkpoint files, then `extra` (name, tensor) pairs; raise one
+    CheckpointError on mismatch. `deferred`: weights left on the meta device, that the caller fills
+    (a lean GGUF checkpoint's blocks)."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = getattr(model.config, "tie_word_embeddings", False)
-    seen: set[str] = set()
+    seen: set[str] = set(deferred)
     unexpected, misshaped = [], []
     params = dict(model.named_parameters())
-    for name, tensor in iter_tensors(files):
+    for name, tensor in itertools.chain(iter_tensors(files), extra):
         if name not in expected:
             if not any(p.match(name) for p in _IGNORABLE):
                 unexpected.append(name)
