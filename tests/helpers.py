@@ -191,3 +191,22 @@ def assert_same_tokens_but_near_ties(got, want, got_logits, want_logits, rel: fl
         tol = rel * lw.abs().max()
         assert lw[w[k]] - lw[g[k]] <= tol and lg[g[k]] - lg[w[k]] <= tol, (
             f"row {r} step {k}: tokens {g[k]} / {w[k]} are not a near-tie")
+
+
+def same_as_the_gguf_package(path: str) -> None:
+    """qwenlm's GGUF header reader gives what the `gguf` package's GGUFReader gives for `path`."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from qwenlm.weights.gguf_reader import HeaderReader
+
+    theirs, ours = GGUFReader(path), HeaderReader(path)
+    assert [k for k in theirs.fields if not k.startswith("GGUF.")] == list(ours.fields)  # (GGUF.*: their own)
+    for key, field in ours.fields.items():
+        want = theirs.fields[key].contents()
+        assert repr(field.contents()) == repr(want), key  # (repr: 1 and 1.0, 1 and True differ)
+    assert len(theirs.tensors) == len(ours.tensors)
+    for a, b in zip(theirs.tensors, ours.tensors):
+        assert (a.name, a.tensor_type, list(a.shape)) == (b.name, b.tensor_type, list(b.shape))
+        assert (int(a.n_elements), int(a.n_bytes), int(a.data_offset)) == (b.n_elements, b.n_bytes, b.data_offset)
+        assert a.data.dtype == b.data.dtype and np.array_equal(np.asarray(a.data), np.asarray(b.data)), a.name

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 
-from helpers import v1_config, v1_state_dict, write_checkpoint
+from helpers import same_as_the_gguf_package, v1_config, v1_state_dict, write_checkpoint
 from qwenlm import QwenTokenizer, load_model
 from qwenlm.cli import main
 from qwenlm.tokenizer.vocab import byte_encoder
@@ -50,6 +50,13 @@ def _write_gguf(path, arch, tensors: dict[str, np.ndarray], quant: dict[str, Q],
     w.add_eos_token_id(261)
     w.add_pad_token_id(259)
     w.add_chat_template("{{ chatml }}")
+    for key, (value, vtype) in (extra or {}).items():  # more metadata: (value, GGUFValueType)
+        if key == "general.alignment":
+            w.add_custom_alignment(value)
+        elif isinstance(value, list):
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, vtype)
     for name, arr in tensors.items():
         qt = quant.get(name, Q.F32)
         if qt == Q.F32:
@@ -298,3 +305,34 @@ def test_a_large_gguf_is_converted_lean_into_the_cache(tmp_path, monkeypatch):
     out = hub.resolve_model(src)
     assert json.load(open(os.path.join(out, "gguf_source.json")))["lean"]
     assert load_model(out, dtype="float32", device="cpu", quantize="none").lm_head.weight.shape == (272, H)
+
+
+# ---- the header reader -----------------------------------------------------------------------------
+
+def test_header_reader_reads_what_the_gguf_package_reads(tmp_path):
+    """Every value type, arrays of each, strings with any UTF-8, float and quantized tensors; an
+    alignment other than 32."""
+    from gguf import GGUFValueType as V
+
+    extra = {"t.u8": (7, V.UINT8), "t.i8": (-7, V.INT8), "t.u16": (65000, V.UINT16), "t.i16": (-300, V.INT16),
+             "t.u32": (4_000_000_000, V.UINT32), "t.i32": (-5, V.INT32), "t.f32": (0.1, V.FLOAT32),
+             "t.bool": (True, V.BOOL), "t.str": ("héllo 你好 🌍", V.STRING), "t.u64": (2**63, V.UINT64),
+             "t.i64": (-(2**40), V.INT64), "t.f64": (0.1, V.FLOAT64),
+             "t.ints": ([1, -2, 3], V.ARRAY), "t.floats": ([0.5, 1.25], V.ARRAY), "t.bools": ([True, False], V.ARRAY),
+             "t.strs": (["a", "", "你好"], V.ARRAY), "t.empty": ([], V.ARRAY)}
+    same_as_the_gguf_package(_write_gguf(str(tmp_path / "m.gguf"), "qwen2", _qwen2_tensors(), LEAN, extra=extra))
+    same_as_the_gguf_package(_write_gguf(str(tmp_path / "a.gguf"), "qwen2", _qwen2_tensors(), QUANT,
+                                          extra={"general.alignment": (64, V.UINT32)}))
+
+
+def test_header_reader_refuses_what_it_cannot_read(tmp_path):
+    from qwenlm.weights.gguf_reader import GGUFHeaderError, HeaderReader
+
+    data = open(_write_gguf(str(tmp_path / "m.gguf"), "qwen2", _qwen2_tensors(), QUANT), "rb").read()
+    for name, blob in {"v1": data[:4] + (1).to_bytes(4, "little") + data[8:], "cut": data[:2000],
+                       "type": data[:4] + (3).to_bytes(4, "little") + data[8:24] + (1).to_bytes(8, "little")
+                       + (3).to_bytes(8, "little") + b"abc" + (99).to_bytes(4, "little")}.items():
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(blob)
+        with pytest.raises(GGUFHeaderError):
+            HeaderReader(str(path))

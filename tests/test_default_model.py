@@ -170,3 +170,10 @@ def test_gguf_blocks_are_the_files_and_answer_like_fp32(default_dir):
     question = "In one sentence: what does a Python list comprehension do?"
     got = model.chat(tokenizer, question, do_sample=False, max_new_tokens=24)[0]
     assert got == fp32.chat(tokenizer, question, do_sample=False, max_new_tokens=24)[0]
+
+
+def test_header_reader_reads_the_default_models_file_as_the_gguf_package_does(default_dir):
+    """The 151,936-token vocabulary, merges, chat template and 291 tensors, value for value."""
+    from helpers import same_as_the_gguf_package
+
+    same_as_the_gguf_package(os.path.join(cache_dir(), "gguf", DEFAULT_MODEL["name"] + ".gguf"))

@@ -1,4 +1,5 @@
-"""GGUF import: read a `qwen2` or `qwen` GGUF (via the `gguf` package) into a checkpoint directory.
+"""GGUF import: read a `qwen2` or `qwen` GGUF (its header with gguf_reader.py, its tensors with the `gguf`
+package) into a checkpoint directory.
 
 Owns: validating the file, mapping llama.cpp tensor names back to the checkpoints' own names,
 dequantising (Q4_K, Q5_K, Q6_K, Q8_0, Q5_0, Q4_0, F16, BF16, F32, ... whatever `gguf` can read),
@@ -56,7 +57,8 @@ class GGUFError(ValueError):
 
 
 def open_gguf(path: str):
-    from gguf import GGUFReader
+    """The file's header (gguf_reader.HeaderReader: fields and tensor table)."""
+    from .gguf_reader import HeaderReader
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -64,8 +66,8 @@ def open_gguf(path: str):
         if f.read(4) != b"GGUF":
             raise GGUFError(f"{path} is not a GGUF file (bad magic bytes)")
     try:
-        return GGUFReader(path)
-    except Exception as e:  # the gguf package raises assorted errors on damaged files
+        return HeaderReader(path)
+    except Exception as e:  # a damaged header
         raise GGUFError(f"{path} is damaged or truncated and cannot be read ({type(e).__name__}: {e})") from e
 
 
