@@ -137,9 +137,9 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
         install_gptq_layers(model, gptq, checkpoint_names(files))
     extra, deferred = (), frozenset()
     if lean:  # the weights not in the checkpoint's files come from the GGUF file
-        from .quant.gguf_blocks import block_weights, file_tensors
+        from .quant.gguf_blocks import file_tensors, file_weights
 
-        deferred = frozenset(block_weights(model, source)) if quantize == "gguf" else frozenset()
+        deferred = frozenset(file_weights(model, source)) if quantize == "gguf" else frozenset()
         stored = checkpoint_names(files)
         extra = file_tensors(source, [n for n in source["tensors"] if n not in stored and n not in deferred])
     load_weights(model, files, dt, dev, extra, deferred)

@@ -270,9 +270,13 @@ def test_lean_conversion_on_the_cpu_kernel_never_dequantizes_the_blocks(tmp_path
     full, lean = str(tmp_path / "full"), str(tmp_path / "lean")
     convert_gguf(src, full, progress=False)
     convert_gguf(src, lean, progress=False, lean=True)
-    read = []
+    read, deferred = [], []
     real = gguf_blocks.file_tensors
     monkeypatch.setattr(gguf_blocks, "file_tensors", lambda source, names: real(source, read.extend(names) or names))
+    from qwenlm import auto
+
+    real_load = auto.load_weights
+    monkeypatch.setattr(auto, "load_weights", lambda *a: deferred.extend(a[-1]) or real_load(*a))
     model = load_model(lean, device="cpu", quantize="auto")
     ref = load_model(full, device="cpu", quantize="auto")
     assert model.quantization == ref.quantization == "gguf-blocks"
@@ -281,6 +285,9 @@ def test_lean_conversion_on_the_cpu_kernel_never_dequantizes_the_blocks(tmp_path
     assert describe(lean)["weights_in_gguf"] and not describe(full)["weights_in_gguf"]
     assert "model.layers.0.self_attn.q_proj.weight" not in read and "lm_head.weight" not in read
     assert "model.embed_tokens.weight" in read and "model.layers.0.self_attn.o_proj.weight" in read  # Q4_0: 8 bits
+    # ... read one at a time on the way to 8 bits, not all of them in float during the load
+    assert {"model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.q_proj.weight"} <= set(deferred)
+    assert "model.embed_tokens.weight" not in deferred
     for (name, a), (_, b) in zip(model.named_modules(), ref.named_modules()):
         if isinstance(a, q4.Q4Linear):
             assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("codes", "d", "m")), name

@@ -92,6 +92,14 @@ def file_tensors(source: dict, names) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(out_shape))
 
 
+def _weight_of(mod: nn.Module, name: str, source: dict) -> torch.Tensor:
+    """A linear layer's float weight: loaded, or (a lean checkpoint's, left out of the load) dequantized
+    from the file now, so that one layer at a time is ever in float."""
+    if not mod.weight.is_meta:
+        return mod.weight.detach()
+    return next(file_tensors(source, [name + ".weight"]))[1]
+
+
 def _block_entry(mod: nn.Module, t) -> bool:
     """Whether a GGUF tensor entry (type, shape, offset, bytes) gives `mod` (an nn.Linear) its blocks as
     they are (`gguf_blocks` maps its type), rather than 8 bits from the dequantized weight."""
@@ -107,10 +115,12 @@ def _linear_entries(model: nn.Module, source: dict) -> dict[str, tuple[nn.Module
             if isinstance(mod, nn.Linear)}
 
 
-def block_weights(model: nn.Module, source: dict) -> set[str]:
-    """The weights that `quantize_model_gguf` takes from the file's blocks as they are: a lean
-    checkpoint's loading leaves them out (they are never dequantized)."""
-    return {name + ".weight" for name, (mod, t) in _linear_entries(model, source).items() if _block_entry(mod, t)}
+def file_weights(model: nn.Module, source: dict) -> set[str]:
+    """The linear weights that `quantize_model_gguf` reads from the file itself: a lean checkpoint's
+    loading leaves them out. Those with blocks it maps are never dequantized; the others are, one
+    layer at a time, on their way to 8 bits (a 7B file's Q6_K layers would take ~6 GB in fp32 at once)."""
+    return {name + ".weight" for name, (mod, t) in _linear_entries(model, source).items()
+            if name + ".weight" in source["tensors"] and t is not None and list(t[1]) == [mod.in_features, mod.out_features]}
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -198,7 +208,7 @@ def quantize_model_gguf(model: nn.Module, source: dict) -> nn.Module:
             type_name, shape, offset, nbytes = t
             got = gguf_blocks(type_name, shape, data[offset:offset + nbytes].reshape(mod.out_features, -1))
         if got is None:  # no exact mapping: 8 bits from the dequantized weight
-            codes, d, m = q4.quantize_q8(mod.weight.detach())
+            codes, d, m = q4.quantize_q8(_weight_of(mod, name, source))
             got = (codes, d, m, 8)
             kinds["re-quantized to 8 bits" + ("" if t is None else f" ({t[0]})")] += 1
         else:
