@@ -216,3 +216,25 @@ def test_dequantize_kernel_equals_its_torch_reference(bits):
         codes = q4.pack_q5(q) if bits == 5 else q4.pack_q4(q)
     got = q4._extension().dequantize(codes, d, m)
     torch.testing.assert_close(got, q4.dequantize_q4(codes, d, m), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.skipif(not q4.available(), reason="needs the AVX2 kernel")
+def test_q6_k_rows_dequantize_as_the_gguf_package_does():
+    """The C++ Q6_K pass gives gguf's own dequantization bit for bit: random blocks (any codes and
+    scales; a finite fp16 d of either sign), several rows."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from qwenlm.quant.gguf_blocks import dequantize_rows
+
+    rng = np.random.default_rng(6)
+    raw = rng.integers(0, 256, (5, 3, 210), dtype=np.uint8)
+    raw[..., 208:210] = (rng.standard_normal((5, 3)) * 0.01).astype(np.float16)[..., None].view(np.uint8)
+    raw = raw.reshape(5, 3 * 210)
+    want = dequantize(raw, GGMLQuantizationType.Q6_K)
+    got = q4._extension().dequantize_q6_k(torch.from_numpy(raw), 3).numpy()
+    assert got.shape == want.shape == (5, 768) and got.dtype == np.float32
+    assert np.array_equal(got, want)
+    assert np.array_equal(dequantize_rows(raw, "Q6_K"), want)  # what the GGUF paths call
+    assert np.array_equal(dequantize_rows(raw[:2], "Q6_K"), want[:2])

@@ -128,7 +128,8 @@ def checkpoint_name(arch: str, gguf_name: str) -> str:
 def dequantize_tensor(t) -> np.ndarray:
     """Float32 array in the checkpoint's (out, in) layout. GGUF shapes are listed innermost first."""
     from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
+
+    from ..quant.gguf_blocks import dequantize_rows
 
     shape = tuple(int(d) for d in reversed(t.shape))
     if t.tensor_type == GGMLQuantizationType.F32:
@@ -138,7 +139,7 @@ def dequantize_tensor(t) -> np.ndarray:
     else:
         try:
             # a plain array view: gguf's row grouping over its np.memmap pays the subclass on every slice
-            arr = dequantize(np.asarray(t.data), t.tensor_type)
+            arr = dequantize_rows(np.asarray(t.data), t.tensor_type.name)
         except NotImplementedError as e:
             raise GGUFError(f"tensor {t.name}: GGUF type {t.tensor_type.name} cannot be dequantised") from e
     return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)

@@ -570,7 +570,46 @@ std::vector<at::Tensor> repack_q5_0(at::Tensor raw, int64_t nb) {
   return {codes, d};
 }
 
+// llama.cpp Q6_K rows (N, nb * 210) uint8 -> float32 (N, nb * 256). A super-block of 256 weights: 128
+// bytes of low four bits (ql), 64 bytes of high two bits (qh), 16 int8 scales (one per 16 weights),
+// fp16 d; in each half of 128 weights, weight 32*g + l takes its low bits from ql[l] (g = 0, 2) or
+// ql[32 + l] (g = 1, 3), low nibble for g < 2, and bits 2g, 2g+1 of qh[l]; w = (d * scale) * (q - 32),
+// the float operations of the gguf package's dequantization, in its order (bit for bit).
+at::Tensor dequantize_q6_k(at::Tensor raw, int64_t nb) {
+  TORCH_CHECK(raw.dtype() == at::kByte && raw.dim() == 2 && raw.is_contiguous() && raw.size(1) == nb * 210,
+              "dequantize_q6_k: contiguous (N, nb * 210) uint8");
+  const int64_t blocks = raw.size(0) * nb;
+  auto out = at::empty({raw.size(0), nb * 256}, at::kFloat);
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  float* y = out.data_ptr<float>();
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < blocks; ++i) {
+    const uint8_t* ql = src + i * 210;
+    const uint8_t* qh = ql + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(ql + 192);
+    uint16_t bits;
+    std::memcpy(&bits, ql + 208, 2);
+    const float d = _cvtsh_ss(bits);
+    float* o = y + i * 256;
+    for (int half = 0; half < 2; ++half, o += 128, ql += 64, qh += 32, sc += 8) {
+      for (int l = 0; l < 32; ++l) {
+        const int is = l / 16;
+        const int q0 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32;
+        const int q1 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+        const int q2 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+        const int q3 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+        o[l] = (d * (float)sc[is]) * (float)q0;
+        o[l + 32] = (d * (float)sc[is + 2]) * (float)q1;
+        o[l + 64] = (d * (float)sc[is + 4]) * (float)q2;
+        o[l + 96] = (d * (float)sc[is + 6]) * (float)q3;
+      }
+    }
+  }
+  return out;
+}
+
 TORCH_LIBRARY(qwenlm_q4, mod) {
+  mod.def("dequantize_q6_k(Tensor raw, int nb) -> Tensor", &dequantize_q6_k);  // llama.cpp Q6_K -> float32
   mod.def("quantize_q8(Tensor w) -> Tensor[]", &quantize_q8);  // 8-bit blocks of 32, fp16 scale (one pass)
   mod.def("dequantize(Tensor codes, Tensor d, Tensor m) -> Tensor", &dequantize);  // the float32 weight
   mod.def("repack_q5_0(Tensor raw, int nb) -> Tensor[]", &repack_q5_0);  // llama.cpp Q5_0 -> 5-bit pairs
