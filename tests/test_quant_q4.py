@@ -219,9 +219,10 @@ def test_dequantize_kernel_equals_its_torch_reference(bits):
 
 
 @pytest.mark.skipif(not q4.available(), reason="needs the AVX2 kernel")
-def test_q6_k_rows_dequantize_as_the_gguf_package_does():
-    """The C++ Q6_K pass gives gguf's own dequantization bit for bit: random blocks (any codes and
-    scales; a finite fp16 d of either sign), several rows."""
+@pytest.mark.parametrize("kind, size, scales", [("Q6_K", 210, [208]), ("Q4_K", 144, [0, 2])])
+def test_k_quant_rows_dequantize_as_the_gguf_package_does(kind, size, scales):
+    """The C++ passes give gguf's own dequantization bit for bit: random blocks (any codes, scales
+    and minimums; finite fp16 scales of either sign), several rows."""
     import numpy as np
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -229,12 +230,13 @@ def test_q6_k_rows_dequantize_as_the_gguf_package_does():
     from qwenlm.quant.gguf_blocks import dequantize_rows
 
     rng = np.random.default_rng(6)
-    raw = rng.integers(0, 256, (5, 3, 210), dtype=np.uint8)
-    raw[..., 208:210] = (rng.standard_normal((5, 3)) * 0.01).astype(np.float16)[..., None].view(np.uint8)
-    raw = raw.reshape(5, 3 * 210)
-    want = dequantize(raw, GGMLQuantizationType.Q6_K)
-    got = q4._extension().dequantize_q6_k(torch.from_numpy(raw), 3).numpy()
+    raw = rng.integers(0, 256, (5, 3, size), dtype=np.uint8)
+    for at in scales:
+        raw[..., at:at + 2] = (rng.standard_normal((5, 3)) * 0.01).astype(np.float16)[..., None].view(np.uint8)
+    raw = raw.reshape(5, 3 * size)
+    want = dequantize(raw, GGMLQuantizationType[kind])
+    got = getattr(q4._extension(), "dequantize_" + kind.lower())(torch.from_numpy(raw), 3).numpy()
     assert got.shape == want.shape == (5, 768) and got.dtype == np.float32
     assert np.array_equal(got, want)
-    assert np.array_equal(dequantize_rows(raw, "Q6_K"), want)  # what the GGUF paths call
-    assert np.array_equal(dequantize_rows(raw[:2], "Q6_K"), want[:2])
+    assert np.array_equal(dequantize_rows(raw, kind), want)  # what the GGUF paths call
+    assert np.array_equal(dequantize_rows(raw[:2], kind), want[:2])

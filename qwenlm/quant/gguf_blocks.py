@@ -73,18 +73,23 @@ def source_of(checkpoint_dir: str) -> dict | None:
 
 def dequantize_rows(raw: np.ndarray, type_name: str) -> np.ndarray:
     """Rows of a quantized GGUF tensor (R, row bytes) -> float32 (R, row weights), as the `gguf` package
-    dequantizes them; Q6_K (the K-quant files' down and v projections, and often their head) in one
-    C++ pass when the CPU kernel is there (~10x the package's numpy code, bit for bit the same)."""
+    dequantizes them; Q4_K and Q6_K (most of a K-quant file) in one C++ pass when the CPU kernel is
+    there (~10x the package's numpy code, bit for bit the same)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    if type_name == "Q6_K" and raw.shape[-1] % 210 == 0 and q4.available():
-        nb = raw.shape[-1] // 210
+    size = _K_QUANT_BYTES.get(type_name)
+    if size and raw.shape[-1] % size == 0 and q4.available():
+        nb = raw.shape[-1] // size
         with warnings.catch_warnings():  # (a read-only memory map: only read)
             warnings.simplefilter("ignore", UserWarning)
-            rows = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, nb * 210))
-        return q4._extension().dequantize_q6_k(rows, nb).numpy().reshape(*raw.shape[:-1], nb * 256)
+            rows = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, nb * size))
+        fn = getattr(q4._extension(), "dequantize_" + type_name.lower())
+        return fn(rows, nb).numpy().reshape(*raw.shape[:-1], nb * 256)
     return dequantize(raw, GGMLQuantizationType[type_name])
+
+
+_K_QUANT_BYTES = {"Q6_K": 210, "Q4_K": 144}  # bytes per 256 weights of the types dequantized in C++
 
 
 def file_tensors(source: dict, names) -> Iterator[tuple[str, torch.Tensor]]:

@@ -608,7 +608,41 @@ at::Tensor dequantize_q6_k(at::Tensor raw, int64_t nb) {
   return out;
 }
 
+// llama.cpp Q4_K rows (N, nb * 144) uint8 -> float32 (N, nb * 256). A super-block of 256 weights: fp16 d
+// and dmin, 12 bytes holding eight 6-bit scales and eight 6-bit minimums, 128 bytes of codes (sub-block
+// g of 32 weights: the low (g even) or high (g odd) nibbles of bytes 32*(g/2)..+31);
+// w = (d * sc_g) * q - dmin * m_g, as the gguf package computes it (every product there is exact in
+// float32, so a fused multiply-add rounds the same).
+at::Tensor dequantize_q4_k(at::Tensor raw, int64_t nb) {
+  TORCH_CHECK(raw.dtype() == at::kByte && raw.dim() == 2 && raw.is_contiguous() && raw.size(1) == nb * 144,
+              "dequantize_q4_k: contiguous (N, nb * 144) uint8");
+  const int64_t blocks = raw.size(0) * nb;
+  auto out = at::empty({raw.size(0), nb * 256}, at::kFloat);
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  float* y = out.data_ptr<float>();
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < blocks; ++i) {
+    const uint8_t* b = src + i * 144;
+    uint16_t h[2];
+    std::memcpy(h, b, 4);
+    const float d = _cvtsh_ss(h[0]), dmin = _cvtsh_ss(h[1]);
+    const uint8_t* s = b + 4;
+    const uint8_t* qs = b + 16;
+    float* o = y + i * 256;
+    for (int g = 0; g < 8; ++g) {
+      const int sc = g < 4 ? (s[g] & 63) : ((s[g + 4] & 0x0F) | ((s[g - 4] >> 2) & 0x30));
+      const int mn = g < 4 ? (s[g + 4] & 63) : ((s[g + 4] >> 4) | ((s[g] >> 2) & 0x30));
+      const float ds = d * (float)sc, dm = dmin * (float)mn;
+      const uint8_t* q = qs + 32 * (g / 2);
+      const int shift = 4 * (g % 2);
+      for (int l = 0; l < 32; ++l) o[32 * g + l] = ds * (float)((q[l] >> shift) & 0x0F) - dm;
+    }
+  }
+  return out;
+}
+
 TORCH_LIBRARY(qwenlm_q4, mod) {
+  mod.def("dequantize_q4_k(Tensor raw, int nb) -> Tensor", &dequantize_q4_k);  // llama.cpp Q4_K -> float32
   mod.def("dequantize_q6_k(Tensor raw, int nb) -> Tensor", &dequantize_q6_k);  // llama.cpp Q6_K -> float32
   mod.def("quantize_q8(Tensor w) -> Tensor[]", &quantize_q8);  // 8-bit blocks of 32, fp16 scale (one pass)
   mod.def("dequantize(Tensor codes, Tensor d, Tensor m) -> Tensor", &dequantize);  // the float32 weight
