@@ -570,27 +570,32 @@ std::vector<at::Tensor> repack_q5_0(at::Tensor raw, int64_t nb) {
   return {codes, d};
 }
 
-// llama.cpp Q6_K rows (N, nb * 210) uint8 -> float32 (N, nb * 256). A super-block of 256 weights: 128
-// bytes of low four bits (ql), 64 bytes of high two bits (qh), 16 int8 scales (one per 16 weights),
-// fp16 d; in each half of 128 weights, weight 32*g + l takes its low bits from ql[l] (g = 0, 2) or
-// ql[32 + l] (g = 1, 3), low nibble for g < 2, and bits 2g, 2g+1 of qh[l]; w = (d * scale) * (q - 32),
-// the float operations of the gguf package's dequantization, in its order (bit for bit).
-at::Tensor dequantize_q6_k(at::Tensor raw, int64_t nb) {
-  TORCH_CHECK(raw.dtype() == at::kByte && raw.dim() == 2 && raw.is_contiguous() && raw.size(1) == nb * 210,
-              "dequantize_q6_k: contiguous (N, nb * 210) uint8");
+// Rows of llama.cpp super-blocks (N, nb * BYTES) uint8 -> float32 (N, nb * 256), each super-block of 256
+// weights written by block(bytes, out)
+template <int BYTES, typename Block>
+at::Tensor super_block_rows(const at::Tensor& raw, int64_t nb, const char* what, Block block) {
+  TORCH_CHECK(raw.dtype() == at::kByte && raw.dim() == 2 && raw.is_contiguous() && raw.size(1) == nb * BYTES,
+              what, ": contiguous (N, nb * ", BYTES, ") uint8");
   const int64_t blocks = raw.size(0) * nb;
   auto out = at::empty({raw.size(0), nb * 256}, at::kFloat);
   const uint8_t* src = raw.data_ptr<uint8_t>();
   float* y = out.data_ptr<float>();
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < blocks; ++i) {
-    const uint8_t* ql = src + i * 210;
+  for (int64_t i = 0; i < blocks; ++i) block(src + i * BYTES, y + i * 256);
+  return out;
+}
+
+// Q6_K (210 bytes per 256 weights): 128 bytes of low four bits (ql), 64 bytes of high two bits (qh), 16
+// int8 scales (one per 16 weights), fp16 d; in each half of 128 weights, weight 32*g + l takes its low
+// bits from ql[l] (g = 0, 2) or ql[32 + l] (g = 1, 3), low nibble for g < 2, and bits 2g, 2g+1 of qh[l];
+// w = (d * scale) * (q - 32), the float operations of the gguf package's dequantization, in its order.
+at::Tensor dequantize_q6_k(at::Tensor raw, int64_t nb) {
+  return super_block_rows<210>(raw, nb, "dequantize_q6_k", [](const uint8_t* ql, float* o) {
     const uint8_t* qh = ql + 128;
     const int8_t* sc = reinterpret_cast<const int8_t*>(ql + 192);
     uint16_t bits;
     std::memcpy(&bits, ql + 208, 2);
     const float d = _cvtsh_ss(bits);
-    float* o = y + i * 256;
     for (int half = 0; half < 2; ++half, o += 128, ql += 64, qh += 32, sc += 8) {
       for (int l = 0; l < 32; ++l) {
         const int is = l / 16;
@@ -604,31 +609,20 @@ at::Tensor dequantize_q6_k(at::Tensor raw, int64_t nb) {
         o[l + 96] = (d * (float)sc[is + 6]) * (float)q3;
       }
     }
-  }
-  return out;
+  });
 }
 
-// llama.cpp Q4_K rows (N, nb * 144) uint8 -> float32 (N, nb * 256). A super-block of 256 weights: fp16 d
-// and dmin, 12 bytes holding eight 6-bit scales and eight 6-bit minimums, 128 bytes of codes (sub-block
-// g of 32 weights: the low (g even) or high (g odd) nibbles of bytes 32*(g/2)..+31);
-// w = (d * sc_g) * q - dmin * m_g, as the gguf package computes it (every product there is exact in
-// float32, so a fused multiply-add rounds the same).
+// Q4_K (144 bytes per 256 weights): fp16 d and dmin, 12 bytes holding eight 6-bit scales and eight
+// 6-bit minimums, 128 bytes of codes (sub-block g of 32 weights: the low (g even) or high (g odd)
+// nibbles of bytes 32*(g/2)..+31); w = (d * sc_g) * q - dmin * m_g, as the gguf package computes it
+// (every product there is exact in float32, so a fused multiply-add rounds the same).
 at::Tensor dequantize_q4_k(at::Tensor raw, int64_t nb) {
-  TORCH_CHECK(raw.dtype() == at::kByte && raw.dim() == 2 && raw.is_contiguous() && raw.size(1) == nb * 144,
-              "dequantize_q4_k: contiguous (N, nb * 144) uint8");
-  const int64_t blocks = raw.size(0) * nb;
-  auto out = at::empty({raw.size(0), nb * 256}, at::kFloat);
-  const uint8_t* src = raw.data_ptr<uint8_t>();
-  float* y = out.data_ptr<float>();
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < blocks; ++i) {
-    const uint8_t* b = src + i * 144;
+  return super_block_rows<144>(raw, nb, "dequantize_q4_k", [](const uint8_t* b, float* o) {
     uint16_t h[2];
     std::memcpy(h, b, 4);
     const float d = _cvtsh_ss(h[0]), dmin = _cvtsh_ss(h[1]);
     const uint8_t* s = b + 4;
     const uint8_t* qs = b + 16;
-    float* o = y + i * 256;
     for (int g = 0; g < 8; ++g) {
       const int sc = g < 4 ? (s[g] & 63) : ((s[g + 4] & 0x0F) | ((s[g - 4] >> 2) & 0x30));
       const int mn = g < 4 ? (s[g + 4] & 63) : ((s[g + 4] >> 4) | ((s[g] >> 2) & 0x30));
@@ -637,8 +631,7 @@ at::Tensor dequantize_q4_k(at::Tensor raw, int64_t nb) {
       const int shift = 4 * (g % 2);
       for (int l = 0; l < 32; ++l) o[32 * g + l] = ds * (float)((q[l] >> shift) & 0x0F) - dm;
     }
-  }
-  return out;
+  });
 }
 
 TORCH_LIBRARY(qwenlm_q4, mod) {
