@@ -240,3 +240,27 @@ def test_k_quant_rows_dequantize_as_the_gguf_package_does(kind, size, scales):
     assert np.array_equal(got, want)
     assert np.array_equal(dequantize_rows(raw, kind), want)  # what the GGUF paths call
     assert np.array_equal(dequantize_rows(raw[:2], kind), want[:2])
+
+
+@pytest.mark.skipif(not q4.available(), reason="needs the AVX2 kernel")
+@pytest.mark.parametrize("kind, blocks", [("Q5_0", 4), ("Q5_0", 3), ("Q8_0", 3)])
+def test_q5_0_and_q8_0_rows_dequantize_as_the_gguf_package_does(kind, blocks, monkeypatch):
+    """Through the kernel's blocks (5-bit pairs, or 8 bits for an odd block count): gguf's values."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from qwenlm.quant.gguf_blocks import dequantize_rows
+
+    size = {"Q5_0": 22, "Q8_0": 34}[kind]
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 256, (6, blocks, size), dtype=np.uint8)
+    raw[..., 0:2] = (rng.standard_normal((6, blocks)) * 0.01).astype(np.float16)[..., None].view(np.uint8)
+    raw = raw.reshape(6, blocks * size)
+    want = dequantize(raw, GGMLQuantizationType[kind])
+    import gguf.quants
+
+    monkeypatch.setattr(gguf.quants, "dequantize", None)  # (not the package's code: the kernel's)
+    got = dequantize_rows(raw, kind)
+    assert got.shape == want.shape == (6, 32 * blocks) and got.dtype == np.float32
+    assert np.array_equal(got, want)

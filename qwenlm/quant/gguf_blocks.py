@@ -73,11 +73,18 @@ def source_of(checkpoint_dir: str) -> dict | None:
 
 def dequantize_rows(raw: np.ndarray, type_name: str) -> np.ndarray:
     """Rows of a quantized GGUF tensor (R, row bytes) -> float32 (R, row weights), as the `gguf` package
-    dequantizes them; Q4_K and Q6_K (most of a K-quant file) in one C++ pass when the CPU kernel is
-    there (~10x the package's numpy code, bit for bit the same)."""
+    dequantizes them; when the CPU kernel is there, Q4_K and Q6_K (most of a K-quant file) in one C++
+    pass (~10x the package's numpy code), Q5_0 and Q8_0 through the kernel's own blocks: bit for bit
+    the same values."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
+    if type_name in ("Q5_0", "Q8_0") and raw.shape[-1] % _BLOCK_BYTES[type_name] == 0 and q4.available():
+        # the kernel's own blocks hold these exactly (w = d * q + m: every term exact in float32)
+        rows = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, raw.shape[-1])
+        k = raw.shape[-1] // _BLOCK_BYTES[type_name] * 32
+        codes, d, m, _ = gguf_blocks(type_name, (k, rows.shape[0]), rows)
+        return q4._extension().dequantize(codes, d, m).numpy().reshape(*raw.shape[:-1], k)
     size = _K_QUANT_BYTES.get(type_name)
     if size and raw.shape[-1] % size == 0 and q4.available():
         nb = raw.shape[-1] // size
@@ -90,6 +97,7 @@ def dequantize_rows(raw: np.ndarray, type_name: str) -> np.ndarray:
 
 
 _K_QUANT_BYTES = {"Q6_K": 210, "Q4_K": 144}  # bytes per 256 weights of the types dequantized in C++
+_BLOCK_BYTES = {"Q5_0": 22, "Q8_0": 34}  # bytes per 32 weights
 
 
 def file_tensors(source: dict, names) -> Iterator[tuple[str, torch.Tensor]]:
