@@ -101,23 +101,14 @@ _BLOCK_BYTES = {"Q5_0": 22, "Q8_0": 34}  # bytes per 32 weights
 
 
 def file_tensors(source: dict, names) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, float32 tensor) for each of `names`, dequantized from the GGUF file (`gguf`'s own
-    dequantization: the values a full conversion stores)."""
-    from gguf import GGMLQuantizationType
+    """(name, float32 tensor) for each of `names`, dequantized from the GGUF file (the values a full
+    conversion stores)."""
+    from ..weights.gguf import dequantize_bytes
 
     data = np.memmap(source["path"], dtype=np.uint8, mode="r")
     for name in names:
         type_name, shape, offset, nbytes = source["tensors"][name]
-        qtype = GGMLQuantizationType[type_name]
-        raw = np.asarray(data[offset:offset + nbytes])
-        out_shape = tuple(int(x) for x in reversed(shape))  # GGUF lists the innermost dimension first
-        if qtype == GGMLQuantizationType.F32:
-            arr = raw.view(np.float32).copy()
-        elif qtype == GGMLQuantizationType.F16:
-            arr = raw.view(np.float16).astype(np.float32)
-        else:
-            arr = dequantize_rows(raw.reshape(int(np.prod(out_shape[:-1], dtype=np.int64)), -1), type_name)
-        yield name, torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(out_shape))
+        yield name, torch.from_numpy(dequantize_bytes(np.asarray(data[offset:offset + nbytes]), type_name, shape))
 
 
 def _weight_of(mod: nn.Module, name: str, source: dict) -> torch.Tensor:
@@ -128,10 +119,15 @@ def _weight_of(mod: nn.Module, name: str, source: dict) -> torch.Tensor:
     return next(file_tensors(source, [name + ".weight"]))[1]
 
 
+def _fits(mod: nn.Module, t) -> bool:
+    """Whether a GGUF tensor entry (type, shape, offset, bytes) is the weight of `mod` (an nn.Linear)."""
+    return t is not None and list(t[1]) == [mod.in_features, mod.out_features]
+
+
 def _block_entry(mod: nn.Module, t) -> bool:
-    """Whether a GGUF tensor entry (type, shape, offset, bytes) gives `mod` (an nn.Linear) its blocks as
-    they are (`gguf_blocks` maps its type), rather than 8 bits from the dequantized weight."""
-    return t is not None and t[0] in _DECODERS and len(t[1]) == 2 and list(t[1]) == [mod.in_features, mod.out_features]
+    """Whether a GGUF tensor entry gives `mod` its blocks as they are (`gguf_blocks` maps its type),
+    rather than 8 bits from the dequantized weight."""
+    return _fits(mod, t) and t[0] in _DECODERS
 
 
 def _linear_entries(model: nn.Module, source: dict) -> dict[str, tuple[nn.Module, list | None]]:
@@ -148,7 +144,7 @@ def file_weights(model: nn.Module, source: dict) -> set[str]:
     loading leaves them out. Those with blocks it maps are never dequantized; the others are, one
     layer at a time, on their way to 8 bits (a 7B file's Q6_K layers would take ~6 GB in fp32 at once)."""
     return {name + ".weight" for name, (mod, t) in _linear_entries(model, source).items()
-            if name + ".weight" in source["tensors"] and t is not None and list(t[1]) == [mod.in_features, mod.out_features]}
+            if name + ".weight" in source["tensors"] and _fits(mod, t)}
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:

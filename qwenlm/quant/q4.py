@@ -229,7 +229,6 @@ class Q4Linear(nn.Module):
             y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
-
     def _dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         # fp32, not bf16: CPUs without AVX512-BF16 multiply bf16 matrices slowly
         ext, n = _extension(), self.out_features

@@ -127,19 +127,22 @@ def checkpoint_name(arch: str, gguf_name: str) -> str:
 
 def dequantize_tensor(t) -> np.ndarray:
     """Float32 array in the checkpoint's (out, in) layout. GGUF shapes are listed innermost first."""
-    from gguf import GGMLQuantizationType
+    try:
+        return dequantize_bytes(np.asarray(t.data).reshape(-1).view(np.uint8), t.tensor_type.name, t.shape)
+    except NotImplementedError as e:
+        raise GGUFError(f"tensor {t.name}: GGUF type {t.tensor_type.name} cannot be dequantised") from e
 
+
+def dequantize_bytes(raw: np.ndarray, type_name: str, gguf_shape) -> np.ndarray:
+    """A tensor's bytes in the file (uint8) -> float32 in the checkpoint's layout (the GGUF shape
+    reversed): float types as they are, quantized ones row by row (quant/gguf_blocks.dequantize_rows)."""
     from ..quant.gguf_blocks import dequantize_rows
 
-    shape = tuple(int(d) for d in reversed(t.shape))
-    if t.tensor_type == GGMLQuantizationType.F32:
-        arr = np.array(t.data, dtype=np.float32)  # a copy: the mmap is read-only
-    elif t.tensor_type == GGMLQuantizationType.F16:
-        arr = np.asarray(t.data, dtype=np.float16).astype(np.float32)
+    shape = tuple(int(d) for d in reversed(gguf_shape))
+    if type_name == "F32":
+        arr = raw.view(np.float32).copy()  # a copy: the memory map is read-only
+    elif type_name == "F16":
+        arr = raw.view(np.float16).astype(np.float32)
     else:
-        try:
-            # a plain array view: gguf's row grouping over its np.memmap pays the subclass on every slice
-            arr = dequantize_rows(np.asarray(t.data), t.tensor_type.name)
-        except NotImplementedError as e:
-            raise GGUFError(f"tensor {t.name}: GGUF type {t.tensor_type.name} cannot be dequantised") from e
+        arr = dequantize_rows(raw.reshape(int(np.prod(shape[:-1], dtype=np.int64)), -1), type_name)
     return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
