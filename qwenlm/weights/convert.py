@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..quant import q4
 from ..quant.gguf_blocks import record_source
 from ..tokenizer.vocab import write_tiktoken_file
 from .gguf import GGUFError, _field, checkpoint_name, dequantize_tensor, gguf_metadata, open_gguf, read_gguf_vocab
@@ -167,15 +168,21 @@ def _write_weights(reader, arch: str, out: str, dtype: torch.dtype, progress: bo
             save_file(shard, os.path.join(out, f"shard-{len(files):05d}.safetensors"), metadata={"format": "pt"})
             shard, size = {}, 0
 
-    for t in tqdm(reader.tensors, desc="converting", unit="tensor", disable=not progress):
+    if any(t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) for t in reader.tensors):
+        q4.available()  # build the CPU kernel that dequantizes (once, ~10 s) before the bar starts
+    bar = tqdm(total=sum(int(t.n_elements) for t in reader.tensors), desc="converting", unit="weight",
+               unit_scale=True, disable=not progress)
+    for t in reader.tensors:  # (the bar counts weights: one tensor, the embedding, is a quarter of them)
         name = checkpoint_name(arch, t.name)
         tensor = torch.from_numpy(dequantize_tensor(t)).to(dtype)
+        bar.update(int(t.n_elements))
         shapes[name] = tuple(tensor.shape)
         nbytes = tensor.numel() * tensor.element_size()
         if size + nbytes > _SHARD_BYTES:
             flush()
         shard[name] = tensor
         size += nbytes
+    bar.close()
     flush()
     n = len(files)
     weight_map = {}
