@@ -3,6 +3,7 @@ gets a streamed reply equal to the API's answer, the conversation survives a rel
 stop and clear work, and the page works with --api-key."""
 
 import os
+import re
 import shutil
 
 import httpx
@@ -73,9 +74,14 @@ def test_chat_page_streams_a_reply(model_tok, browser):
         want = httpx.post(url + "/v1/chat/completions", json={
             "messages": [{"role": "system", "content": "You are a helpful assistant."},
                          {"role": "user", "content": "你好"}],
-            "temperature": 0, "top_p": 0.8, "max_tokens": 16}, timeout=60).json()["choices"][0]["message"]["content"]
+            "temperature": 0, "top_p": 0.8, "max_tokens": 16}, timeout=60).json()
+        n, want = want["usage"]["completion_tokens"], want["choices"][0]["message"]["content"]
         assert kept == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": want}]
         assert shown.strip()
+        # under the reply: its length in tokens (the server's count), its rate and its first token's wait
+        stats = page.text_content(".msg.assistant.done .stats")
+        assert re.fullmatch(rf"{n} tokens? · (\d+\.\d tokens/s · )?first token \d+\.\d\d s", stats), stats
+        assert (" tokens/s" in stats) == (n > 1)
         # the conversation is kept in the browser
         page.reload()
         assert page.locator(".msg.user").count() == 1 and page.locator(".msg.assistant").count() == 1
@@ -122,3 +128,22 @@ def test_markdown_rendering_and_escaping(model_tok, browser):
         assert "<ul><li>a</li><li>b</li></ul>" in html
         assert '<pre><code data-lang="python">print(&#39;&lt;b&gt;&#39;)\n</code></pre>' in html
         assert "<script>" not in html and "&lt;script&gt;" in html
+        html = page.evaluate("(t) => renderMarkdown(t)", "1. one\n\n2. two\n- x\n3. three\n\nafter\n- y")
+        assert html == ('<ol><li>one</li><li>two</li></ol><ul><li>x</li></ul><ol start="3"><li>three</li></ol>'
+                        "<p>after</p><ul><li>y</li></ul>")
+
+
+def test_code_blocks_have_a_copy_button(model_tok, browser):
+    model, tok = model_tok
+    with running_server(create_app(model, tok, ServerOptions(max_model_len=64, max_num_seqs=1))) as url:
+        context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
+        page = context.new_page()
+        page.goto(url + "/")
+        page.evaluate("() => bubble('assistant', 'Here:\\n```python\\nprint(\"<hi>\")\\n```\\nand\\n```\\nx = 1\\n```')")
+        assert page.locator(".msg.assistant pre button.copy").count() == 2
+        page.locator(".msg.assistant pre button.copy").nth(0).click()
+        page.wait_for_function("document.querySelector('.msg.assistant pre button.copy').textContent == 'Copied'")
+        assert page.evaluate("navigator.clipboard.readText()") == 'print("<hi>")\n'
+        page.locator(".msg.assistant pre button.copy").nth(1).click()
+        page.wait_for_function("navigator.clipboard.readText().then((t) => t == 'x = 1\\n')")
+        context.close()
