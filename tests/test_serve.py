@@ -335,17 +335,17 @@ def test_chunk_patterns_write_what_json_dumps_writes(name):
     which str.format would otherwise take as fields)."""
     import json
 
-    from qwenlm.serve.app import INDEX, REASON, TEXT, _json_str, _reason_json, _sse, _sse_format
+    from qwenlm.serve.jobs import INDEX, REASON, TEXT, json_str, reason_json, sse, sse_format
 
     def obj(i, text, reason):
         return {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": name,
                 "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}]}
 
-    fmt = _sse_format(obj(INDEX, TEXT, REASON))
+    fmt = sse_format(obj(INDEX, TEXT, REASON))
     for i, text in enumerate(AWKWARD):
         for reason in (None, "stop", "length"):
-            got = fmt.format(i, _json_str(text), _reason_json(reason))
-            assert got == _sse(obj(i, text, reason))
+            got = fmt.format(i, json_str(text), reason_json(reason))
+            assert got == sse(obj(i, text, reason))
             assert got.startswith("data: ") and got.endswith("\n\n")
             assert json.loads(got[6:]) == obj(i, text, reason)
 
@@ -373,7 +373,8 @@ def test_batches_hand_over_everything_that_has_arrived(model_tok):
     raises; the end of every choice ends the batches."""
     import asyncio
 
-    from qwenlm.serve.app import APIError, _Job
+    from qwenlm.serve.http import APIError
+    from qwenlm.serve.jobs import Job
 
     model, tok = model_tok
     server = create_app(model, tok, ServerOptions(max_model_len=64)).state.server
@@ -384,7 +385,7 @@ def test_batches_hand_over_everything_that_has_arrived(model_tok):
             return False
 
     async def run(items):
-        job = _Job(server, [[1, 2, 3]] * 2, [cfg, cfg], [], Request())
+        job = Job(server, [[1, 2, 3]] * 2, [cfg, cfg], [], Request())
         for it in items:
             job.queue.put_nowait(it)
         got = []

@@ -8,9 +8,6 @@ what to change.
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import json
 import logging
 import os
 import time
@@ -21,11 +18,12 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.batch import BadToken, BatchEngine, QueueFull, Sequence
-from ..generation.generate import StopChecker, TextAssembler
+from ..engine.batch import BatchEngine
+from .http import APIError, BodyLimit, Gate, error_response
+from .jobs import INDEX, REASON, TEXT, Job, json_str, reason_json, sse, sse_error, sse_format
 from .metrics import Metrics
 from .prompt import (PromptError, ToolCall, ToolStream, build_chat_prompt, forced_call_prefix, parse_reply,
                      tool_specs)
@@ -47,229 +45,6 @@ class ServerOptions:
     max_stop_strings: int = 16
     prefill_chunk: int | None = None  # prompt tokens read per engine step (None: the engine's default)
     prefix_cache: bool | None = None  # finished rows kept for prompts that start with their tokens (None: default)
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-
-def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status, headers=headers)
-
-
-class _BodyLimit:
-    """ASGI middleware: request bodies over `limit` bytes get a 413 before they are parsed."""
-
-    class _TooLarge(Exception):
-        pass
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        too_large = error_response(413, f"request body over {self.limit} bytes", "invalid_request_error")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await too_large(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise self._TooLarge
-            return msg
-        try:
-            await self.app(scope, limited, send)
-        except self._TooLarge:
-            await too_large(scope, receive, send)
-
-
-class _Gate:
-    """ASGI middleware: the API key check (every path but `open_paths`) and the request counter.
-    A plain ASGI wrapper on purpose: starlette's `BaseHTTPMiddleware` relays every chunk of a streamed
-    reply through an extra task and memory stream, which cost the server more than the chunks."""
-
-    def __init__(self, app, api_key: str | None, open_paths: set[str], metrics):
-        self.app, self.api_key, self.open_paths, self.metrics = app, api_key, open_paths, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        if self.api_key and path not in self.open_paths:
-            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                self.metrics.errors.labels("401").inc()
-                reply = error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                       "authentication_error", code="invalid_api_key",
-                                       headers={"WWW-Authenticate": "Bearer"})
-                return await reply(scope, receive, send)
-        route = path if path.startswith("/v1/") else "other"
-
-        async def counted(message):
-            if message["type"] == "http.response.start":
-                self.metrics.requests.labels(route, str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, counted)
-
-
-_GONE = "client gone"  # a queue item of _Job: not a finish reason of the engine
-
-
-class _Job:
-    """The choices of one request: one engine sequence each, tokens arriving on one queue."""
-
-    def __init__(self, server: "Server", prompts: list[list[int]], cfgs, extra_stop_ids, request: Request):
-        loop = asyncio.get_running_loop()
-        self.server, self.request = server, request
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.seqs: list[Sequence] = []
-        self.prompt_tokens = len(prompts[0])  # n choices of one prompt count it once, as OpenAI does
-        self.started = time.monotonic()
-        self.first_token_at: float | None = None
-        for i, (p, cfg) in enumerate(zip(prompts, cfgs)):
-            def emit(tok, reason, i=i):
-                loop.call_soon_threadsafe(self.queue.put_nowait, (i, tok, reason))
-            stop = StopChecker(cfg, extra_stop_ids, server.tokenizer)
-            self.seqs.append(Sequence(prompt=p, cfg=cfg, stop=stop, emit=emit))
-        # each choice's text as it streams: stop tokens and stop strings cut it
-        self.texts = [TextAssembler(server.tokenizer, s.stop.ids, s.cfg.stop or []) for s in self.seqs]
-
-    def submit(self) -> None:
-        try:
-            for s in self.seqs:
-                self.server.engine.submit(s)
-        except QueueFull as e:
-            self.abort()
-            raise APIError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
-        except BadToken as e:
-            self.abort()
-            raise APIError(400, str(e), param="prompt") from None
-        except ValueError as e:
-            self.abort()
-            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
-
-    def abort(self) -> None:
-        for s in self.seqs:
-            if s.finish_reason is None:
-                self.server.engine.abort(s)
-
-    async def batches(self):
-        """Lists of (choice index, token or None, finish reason or None), until every choice has
-        finished: each list is all that had arrived when the previous one was handled, so a server
-        that falls behind the engine writes several tokens of a stream at once. A client that goes
-        away has its sequences aborted."""
-        left = len(self.seqs)
-        queue = self.queue
-        watcher = asyncio.ensure_future(self._watch())
-        try:
-            while left:
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                batch = []
-                for i, tok, reason in items:
-                    if reason == _GONE:
-                        return
-                    if tok is not None and self.first_token_at is None:
-                        self.first_token_at = time.monotonic()
-                        self.server.metrics.ttft.observe(self.first_token_at - self.started)
-                    if reason is not None:
-                        left -= 1
-                        if reason == "error":
-                            if batch:
-                                yield batch
-                            raise APIError(500, "the engine failed on this request (see the server log)",
-                                           "server_error")
-                    batch.append((i, tok, reason))
-                yield batch
-        finally:
-            watcher.cancel()
-            self.abort()
-            self.server.metrics.latency.observe(time.monotonic() - self.started)
-
-    async def _watch(self) -> None:
-        """Every half second: has the client gone? Then end `events` (which aborts the sequences).
-        A task of its own, so that waiting for a token is a plain queue read (a timeout on every read
-        cost a task and a timer per token)."""
-        while True:
-            await asyncio.sleep(0.5)
-            if await self.request.is_disconnected():
-                break
-        log.info("client went away: aborting its sequence(s)")
-        self.queue.put_nowait((None, None, _GONE))
-
-    async def collect(self) -> list[str | None]:
-        """Run every choice to its end (non-streaming): fills `texts`, returns finish reasons."""
-        texts = self.texts
-        reasons: list[str | None] = [None] * len(self.seqs)
-        async for batch in self.batches():
-            for i, tok, reason in batch:
-                if tok is not None:
-                    texts[i].put(tok)
-                if reason is not None:
-                    texts[i].finish()
-                    reasons[i] = reason
-        return reasons
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(len(s.generated) for s in self.seqs)
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens()}}
-
-    def cached_tokens(self) -> int:
-        """Prompt tokens read from the prefix cache, as OpenAI reports them: each prompt once (the
-        choices of one prompt share it)."""
-        best: dict[int, int] = {}
-        for s in self.seqs:
-            best[id(s.prompt)] = max(best.get(id(s.prompt), 0), s.reused)
-        return sum(best.values())
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-# What json.dumps(ensure_ascii=False) writes for a str, without the encoder around it (C code).
-_json_str = json.encoder.encode_basestring
-INDEX, TEXT, REASON = "\0index", "\0text", "\0reason"  # slots of a chunk format
-
-
-def _sse_format(obj) -> str:
-    """The SSE event of `obj` as a str.format pattern whose fields are the slots found in it: {0} for
-    INDEX (an int), {1} for TEXT (JSON), {2} for REASON (JSON). Streams fill one pattern per token
-    instead of encoding the whole chunk again (which was the largest part of the server's work per
-    token)."""
-    s = _sse(obj).replace("{", "{{").replace("}", "}}")
-    for k, slot in enumerate((INDEX, TEXT, REASON)):
-        s = s.replace(json.dumps(slot), "{%d}" % k)
-    return s
-
-
-def _reason_json(reason: str | None) -> str:
-    return "null" if reason is None else _json_str(reason)
-
-
-def _sse_error(e: APIError) -> str:
-    """An error after the stream has started: one `data:` event in the OpenAI error schema."""
-    return _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
 
 
 class Server:
@@ -369,7 +144,7 @@ class Server:
         cfg = self.sampling(req, len(prompt.ids), max_tokens, ["Observation:"] if prompt.tools_on else [])
         names = [f.get("name_for_model", f.get("name")) for f in specs]
         cfgs = self.choice_cfgs(cfg, req.n)
-        job = _Job(self, [prompt.ids] * req.n, cfgs, [] if req.ignore_eos else self.chat_stop_ids, request)
+        job = Job(self, [prompt.ids] * req.n, cfgs, [] if req.ignore_eos else self.chat_stop_ids, request)
         job.submit()
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -404,13 +179,13 @@ class Server:
                     "tool_calls")
         return {"role": "assistant", "content": parsed}, reason
 
-    async def _chat_stream(self, job: _Job, texts, names, legacy, rid, created, include_usage, forced=""):
+    async def _chat_stream(self, job: Job, texts, names, legacy, rid, created, include_usage, forced=""):
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.opts.served_model_name}
 
         def chunk(i, delta, reason=None):
-            return _sse({**head, "choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}]})
+            return sse({**head, "choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}]})
 
-        text_fmt = _sse_format({**head, "choices": [{"index": INDEX, "delta": {"content": TEXT},
+        text_fmt = sse_format({**head, "choices": [{"index": INDEX, "delta": {"content": TEXT},
                                                      "finish_reason": None, "logprobs": None}]})
         tool_streams = [ToolStream(names) for _ in texts] if names else None
         for ts in tool_streams or []:
@@ -426,7 +201,7 @@ class Server:
                     if tool_streams is not None:
                         delta = tool_streams[i].put(delta)
                     if delta:
-                        out.append(text_fmt.format(i, _json_str(delta)))
+                        out.append(text_fmt.format(i, json_str(delta)))
                     if reason is None:
                         continue
                     if reason in ("abort", "error"):
@@ -450,12 +225,12 @@ class Server:
                     yield "".join(out)
             yield self._stream_end(job, head, include_usage)
         except APIError as e:
-            yield _sse_error(e)
+            yield sse_error(e)
 
-    def _stream_end(self, job: _Job, head: dict, include_usage: bool) -> str:
+    def _stream_end(self, job: Job, head: dict, include_usage: bool) -> str:
         """The last events of a stream: the usage chunk when asked for, then [DONE]."""
         self.metrics.generation_tokens.inc(job.completion_tokens)
-        usage = _sse({**head, "choices": [], "usage": job.usage()}) if include_usage else ""
+        usage = sse({**head, "choices": [], "usage": job.usage()}) if include_usage else ""
         return usage + "data: [DONE]\n\n"
 
     # ---- /v1/completions ------------------------------------------------------------------------
@@ -493,7 +268,7 @@ class Server:
             cfg = self.sampling(req, len(p), req.max_tokens)
             all_prompts += [p] * req.n
             cfgs += self.choice_cfgs(cfg, req.n)
-        job = _Job(self, all_prompts, cfgs, [] if req.ignore_eos else [self.tokenizer.eod_id], request)
+        job = Job(self, all_prompts, cfgs, [] if req.ignore_eos else [self.tokenizer.eod_id], request)
         job.prompt_tokens = sum(len(p) for p in prompts)
         job.submit()
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
@@ -503,12 +278,12 @@ class Server:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-            fmt = _sse_format({"id": rid, "object": "text_completion", "created": created, "model": name,
+            fmt = sse_format({"id": rid, "object": "text_completion", "created": created, "model": name,
                                "choices": [{"index": INDEX, "text": TEXT, "finish_reason": REASON,
                                             "logprobs": None}]})
 
             def chunk(i, text, reason=None):
-                return fmt.format(i, _json_str(text), _reason_json(reason))
+                return fmt.format(i, json_str(text), reason_json(reason))
 
             async def stream():
                 try:
@@ -530,7 +305,7 @@ class Server:
                     yield self._stream_end(job, {"id": rid, "object": "text_completion", "created": created,
                                                  "model": name}, include_usage)
                 except APIError as e:
-                    yield _sse_error(e)
+                    yield sse_error(e)
             return StreamingResponse(stream(), media_type="text/event-stream")
         reasons = await job.collect()
         if any(r == "abort" for r in reasons):
@@ -619,12 +394,12 @@ def create_app(model, tokenizer, opts: ServerOptions | None = None, engine: Batc
         server.metrics.errors.labels("500").inc()
         return error_response(500, "internal server error (see the server log)", "server_error")
 
-    app.add_middleware(_Gate, api_key=opts.api_key, open_paths={"/health", "/", "/favicon.ico"},
+    app.add_middleware(Gate, api_key=opts.api_key, open_paths={"/health", "/", "/favicon.ico"},
                        metrics=server.metrics)
     if opts.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=opts.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(_BodyLimit, limit=opts.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=opts.max_body_bytes)
 
     @app.get("/health")
     async def health():
