@@ -30,10 +30,10 @@ import torch
 
 from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, make_generator
-from ..generation.sampling import apply_logit_bias, apply_presence_frequency, choose, uniforms
 from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, rotary_cos_sin
-from .cache import KernelAttention, KVStore, kernel_attention_on
+from .cache import KernelAttention, KVStore, RowWriter, StepWriter, kernel_attention_on
 from .engine import common_prefix, fuse_projections, prompt_alpha
+from .sampler import RowSampler
 
 log = logging.getLogger("qwenlm")
 
@@ -74,43 +74,6 @@ class Sequence:
         return c.greedy and c.repetition_penalty == 1.0 and c.presence_penalty == 0 and c.frequency_penalty == 0
 
 
-class _RowWriter:
-    """KV cache adapter for a prefill into rows [row, row + B) of the chunk at slots [start, start + T):
-    write it, then attend to slots [0, start + T) (a first chunk, start 0, to its own exact values).
-    `valid` (B, T): the real tokens of right-padded prompts (None: all)."""
-
-    def __init__(self, kv: KVStore, row: int, valid: torch.Tensor | None = None, start: int = 0):
-        self.kv, self.row, self.valid, self.start = kv, row, valid, start
-
-    def update(self, i, k, v):
-        b, t, row, s = k.shape[0], k.shape[2], self.row, self.start
-        self.kv.store(i, k, v, lambda dst, x: dst[row:row + b, :, s:s + t].copy_(x), slice(row, row + b),
-                      first=s == 0, mask=self.valid)
-        if s == 0:
-            return k, v
-        return self.kv.load(i, lambda x: x[row:row + b, :, :s + t])
-
-
-class _StepWriter:
-    """KV cache adapter for a decode step of rows [0, n): row r writes its token at slot pos[r]
-    and reads slots [0, length)."""
-
-    def __init__(self, kv: KVStore, n: int, pos: torch.Tensor, length: int):
-        self.kv, self.n, self.pos, self.length = kv, n, pos, length
-        self.rows = torch.arange(n, device=pos.device)
-
-    def _put(self, dst, x):
-        dst[self.rows, :, self.pos] = x[:, :, 0]
-
-    def write(self, i, k, v):
-        self.kv.store(i, k, v, self._put, slice(0, self.n))
-
-    def update(self, i, k, v):
-        self.write(i, k, v)
-        n, length = self.n, self.length
-        return self.kv.load(i, lambda t: t[:n, :, :length])
-
-
 class BatchEngine:
     """`submit(seq)` from any thread; `start()` runs the loop in a daemon thread."""
 
@@ -125,7 +88,6 @@ class BatchEngine:
         self.model, self.cfg = model, model.config
         self.device = model.device
         self.max_num_seqs, self.max_model_len, self.max_queue = max_num_seqs, max_model_len, max_queue
-        self.vocab_limit = vocab_limit
         c = self.cfg
         self.kv = KVStore(len(model.blocks), max_num_seqs, c.num_kv_heads, max_model_len, c.head_dim, model.dtype,
                           self.device, int8=model.kv_int8)
@@ -146,9 +108,7 @@ class BatchEngine:
         self._pool = None
         self._warm_stream = None
         self._buf: dict[str, torch.Tensor] | None = None
-        # which tokens each row has seen (prompt and output), for the repetition penalty: one matrix,
-        # row r for the sequence in row r, made when a sequence first needs it; one write per step
-        self._seen: torch.Tensor | None = None
+        self.sampler = RowSampler(max_num_seqs, self.device, vocab_limit)
         # Prompts arriving together are prefilled in one forward pass (right-padded, up to
         # `max_prefill_tokens` padded tokens) on GPU; one at a time on the fused CPU path, whose per-row
         # kernels then give a request the same numbers alone or in a crowd.
@@ -348,9 +308,7 @@ class BatchEngine:
         seq.cached = len(seq.prompt)
         seq.generator = make_generator(seq.cfg.seed, dev)
         if seq.cfg.repetition_penalty != 1.0:
-            seen = self._seen_matrix(c.vocab_size)
-            seen[seq.row] = False
-            seen[seq.row, torch.tensor(seq.prompt, device=dev)] = True
+            self.sampler.see_prompt(seq.row, seq.prompt, c.vocab_size)
         self.stats["prompt_tokens"] += len(seq.prompt)
 
     def _set_alpha(self, seq: Sequence) -> None:
@@ -374,7 +332,7 @@ class BatchEngine:
             valid = torch.arange(t, device=dev)[None] < torch.tensor(lengths, device=dev)[:, None]
         pos = torch.arange(t, device=dev)[None].expand(len(seqs), t)
         ctx = self._context(pos, [s.alpha for s in seqs], mask=None, last=t - 1)
-        ctx.cache = _RowWriter(self.kv, first_row, valid)
+        ctx.cache = RowWriter(self.kv, first_row, valid)
         h = m.run_blocks(ids, ctx)
         last = h[torch.arange(len(seqs), device=dev), torch.tensor(lengths, device=dev) - 1]
         self.stats["prefills"] += 1
@@ -386,7 +344,7 @@ class BatchEngine:
         pos = torch.arange(s, e, device=dev)[None]
         mask = None if s == 0 else attention_mask_4d(torch.ones((1, e), dtype=torch.bool, device=dev), e - s)
         ctx = self._context(pos, [seq.alpha], mask=mask, last=e - 1)
-        ctx.cache = _RowWriter(self.kv, row, start=s)
+        ctx.cache = RowWriter(self.kv, row, start=s)
         h = self.model.run_blocks(torch.tensor([seq.prompt[s:e]], device=dev), ctx)
         seq.cached = e
         return h[:, -1]
@@ -511,7 +469,7 @@ class BatchEngine:
         m, dev = self.model, self.device
         ctx = ForwardContext(cos=cos[:, None], sin=sin[:, None], logn=None if logn is None else logn[:, None],
                              mask=None, cache=None)
-        writer = _StepWriter(self.kv, n, pos, length)
+        writer = StepWriter(self.kv, n, pos, length)
         if self._kernel_attention:  # Triton: reads the valid slots (and 8-bit codes) directly
             ctx.decode = KernelAttention(self.kv, writer.write, torch.zeros_like(pos), pos + 1, length)
         else:
@@ -589,54 +547,8 @@ class BatchEngine:
         return graph, out
 
     # ---- choosing tokens, finishing -------------------------------------------------------
-    def _seen_matrix(self, vocab: int) -> torch.Tensor:
-        if self._seen is None:
-            self._seen = torch.zeros(self.max_num_seqs, vocab, dtype=torch.bool, device=self.device)
-        return self._seen
-
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
-            logits[:, self.vocab_limit:] = float("-inf")
-        for i, s in enumerate(seqs):  # each row's own bias, before anything reads the logits
-            if s.cfg.logit_bias:
-                apply_logit_bias(logits[i:i + 1], s.cfg.logit_bias)
-        chosen: list[int | None] = [None] * len(seqs)
-        greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]
-        if greedy:
-            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
-                chosen[i] = t
-        # the other rows in groups of equal settings, each group in one call, each row with a uniform
-        # number from its own generator (so it picks what it would alone); one transfer for all
-        groups: dict[tuple, list[int]] = {}
-        for i, s in enumerate(seqs):
-            if chosen[i] is None:
-                c = s.cfg
-                groups.setdefault((c.greedy, c.temperature, c.top_p, c.top_k, c.repetition_penalty), []).append(i)
-        picked = []
-        dev = logits.device
-        for rows in groups.values():
-            cfg = seqs[rows[0]].cfg
-            everyone = len(rows) == len(seqs) and all(s.row == i for i, s in enumerate(seqs))
-            part = logits if everyone else logits[rows]  # (no copy in the common case: one group)
-            for j, i in enumerate(rows):  # OpenAI's penalties: only the rows that ask (each its own)
-                c = seqs[i].cfg
-                if seqs[i].counts and (c.presence_penalty or c.frequency_penalty):
-                    part[j:j + 1] = apply_presence_frequency(part[j:j + 1], seqs[i].counts, c.presence_penalty,
-                                                             c.frequency_penalty)
-            seen = cache_rows = None
-            if cfg.repetition_penalty != 1.0:
-                cache_rows = torch.tensor([seqs[i].row for i in rows], device=dev)
-                matrix = self._seen_matrix(logits.shape[-1])
-                seen = matrix[:len(seqs)] if everyone else matrix[cache_rows]
-            u = None if cfg.greedy else torch.cat([uniforms(1, seqs[i].generator, self.device) for i in rows])
-            tokens = choose(part, seen, cfg, u)
-            if cache_rows is not None:  # the rows have now seen their new tokens
-                self._seen[cache_rows, tokens] = True
-            picked.append((rows, tokens))
-        if picked:
-            flat = torch.cat([t for _, t in picked]).tolist()
-            for i, t in zip([i for rows, _ in picked for i in rows], flat):
-                chosen[i] = t
+        chosen = self.sampler.choose(seqs, logits)
         for s, t in zip(seqs, chosen):
             s.generated.append(t)
             s.counts[t] = s.counts.get(t, 0) + 1
@@ -664,8 +576,8 @@ class BatchEngine:
                 self.kv.swap_rows(row, last, seq.cached, mover.cached)
             else:
                 self.kv.move_row(last, row, mover.cached)
-            if self._seen is not None and mover.cfg.repetition_penalty != 1.0:
-                self._seen[row] = self._seen[last]
+            if mover.cfg.repetition_penalty != 1.0:
+                self.sampler.move(last, row)
             self.active[row] = mover
             mover.row = row
         self.active.pop()

@@ -161,3 +161,40 @@ def kernel_attention_on(device, dtype: torch.dtype, int8: bool, head_dim: int) -
     if head_dim & (head_dim - 1):  # the kernel tiles whole power-of-two heads
         return False
     return kernel_works("attention", device, dtype, int8=int8, head_dim=head_dim)
+
+
+class RowWriter:
+    """KV cache adapter for a prefill into rows [row, row + B) of the chunk at slots [start, start + T):
+    write it, then attend to slots [0, start + T) (a first chunk, start 0, to its own exact values).
+    `valid` (B, T): the real tokens of right-padded prompts (None: all)."""
+
+    def __init__(self, kv: KVStore, row: int, valid: torch.Tensor | None = None, start: int = 0):
+        self.kv, self.row, self.valid, self.start = kv, row, valid, start
+
+    def update(self, i, k, v):
+        b, t, row, s = k.shape[0], k.shape[2], self.row, self.start
+        self.kv.store(i, k, v, lambda dst, x: dst[row:row + b, :, s:s + t].copy_(x), slice(row, row + b),
+                      first=s == 0, mask=self.valid)
+        if s == 0:
+            return k, v
+        return self.kv.load(i, lambda x: x[row:row + b, :, :s + t])
+
+
+class StepWriter:
+    """KV cache adapter for a decode step of rows [0, n): row r writes its token at slot pos[r]
+    and reads slots [0, length)."""
+
+    def __init__(self, kv: KVStore, n: int, pos: torch.Tensor, length: int):
+        self.kv, self.n, self.pos, self.length = kv, n, pos, length
+        self.rows = torch.arange(n, device=pos.device)
+
+    def _put(self, dst, x):
+        dst[self.rows, :, self.pos] = x[:, :, 0]
+
+    def write(self, i, k, v):
+        self.kv.store(i, k, v, self._put, slice(0, self.n))
+
+    def update(self, i, k, v):
+        self.write(i, k, v)
+        n, length = self.n, self.length
+        return self.kv.load(i, lambda t: t[:n, :, :length])
