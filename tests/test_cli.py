@@ -4,6 +4,7 @@ and clear one-line errors instead of tracebacks."""
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -198,3 +199,53 @@ def test_chat_through_a_pipe(v1_chat_dir):
     assert r.returncode == 0, r.stderr
     assert "[1] User: 你好" in r.stdout and "[INFO] max_new_tokens = 2" in r.stdout
     assert "(cpu, float32)" in r.stdout  # the banner says how it runs (48-wide layers: not 8-bit)
+
+
+def test_chat_stats_report_what_the_turn_read_and_wrote(session_factory):
+    """`--stats` / `:stats`: each reply's token count (the reference loop's, end token included), its
+    prompt's length, and on the next turn how many prompt tokens came from the kept cache."""
+    from qwenlm.generation import StopChecker, generate
+    from qwenlm.tokenizer.chatml import make_context
+
+    s, out = session_factory(do_sample=False, max_new_tokens=8)
+    model, tok = s.model, s.tokenizer
+    control = [tok.im_end_id, tok.im_start_id, tok.eod_id]
+
+    def expected(query, history):
+        _, ids = make_context(tok, query, history=history, system=s.system, max_window_size=s.config.max_window_size)
+        new = generate(model, [ids], s.config, StopChecker(s.config, control, tok), vocab_limit=tok.id_limit)[0]
+        return ids, new
+
+    def stats_line():
+        lines = [x for x in out.getvalue().splitlines() if x.startswith("[") and "tokens" in x]
+        return lines[-1] if lines else None
+
+    s.handle("Hi")
+    assert stats_line() is None  # off by default
+    s.handle(":stats")
+    ids1, new1 = expected("Hello there", s.history)
+    s.handle("Hello there")
+    m = re.fullmatch(r"\[(\d+) tokens?(, [\d.]+ tokens/s)?; prompt (\d+) tokens( \((\d+) reused\))? in [\d.]+ s\]",
+                     stats_line())
+    assert m, stats_line()
+    assert int(m[1]) == len(new1) and int(m[3]) == len(ids1)
+    # the next turn's prompt starts with this one and its reply (but the reply's last token, never fed back)
+    ids2, new2 = expected("And then?", s.history)
+    s.handle("And then?")
+    m = re.fullmatch(r"\[(\d+) tokens?(, [\d.]+ tokens/s)?; prompt (\d+) tokens \((\d+) reused\) in [\d.]+ s\]",
+                     stats_line())
+    assert m, stats_line()
+    kept = ids1 + new1[:-1]
+    shared = next((i for i, (a, b) in enumerate(zip(ids2, kept)) if a != b), min(len(ids2), len(kept)))
+    assert int(m[1]) == len(new2) and int(m[3]) == len(ids2) and int(m[4]) == min(shared, len(ids2) - 1) > 0
+    s.handle(":stats")
+    n = len(out.getvalue())
+    s.handle("Bye")
+    assert "tokens/s" not in out.getvalue()[n:] and "reused)" not in out.getvalue()[n:]
+
+
+def test_generate_stats_go_to_stderr(v1_chat_dir):
+    r = _run("generate", "--model", v1_chat_dir, "--greedy", "--max-new-tokens", "5", "--stats", "Hi there")
+    assert r.returncode == 0, r.stderr
+    assert "tokens" not in r.stdout
+    assert re.search(r"^\[\d+ tokens?(, [\d.]+ tokens/s)?; prompt \d+ tokens in [\d.]+ s\]$", r.stderr, re.M), r.stderr

@@ -25,6 +25,7 @@ HELP = """Commands:
   :conf                      show the generation settings
   :conf key=value            change a generation setting (e.g. :conf temperature=0.5)
   :reset-conf                restore the model's generation settings
+  :stats                     show (or stop showing) each reply's tokens, tokens/s and prompt wait
 Anything else is sent to the model. For several lines (pasted code), begin and end with QQQ:
   QQQ
   def f(x):
@@ -62,8 +63,9 @@ def add_parser(sub) -> None:
 class ChatSession:
     """State of one terminal chat; `handle(line)` does one command or one turn."""
 
-    def __init__(self, model, tokenizer, system: str, overrides: dict, out=sys.stdout):
+    def __init__(self, model, tokenizer, system: str, overrides: dict, out=sys.stdout, stats: bool = False):
         self.model, self.tokenizer, self.system, self.out = model, tokenizer, system, out
+        self.stats = stats
         self.base = model.generation_config.update(**{k: v for k, v in overrides.items() if k != "seed"})
         self.config = self.base
         self.seed = overrides.get("seed", 1234)
@@ -105,6 +107,10 @@ class ChatSession:
             self.say(f"\n[ERROR] {e}\n")
             return
         self.say("\n")
+        if self.stats:
+            from ..engine import get_engine
+
+            self.say(f"[{get_engine(self.model).last_stats.summary()}]")
         self.history.append((query, response))
 
     # ---- commands -------------------------------------------------------------------------
@@ -161,6 +167,10 @@ class ChatSession:
         self.config = self.base
         self.say("[INFO] Generation settings reset")
 
+    def cmd_stats(self, arg):
+        self.stats = not self.stats
+        self.say(f"[INFO] Reply statistics {'on' if self.stats else 'off'}")
+
 
 _COMMANDS = {}
 for _names, _fn in (
@@ -169,6 +179,7 @@ for _names, _fn in (
     (("clear-history", "clear-his", "clh"), ChatSession.cmd_clear_history),
     (("history", "his"), ChatSession.cmd_history), (("seed",), ChatSession.cmd_seed),
     (("conf",), ChatSession.cmd_conf), (("reset-conf",), ChatSession.cmd_reset_conf),
+    (("stats",), ChatSession.cmd_stats),
 ):
     for _n in _names:
         _COMMANDS[_n] = _fn
@@ -180,7 +191,7 @@ def run(args) -> int:
     except ImportError:
         pass
     model, tokenizer = load_from_args(args)
-    session = ChatSession(model, tokenizer, args.system, sampling_overrides(args))
+    session = ChatSession(model, tokenizer, args.system, sampling_overrides(args), stats=args.stats)
     name = os.path.basename(os.path.normpath(getattr(model, "name_or_path", "model")))
     session.say(f"Chatting with {name} ({describe(model)}). Type :help for commands, :exit or Ctrl-D to leave.")
     while True:

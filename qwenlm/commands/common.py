@@ -32,6 +32,8 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--greedy", action="store_true", help="always pick the most likely token")
     g.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--stats", action="store_true",
+                   help="after each reply: tokens generated, tokens/s, and the prompt's tokens and wait")
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:

@@ -43,4 +43,9 @@ def run(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.stats:
+        from ..engine import get_engine
+
+        print(f"[{get_engine(model).last_stats.summary()}]", file=sys.stderr)
     return 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -38,6 +40,31 @@ def fuse_projections(model) -> None:
             # the separate weights' memory is free now but cached in pieces the size of one layer's
             # projection: give it back rather than keep it reserved beside the fused copies
             torch.cuda.empty_cache()
+
+
+@dataclass
+class GenerationStats:
+    """What the last generation read and wrote, and how long it took (`Engine.last_stats`)."""
+
+    prompt_tokens: int  # of all rows
+    reused_tokens: int  # of those, the ones whose keys/values came from the kept cache (not read again)
+    new_tokens: int  # generated, of all rows (a row's end token included)
+    prompt_seconds: float  # from the call to the first new token
+    decode_seconds: float  # from the first new token to the last
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """The decoding rate: the tokens after the first ones, over the time after them."""
+        n = self.new_tokens - (1 if self.new_tokens else 0)
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else None
+
+    def summary(self) -> str:
+        """`42 tokens, 45.3 tokens/s; prompt 214 tokens (190 reused) in 0.21 s`"""
+        rate = self.tokens_per_second
+        out = f"{self.new_tokens} token{'' if self.new_tokens == 1 else 's'}"
+        out += f", {rate:.1f} tokens/s" if rate is not None else ""
+        reused = f" ({self.reused_tokens} reused)" if self.reused_tokens else ""
+        return out + f"; prompt {self.prompt_tokens} tokens{reused} in {self.prompt_seconds:.2f} s"
 
 
 def prompt_alpha(model, n: int) -> float:
@@ -86,6 +113,7 @@ class Engine:
         # far is the prefix). `_kept`: the tokens whose keys/values fill the kept cache's first slots.
         self.reuse_prefix = reuse_prefix
         self._kept: dict | None = None
+        self.last_stats: GenerationStats | None = None
         fuse_projections(model)
         log.info("engine: %s, cuda graphs %s", self.device, "on" if self.cuda_graphs else "off")
 
@@ -324,6 +352,7 @@ class Engine:
                 self.release()  # free the KV cache as soon as the generation ends
 
     def _steps(self, prompts, cfg, stop, vocab_limit, sync_every):
+        started = time.perf_counter()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         stop = stop or StopChecker(cfg)
@@ -344,11 +373,19 @@ class Engine:
         out_tokens = torch.zeros((b, max(n_new, 1)), dtype=torch.long, device=dev)
         generated: list[list[int]] = [[] for _ in range(b)]
         finished = [False] * b
+        first = None
         try:
-            yield from self._token_loop(st, cfg, stop, vocab_limit, sync_every, n_new, seen, generator, out_tokens,
-                                  generated, finished)
+            for step in self._token_loop(st, cfg, stop, vocab_limit, sync_every, n_new, seen, generator, out_tokens,
+                                         generated, finished):
+                if first is None:
+                    first = time.perf_counter()
+                yield step
         finally:
             self._remember(prompts, st, out_tokens)
+            end = time.perf_counter()
+            first = first or end
+            self.last_stats = GenerationStats(sum(len(p) for p in prompts), keep, sum(len(g) for g in generated),
+                                              first - started, end - first)
 
     def _token_loop(self, st, cfg, stop, vocab_limit, sync_every, n_new, seen, generator, out_tokens, generated,
                     finished):
