@@ -4,7 +4,9 @@ metrics, the chat page, client disconnects. A tiny random Qwen v1 chat model wit
 tokenizer; every generated text is checked against the reference generation loop."""
 
 import concurrent.futures
+import logging
 import os
+import re
 import shutil
 import time
 
@@ -112,6 +114,37 @@ def test_a_conversations_next_turn_reuses_its_parked_row(model_tok):
     # and in the usage, as OpenAI reports its prompt caching
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert reply.usage.prompt_tokens_details.cached_tokens == engine.stats["prompt_tokens_reused"]
+
+
+def test_status_lines_add_up_to_what_the_requests_used(model_tok, caplog):
+    """The status lines (`qwen serve --status-every`) count, between them, every prompt token read or
+    taken from the prefix cache and every token generated, as the responses' usage reports them; an
+    idle server writes none."""
+    model, tok = model_tok
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=256, max_num_seqs=2,
+                                               status_every=0.1))
+    app.state.server.engine.prefix_min = 8
+    line = re.compile(r"running (\d+) · waiting (\d+) · finished (\d+) · prompt tokens (\d+) \([\d.]+/s"
+                      r"(?:; (\d+) more from the prefix cache)?\) · generated tokens (\d+) \([\d.]+/s\)")
+    caplog.set_level(logging.INFO, logger="qwenlm.serve.status")
+    with running_server(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        first = c.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=8)
+        turn2 = MSGS + [{"role": "assistant", "content": first.choices[0].message.content},
+                        {"role": "user", "content": "再说一遍"}]
+        reply = c.chat.completions.create(model="tiny", messages=turn2, temperature=0, max_tokens=12)
+        time.sleep(0.5)  # the last busy interval's line
+        lines = [r.getMessage() for r in caplog.records if r.name == "qwenlm.serve.status"]
+        time.sleep(0.5)
+        assert len([r for r in caplog.records if r.name == "qwenlm.serve.status"]) == len(lines)  # idle: quiet
+    got = [line.fullmatch(x) for x in lines]
+    assert lines and all(got), lines
+    total = lambda k: sum(int(m[k] or 0) for m in got)  # noqa: E731
+    assert total(3) == 2  # requests finished
+    assert total(5) == reply.usage.prompt_tokens_details.cached_tokens > 0
+    assert total(4) + total(5) == first.usage.prompt_tokens + reply.usage.prompt_tokens
+    assert total(6) == first.usage.completion_tokens + reply.usage.completion_tokens
+    assert got[-1][1] == "0" and got[-1][2] == "0"
 
 
 def test_cached_tokens_count_each_prompt_once(model_tok):

@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                    help="do not keep finished requests' keys/values for prompts that start with the same "
                         "tokens (kept by default on CPU: a conversation's next turn reads only its new part)")
+    p.add_argument("--status-every", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="while there is work, print a status line this often: requests running and waiting, "
+                        "prompt and generated tokens per second (default 10; 0: never)")
     p.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
                    help="enable CORS for this origin (repeatable; '*' for any)")
     p.set_defaults(func=run)
@@ -44,6 +47,19 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
     return port
+
+
+def _seconds(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def _count(text: str) -> int:
@@ -126,6 +142,19 @@ def plan_memory(model, max_num_seqs: int | None, max_model_len: int | None) -> t
     return int(min(8 if cpu else 64, fit)), length
 
 
+def _print_status_lines() -> None:
+    """The server's status lines (serve/status.py) go to stdout, with the time, whatever -v says."""
+    import logging
+    import sys
+
+    log = logging.getLogger("qwenlm.serve.status")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def run(args) -> int:
     import uvicorn
 
@@ -138,7 +167,9 @@ def run(args) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(getattr(model, "name_or_path", "qwen")))
     opts = ServerOptions(served_model_name=name, api_key=args.api_key, max_model_len=length, max_num_seqs=seqs,
                          max_queue=args.max_queue, cors_origins=args.allowed_origins or [],
-                         prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache)
+                         prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache,
+                         status_every=args.status_every)
+    _print_status_lines()
     app = create_app(model, tokenizer, opts)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qwen serve: model {name!r} ({describe(model)}), {seqs} slots x {length} tokens\n"

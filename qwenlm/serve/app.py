@@ -8,6 +8,7 @@ what to change.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ from .metrics import Metrics
 from .prompt import (PromptError, ToolCall, ToolStream, build_chat_prompt, forced_call_prefix, parse_reply,
                      tool_specs)
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .status import report
 
 log = logging.getLogger("qwenlm")
 STATIC = os.path.join(os.path.dirname(__file__), "static")
@@ -45,6 +47,7 @@ class ServerOptions:
     max_stop_strings: int = 16
     prefill_chunk: int | None = None  # prompt tokens read per engine step (None: the engine's default)
     prefix_cache: bool | None = None  # finished rows kept for prompts that start with their tokens (None: default)
+    status_every: float = 0.0  # seconds between status lines while busy (status.py; 0: none)
 
 
 class Server:
@@ -351,7 +354,10 @@ def create_app(model, tokenizer, opts: ServerOptions | None = None, engine: Batc
     @asynccontextmanager
     async def lifespan(app):
         server.engine.start()
+        status = asyncio.create_task(report(server.engine, opts.status_every)) if opts.status_every > 0 else None
         yield
+        if status is not None:
+            status.cancel()
         server.engine.shutdown()
 
     app = FastAPI(title="qwenlm", version="1", lifespan=lifespan,
