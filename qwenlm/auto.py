@@ -135,14 +135,20 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
         if quantize:
             raise ValueError("this checkpoint is already quantized (GPTQ): drop --quantize")
         install_gptq_layers(model, gptq, checkpoint_names(files))
-    extra, deferred = (), frozenset()
+    extra, deferred, consume = (), frozenset(), None
+    if quantize in ("int4", "int8") and not lean:  # (lean: its own deferred blocks)
+        from .quant.int4 import streaming_quantizer
+
+        consume = streaming_quantizer(model, quantize) if dev.type == "cpu" else None
+        if consume is not None:
+            dt = torch.float32  # what the quantized model computes in (quantize_model_int4/int8)
     if lean:  # the weights not in the checkpoint's files come from the GGUF file
         from .quant.gguf_blocks import file_tensors, file_weights
 
         deferred = frozenset(file_weights(model, source)) if quantize == "gguf" else frozenset()
         stored = checkpoint_names(files)
         extra = file_tensors(source, [n for n in source["tensors"] if n not in stored and n not in deferred])
-    load_weights(model, files, dt, dev, extra, deferred)
+    load_weights(model, files, dt, dev, extra, deferred, consume)
     if gptq is not None:
         model.quantization = finish_gptq(model, gptq, dt)
     if quantize == "int4":

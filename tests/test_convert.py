@@ -276,7 +276,7 @@ def test_lean_conversion_on_the_cpu_kernel_never_dequantizes_the_blocks(tmp_path
     from qwenlm import auto
 
     real_load = auto.load_weights
-    monkeypatch.setattr(auto, "load_weights", lambda *a: deferred.extend(a[-1]) or real_load(*a))
+    monkeypatch.setattr(auto, "load_weights", lambda *a: deferred.extend(a[5]) or real_load(*a))  # a[5]: deferred
     model = load_model(lean, device="cpu", quantize="auto")
     ref = load_model(full, device="cpu", quantize="auto")
     assert model.quantization == ref.quantization == "gguf-blocks"

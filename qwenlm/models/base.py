@@ -150,8 +150,9 @@ class QwenCausalLM(GenerationMixin, nn.Module):
         return out
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed.weight
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # (not quantized at load)
+            w = self.embed.weight  # (a Parameter, or the buffer of a table kept as stored)
+            self.lm_head.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
 
     @property
     def device(self) -> torch.device:

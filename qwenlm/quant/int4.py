@@ -80,7 +80,7 @@ def quantize_model_int4(model: nn.Module, group_size: int = 32) -> nn.Module:
     use_q4 = q4.available()  # the AVX2 kernel reads ~3x faster than aten's int4 kernel
     # Q4 takes fp32 activations (no casts around every layer; fp32 attention is fast on CPUs);
     # aten's int4 kernel wants bf16
-    model.to(torch.float32 if use_q4 else torch.bfloat16)
+    _cast_all_but_blocks(model, torch.float32 if use_q4 else torch.bfloat16)
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for name, mod in targets:
         model.replace_module(name, q4.Q4Linear(mod) if use_q4 else Int4Linear(mod, group_size))
@@ -100,10 +100,71 @@ def quantize_model_int8(model: nn.Module) -> nn.Module:
         raise ValueError("8-bit weight-only layers run on CPU only (use bf16 on GPU)")
     if not q4.available():
         raise ValueError("8-bit weight-only layers need the AVX2/FMA/F16C CPU kernel, unavailable here")
-    model.to(torch.float32)
+    _cast_all_but_blocks(model, torch.float32)
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for name, mod in targets:
         model.replace_module(name, q4.Q4Linear(mod, bits=8))
     model.quantization = "q8-avx2"
     log.info("quantized %d linear layers to 8 bits", len(targets))
     return model
+
+
+class StoredEmbedding(nn.Module):
+    """An embedding table kept as the checkpoint stores it (16-bit, memory-mapped: only the rows looked
+    up are ever read), its rows cast to the dtype the model computes in. A quantized CPU model computes
+    in fp32, and the table's fp32 copy was the largest thing it held (a 7B model: 2.3 GiB); the cast rows
+    are the very values that copy held."""
+
+    def __init__(self, table: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("weight", table)  # (the checkpoint's name: `...embed_tokens.weight`)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight).to(self.dtype)
+
+
+def _cast_all_but_blocks(model: nn.Module, dtype: torch.dtype) -> None:
+    """`model.to(dtype)`, except the blocks of layers quantized already (their fp16 scales stay) and
+    a table kept as stored."""
+    from .q4 import Q4Linear
+
+    for mod in model.modules():
+        if isinstance(mod, (Q4Linear, StoredEmbedding)):
+            continue
+        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if t.is_floating_point() and t.dtype != dtype:
+                if isinstance(t, nn.Parameter):
+                    setattr(mod, name, nn.Parameter(t.to(dtype), requires_grad=False))
+                else:
+                    mod.register_buffer(name, t.to(dtype))
+
+
+def streaming_quantizer(model: nn.Module, quantize: str):
+    """For `load_weights(consume=...)` on a CPU with the AVX2 kernel: each linear layer's weight is put
+    into 4- or 8-bit blocks as it is read from the checkpoint, so that the load holds one layer's
+    float weight at a time instead of the whole model in fp32 (a 1.8B bf16 checkpoint: 9.0 GiB at the
+    peak before, BENCHMARKS.md). The blocks are the ones `quantize_model_int4/int8` would make from
+    the same weight; layers the checkpoint does not hold (a tied head) are left to them. A 16-bit
+    embedding table stays as stored (StoredEmbedding)."""
+    from . import q4
+
+    if quantize not in ("int4", "int8") or not q4.available():
+        return None
+    bits = 8 if quantize == "int8" else 4
+    layers = {f"{name}.weight": name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    embedding = next(f"{name}.weight" for name, mod in model.named_modules() if mod is model.embed)
+
+    def consume(name: str, weight: torch.Tensor) -> bool:
+        if name == embedding and weight.dtype in (torch.bfloat16, torch.float16):
+            model.replace_module(name[:-len(".weight")], StoredEmbedding(weight, torch.float32))
+            return True
+        layer = layers.pop(name, None)
+        if layer is None or weight.shape[1] % q4.BLOCK:
+            return False
+        old = model.get_submodule(layer)
+        codes, d, m = q4.quantize_q8(weight) if bits == 8 else q4.quantize_q4(weight)[:3]
+        bias = old.bias if old.bias is not None and not old.bias.is_meta else None  # (read before its weight)
+        model.replace_module(layer, q4.Q4Linear(codes=codes, d=d, m=m, bias=bias))
+        return True
+    return consume

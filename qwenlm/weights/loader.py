@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -97,10 +97,12 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_weights(model: torch.nn.Module, files: list[str], dtype: torch.dtype,
                  device: torch.device, extra: Iterable[tuple[str, torch.Tensor]] = (),
-                 deferred: frozenset[str] | set[str] = frozenset()) -> None:
+                 deferred: frozenset[str] | set[str] = frozenset(),
+                 consume: Callable[[str, torch.Tensor], bool] | None = None) -> None:
     """Fill a (meta-device) model from checkpoint files, then `extra` (name, tensor) pairs; raise one
     CheckpointError on mismatch. `deferred`: weights left on the meta device, that the caller fills
-    (a lean GGUF checkpoint's blocks)."""
+    (a lean GGUF checkpoint's blocks). `consume(name, tensor)`: offered each weight as it is read
+    (as stored, memory-mapped); True means the caller has placed it (quantized it into its layer)."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = getattr(model.config, "tie_word_embeddings", False)
     seen: set[str] = set(deferred)
@@ -116,6 +118,8 @@ def load_weights(model: torch.nn.Module, files: list[str], dtype: torch.dtype,
             seen.add(name)  # present, so not also "missing"
             continue
         seen.add(name)
+        if consume is not None and consume(name, tensor):
+            continue
         # integer tensors (GPTQ codes, group indices) keep their type
         _assign(model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None), params)
     missing = sorted(set(expected) - seen - ({"lm_head.weight"} if tied else set()))
