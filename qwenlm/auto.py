@@ -136,10 +136,11 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
             raise ValueError("this checkpoint is already quantized (GPTQ): drop --quantize")
         install_gptq_layers(model, gptq, checkpoint_names(files))
     extra, deferred, consume = (), frozenset(), None
-    if quantize in ("int4", "int8") and not lean:  # (lean: its own deferred blocks)
+    gptq_in_fp32 = gptq is not None and dt == torch.float32  # (finish_gptq: the CPU kernel computes in fp32)
+    if (quantize in ("int4", "int8") or gptq_in_fp32) and not lean and dev.type == "cpu":  # (lean: its own)
         from .quant.int4 import streaming_quantizer
 
-        consume = streaming_quantizer(model, quantize) if dev.type == "cpu" else None
+        consume = streaming_quantizer(model, quantize)
         if consume is not None:
             dt = torch.float32  # what the quantized model computes in (quantize_model_int4/int8)
     if lean:  # the weights not in the checkpoint's files come from the GGUF file

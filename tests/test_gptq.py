@@ -151,6 +151,33 @@ def test_gptq_checkpoint_loads_and_matches(sources, tmp_path, monkeypatch, arch,
         assert (got - want).abs().max() < 1e-4 * want.abs().max()
 
 
+@pytest.mark.skipif(not AVX2, reason="needs AVX2/FMA/F16C")
+def test_gptq_checkpoint_with_fp16_tensors_keeps_its_table_as_stored(sources, tmp_path):
+    """The released Int4/Int8 checkpoints keep their float tensors in fp16: on a CPU (which computes in
+    fp32) the embedding table stays fp16 and memory-mapped, and the model computes what the dense one
+    does."""
+    from qwenlm.quant.int4 import StoredEmbedding
+
+    src, targets = sources["qwen2"]
+    half = str(tmp_path / "half")
+    os.makedirs(half)
+    for name in os.listdir(src):
+        data = open(os.path.join(src, name), "rb").read()
+        open(os.path.join(half, name), "wb").write(data)
+    f = os.path.join(half, "model.safetensors")
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}, f)
+    path, ref_path = _gptq_checkpoint(half, str(tmp_path / "gptq"), targets, 4, 32, False, True, False)
+    model = load_model(path, device="cpu")
+    ref = load_model(ref_path, dtype="float32", device="cpu")
+    assert isinstance(model.embed, StoredEmbedding) and model.embed.weight.dtype == torch.float16
+    assert model.dtype == torch.float32 and model.quantization.startswith("gptq-4bit")
+    ids = list(range(5, 40, 3))
+    with torch.inference_mode():
+        assert torch.equal(model.embed(torch.tensor([ids])), ref.embed(torch.tensor([ids])))
+    got, want = _logits(model, ids), _logits(ref, ids)
+    assert (got - want).abs().max() < 5e-2 * want.abs().max()  # (the decode path's int8 activations)
+
+
 def test_gptq_and_quantize_flag_conflict(sources, tmp_path):
     src, targets = sources["v1"]
     path, _ = _gptq_checkpoint(src, str(tmp_path / "g"), targets, 4, 32, False, True, False)

@@ -200,8 +200,10 @@ def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
     for mod in model.modules():  # AutoGPTQ's extra all-zero biases: drop them (they cost a kernel each)
         if isinstance(mod, GPTQLinear) and mod.bias is not None and not bool(mod.bias.any()):
             mod.bias = None
-    if use_q4:
-        model.to(torch.float32)  # the Q4 kernel takes fp32 activations (before: Q4 keeps fp16 scales)
+    if use_q4:  # the Q4 kernel takes fp32 activations (before: Q4 keeps fp16 scales; a stored table stays)
+        from .int4 import _cast_all_but_blocks
+
+        _cast_all_but_blocks(model, torch.float32)
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, GPTQLinear):
             continue

@@ -140,19 +140,21 @@ def _cast_all_but_blocks(model: nn.Module, dtype: torch.dtype) -> None:
                     mod.register_buffer(name, t.to(dtype))
 
 
-def streaming_quantizer(model: nn.Module, quantize: str):
-    """For `load_weights(consume=...)` on a CPU with the AVX2 kernel: each linear layer's weight is put
-    into 4- or 8-bit blocks as it is read from the checkpoint, so that the load holds one layer's
-    float weight at a time instead of the whole model in fp32 (a 1.8B bf16 checkpoint: 9.0 GiB at the
-    peak before, BENCHMARKS.md). The blocks are the ones `quantize_model_int4/int8` would make from
-    the same weight; layers the checkpoint does not hold (a tied head) are left to them. A 16-bit
-    embedding table stays as stored (StoredEmbedding)."""
+def streaming_quantizer(model: nn.Module, quantize: str | None):
+    """For `load_weights(consume=...)` of a model that will compute in fp32 on a CPU with the AVX2
+    kernel: a 16-bit embedding table stays as stored (StoredEmbedding); and with `quantize` "int4" or
+    "int8", each linear layer's weight is put into 4- or 8-bit blocks as it is read from the
+    checkpoint, so that the load holds one layer's float weight at a time instead of the whole model in
+    fp32 (a 1.8B bf16 checkpoint: 9.0 GiB at the peak before, BENCHMARKS.md). The blocks are the ones
+    `quantize_model_int4/int8` would make from the same weight; layers the checkpoint does not hold (a
+    tied head) are left to them. (`quantize=None`: a GPTQ checkpoint's table; its layers are GPTQ's.)"""
     from . import q4
 
-    if quantize not in ("int4", "int8") or not q4.available():
+    if quantize not in (None, "int4", "int8") or not q4.available():
         return None
     bits = 8 if quantize == "int8" else 4
-    layers = {f"{name}.weight": name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    layers = {} if quantize is None else {
+        f"{name}.weight": name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
     embedding = next(f"{name}.weight" for name, mod in model.named_modules() if mod is model.embed)
 
     def consume(name: str, weight: torch.Tensor) -> bool:
