@@ -129,15 +129,19 @@ def _cast_all_but_blocks(model: nn.Module, dtype: torch.dtype) -> None:
     a table kept as stored."""
     from .q4 import Q4Linear
 
+    done: dict[int, torch.Tensor] = {}  # a tensor shared by two modules (a tied head) stays shared
     for mod in model.modules():
         if isinstance(mod, (Q4Linear, StoredEmbedding)):
             continue
         for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             if t.is_floating_point() and t.dtype != dtype:
+                if id(t) not in done:
+                    done[id(t)] = nn.Parameter(t.to(dtype), requires_grad=False) if isinstance(t, nn.Parameter) \
+                        else t.to(dtype)
                 if isinstance(t, nn.Parameter):
-                    setattr(mod, name, nn.Parameter(t.to(dtype), requires_grad=False))
+                    setattr(mod, name, done[id(t)])
                 else:
-                    mod.register_buffer(name, t.to(dtype))
+                    mod.register_buffer(name, done[id(t)])
 
 
 def streaming_quantizer(model: nn.Module, quantize: str | None):
