@@ -88,6 +88,15 @@ def test_long_prompts_are_read_in_chunks_between_the_steps_of_other_streams(mode
     assert lengths[1] > 64 and engine.stats["prompt_chunks"] == sum(-(-n // 8) for n in lengths)
 
 
+def _two_turns(url: str):
+    """A conversation's first turn (greedy, 8 tokens) and its next (12): (first, turn 2's messages, reply)."""
+    c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    first = c.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=8)
+    turn2 = MSGS + [{"role": "assistant", "content": first.choices[0].message.content},
+                    {"role": "user", "content": "再说一遍"}]
+    return first, turn2, c.chat.completions.create(model="tiny", messages=turn2, temperature=0, max_tokens=12)
+
+
 def test_a_conversations_next_turn_reuses_its_parked_row(model_tok):
     """The prefix cache through the API: turn 2 of a conversation (turn 1's messages, its reply and a
     new message) reads only what follows the part it shares with turn 1's tokens; the reply is the
@@ -98,11 +107,7 @@ def test_a_conversations_next_turn_reuses_its_parked_row(model_tok):
     assert engine.prefix_cache  # the CPU default
     engine.prefix_min = 8
     with running_server(app) as url:
-        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        first = c.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=8)
-        turn2 = MSGS + [{"role": "assistant", "content": first.choices[0].message.content},
-                        {"role": "user", "content": "再说一遍"}]
-        reply = c.chat.completions.create(model="tiny", messages=turn2, temperature=0, max_tokens=12)
+        first, turn2, reply = _two_turns(url)
         metrics = httpx.get(url + "/metrics").text
     ids1 = build_chat_prompt(tok, MSGS, []).ids
     ids2 = build_chat_prompt(tok, turn2, []).ids
@@ -128,11 +133,7 @@ def test_status_lines_add_up_to_what_the_requests_used(model_tok, caplog):
                       r"(?:; (\d+) more from the prefix cache)?\) · generated tokens (\d+) \([\d.]+/s\)")
     caplog.set_level(logging.INFO, logger="qwenlm.serve.status")
     with running_server(app) as url:
-        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        first = c.chat.completions.create(model="tiny", messages=MSGS, temperature=0, max_tokens=8)
-        turn2 = MSGS + [{"role": "assistant", "content": first.choices[0].message.content},
-                        {"role": "user", "content": "再说一遍"}]
-        reply = c.chat.completions.create(model="tiny", messages=turn2, temperature=0, max_tokens=12)
+        first, turn2, reply = _two_turns(url)
         time.sleep(0.5)  # the last busy interval's line
         lines = [r.getMessage() for r in caplog.records if r.name == "qwenlm.serve.status"]
         time.sleep(0.5)
