@@ -82,9 +82,11 @@ def auto_quantize(model: QwenCausalLM, dtype: Any, device: torch.device, gptq, f
     own blocks for a checkpoint converted from one that is still in place (`from_gguf`: its exact
     weights, ~1.25x the speed of 8-bit ones on the default model), else 8-bit weights (about 5x the
     speed of fp32 decoding, with the same greedy text on the default model); unless the caller chose a
-    dtype, the checkpoint is GPTQ already, or a layer's width does not fit the kernel's 32-wide blocks.
+    dtype, or a layer's width does not fit the kernel's 32-wide blocks. For a GPTQ checkpoint "int8" puts
+    its float head (fp16 in the released ones: on a CPU an fp32 matrix, read whole every token, more
+    bytes than all the 4-bit layers) into 8-bit blocks; its own layers stay as they are.
     Nothing on a GPU (bf16 is the fast path there)."""
-    if device.type != "cpu" or dtype not in (None, "auto") or gptq is not None:
+    if device.type != "cpu" or dtype not in (None, "auto"):
         return None
     from torch import nn
 
@@ -92,7 +94,7 @@ def auto_quantize(model: QwenCausalLM, dtype: Any, device: torch.device, gptq, f
 
     if any(m.in_features % q4.BLOCK for m in model.modules() if isinstance(m, nn.Linear)) or not q4.available():
         return None
-    return "gguf" if from_gguf else "int8"
+    return "gguf" if from_gguf and gptq is None else "int8"
 
 
 def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str | None = None,
@@ -132,8 +134,9 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
         if quantize:
             log.info("quantize auto: %s weights on this CPU (--quantize none keeps %s)", quantize, dt)
     if gptq is not None:
-        if quantize:
-            raise ValueError("this checkpoint is already quantized (GPTQ): drop --quantize")
+        if quantize == "gguf":
+            raise ValueError("this checkpoint is already quantized (GPTQ): --quantize gguf does not apply "
+                             "(int8 or int4 put its float head into blocks; none keeps it)")
         install_gptq_layers(model, gptq, checkpoint_names(files))
     extra, deferred, consume = (), frozenset(), None
     gptq_in_fp32 = gptq is not None and dt == torch.float32  # (finish_gptq: the CPU kernel computes in fp32)
@@ -151,7 +154,7 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
         extra = file_tensors(source, [n for n in source["tensors"] if n not in stored and n not in deferred])
     load_weights(model, files, dt, dev, extra, deferred, consume)
     if gptq is not None:
-        model.quantization = finish_gptq(model, gptq, dt)
+        gptq_layers = finish_gptq(model, gptq, dt)
     if quantize == "int4":
         from .quant import quantize_model_int4
 
@@ -160,6 +163,8 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
         from .quant import quantize_model_int8
 
         quantize_model_int8(model)
+    if gptq is not None:
+        model.quantization = gptq_layers + (f"; head in {quantize[3:]} bits" if quantize else "")
     elif quantize == "gguf":
         from .quant.gguf_blocks import quantize_model_gguf
 

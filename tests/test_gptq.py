@@ -182,7 +182,34 @@ def test_gptq_and_quantize_flag_conflict(sources, tmp_path):
     src, targets = sources["v1"]
     path, _ = _gptq_checkpoint(src, str(tmp_path / "g"), targets, 4, 32, False, True, False)
     with pytest.raises(ValueError, match="already quantized"):
-        load_model(path, dtype="float32", device="cpu", quantize="int4")
+        load_model(path, dtype="float32", device="cpu", quantize="gguf")
+
+
+@pytest.mark.skipif(not AVX2, reason="needs AVX2/FMA/F16C")
+@pytest.mark.parametrize("arch", ["v1", "qwen2"])
+def test_gptq_head_in_8_bit_blocks_on_a_cpu(sources, tmp_path, arch):
+    """`--quantize int8` (what `auto` picks on a CPU) on a GPTQ checkpoint: its float head goes into the
+    8-bit blocks `quantize_q8` makes of it; the GPTQ layers are untouched; `none` keeps the head."""
+    from qwenlm.auto import auto_quantize
+
+    src, targets = sources[arch]
+    path, ref_path = _gptq_checkpoint(src, str(tmp_path / "g"), targets, 4, 32, False, True, False)
+    plain = load_model(path, dtype="float32", device="cpu", quantize="none")
+    model = load_model(path, device="cpu", quantize="auto")
+    ref = load_model(ref_path, dtype="float32", device="cpu")
+    assert auto_quantize(plain, "auto", torch.device("cpu"), object()) == "int8"
+    assert isinstance(plain.lm_head, torch.nn.Linear) and plain.quantization == model.quantization.split(";")[0]
+    assert model.quantization.endswith("; head in 8 bits")
+    head = model.lm_head
+    assert isinstance(head, q4.Q4Linear) and head.bits == 8
+    codes, d, _ = q4.quantize_q8(ref.lm_head.weight)
+    assert torch.equal(head.codes, codes) and torch.equal(head.d, d)
+    for (name, a), (_, b) in zip(model.named_modules(), plain.named_modules()):
+        if isinstance(b, q4.Q4Linear):  # the GPTQ layers
+            assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("codes", "d", "m")), name
+    ids = list(range(5, 40, 3))
+    got, want = _logits(model, ids), _logits(ref, ids)
+    assert (got - want).abs().max() < 5e-2 * want.abs().max()
 
 
 def test_missing_qweight_is_a_clear_error(sources, tmp_path):

@@ -68,6 +68,9 @@ def test_quantize_command_round_trip(tmp_path):
     # the tiny model has no tokenizer of its own: give it the byte-level one of a real model
     from qwenlm.tokenizer.vocab import write_tiktoken_file
     write_tiktoken_file({bytes([i]): i for i in range(256)}, os.path.join(src, "qwen.tiktoken"))
+    with open(os.path.join(src, "gguf_source.json"), "w") as f:  # as if converted from a GGUF since gone
+        json.dump({"path": str(tmp_path / "gone.gguf"), "size": 1, "mtime_ns": 1, "arch": "qwen", "lean": False,
+                   "tensors": {}}, f)
     r = subprocess.run([sys.executable, "-m", "qwenlm", "quantize", src, out, "--bits", "4", "--group-size", "32",
                         "--calib", str(calib), "--samples", "8", "--seq-len", "64", "--device", "cpu"],
                        capture_output=True, text=True, timeout=600)
@@ -76,6 +79,7 @@ def test_quantize_command_round_trip(tmp_path):
     assert qc["bits"] == 4 and qc["group_size"] == 32
     assert json.load(open(os.path.join(out, "config.json")))["quantization_config"]["quant_method"] == "gptq"
     assert os.path.isfile(os.path.join(out, "qwen.tiktoken"))
+    assert not os.path.exists(os.path.join(out, "gguf_source.json"))  # its weights are not that file's blocks
     model = load_model(out, dtype="float32", device="cpu")
     ref = load_model(src, dtype="float32", device="cpu")
     rtn = load_model(src, dtype="float32", device="cpu")  # the same layers rounded without GPTQ

@@ -231,9 +231,13 @@ def save_gptq_checkpoint(src: str, out: str, model, tensors: dict[str, dict[str,
         json.dump(cfg, f, indent=2, ensure_ascii=False)
     with open(os.path.join(out, "quantize_config.json"), "w", encoding="utf-8") as f:
         json.dump(qc, f, indent=2)
-    for name in os.listdir(src):  # tokenizer and generation files travel with the weights
+    from .gguf_blocks import SOURCE_FILE
+
+    for name in os.listdir(src):  # tokenizer and generation files travel with the weights (not the
+        # note of a GGUF the source was converted from: these weights are not that file's blocks)
         if name.endswith((".json", ".tiktoken", ".txt", ".model")) and name not in (
-                "config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "quantize_config.json"):
+                "config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "quantize_config.json",
+                SOURCE_FILE):
             shutil.copy(os.path.join(src, name), os.path.join(out, name))
 
 
