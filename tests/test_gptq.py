@@ -200,6 +200,9 @@ def test_gptq_head_in_8_bit_blocks_on_a_cpu(sources, tmp_path, arch):
     assert auto_quantize(plain, "auto", torch.device("cpu"), object()) == "int8"
     assert isinstance(plain.lm_head, torch.nn.Linear) and plain.quantization == model.quantization.split(";")[0]
     assert model.quantization.endswith("; head in 8 bits")
+    from qwenlm.commands.info import describe  # `qwen info` says so
+
+    assert describe(path)["cpu_weights"] == "its GPTQ 4-bit layers, the head in 8-bit blocks (int8)"
     head = model.lm_head
     assert isinstance(head, q4.Q4Linear) and head.bits == 8
     codes, d, _ = q4.quantize_q8(ref.lm_head.weight)

@@ -14,8 +14,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--quantize", choices=["auto", "none", "int4", "int8", "gguf"], default="auto",
                    help="weight-only layers for a CPU. auto (default): gguf for a model converted from a GGUF "
-                        "file (the default model), else int8, on a CPU unless --dtype is given; as stored on a "
-                        "GPU. gguf: the GGUF file's own 4/5/8-bit blocks (its exact weights, ~1.25x int8's "
+                        "file (the default model), else int8 (a GPTQ checkpoint: its float head), on a CPU unless "
+                        "--dtype is given; as stored on a GPU. gguf: the GGUF file's own 4/5/8-bit blocks (its exact weights, ~1.25x int8's "
                         "speed); int8: 8-bit (~5x fp32's speed, the same greedy text on the default model); "
                         "int4: 4-bit, the fastest (~1.25x gguf); none: the weights as stored")
     p.add_argument("--kv-cache", choices=["auto", "float", "int8"], default="auto",

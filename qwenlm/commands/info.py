@@ -19,6 +19,7 @@ def describe(path: str) -> dict:
     from ..generation.config import GenerationConfig
     from ..quant import q4
     from ..quant.gguf_blocks import recorded_source, source_of
+    from ..quant.gptq import GPTQConfig
     from ..weights.loader import checkpoint_files
 
     cfg = ModelConfig.from_pretrained(path)
@@ -29,8 +30,11 @@ def describe(path: str) -> dict:
     # what `--quantize auto` loads on this machine's CPU (auto_quantize, without building the kernel)
     kernel = {"avx2", "fma", "f16c"} <= q4._cpu_flags() and os.environ.get("QWENLM_Q4_KERNEL", "1") != "0"
     widths = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
+    gptq = GPTQConfig.from_checkpoint(path, cfg.raw)
     if not kernel or any(w % q4.BLOCK for w in widths):
         cpu_weights = f"as stored ({cfg.torch_dtype})"
+    elif gptq is not None:
+        cpu_weights = f"its GPTQ {gptq.bits}-bit layers, the head in 8-bit blocks (int8)"
     else:
         cpu_weights = "the GGUF file's own blocks (gguf)" if source else "8-bit blocks (int8)"
     return {
