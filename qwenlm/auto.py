@@ -199,7 +199,10 @@ class AutoModelForCausalLM:
     def from_pretrained(path: str | None = None, *args: Any, device_map: Any = None,
                         torch_dtype: Any = None, dtype: Any = None, bf16: bool = False, fp16: bool = False,
                         fp32: bool = False, device: str | None = None,
-                        use_cache_quantization: bool | None = None, **kwargs: Any) -> QwenCausalLM:
+                        use_cache_quantization: bool | None = None, quantize: str | None = None,
+                        **kwargs: Any) -> QwenCausalLM:
+        """The weights as stored, like transformers (fp32 on a CPU); `quantize="auto"` loads what `qwen chat`
+        runs on a CPU (quantized blocks: ~8x faster decoding with the default model), see `load_model`."""
         for k in _IGNORED & kwargs.keys():
             kwargs.pop(k)
         if kwargs:
@@ -211,7 +214,8 @@ class AutoModelForCausalLM:
         if flags:
             chosen = flags[0]
         kv = None if use_cache_quantization is None else ("int8" if use_cache_quantization else "float")
-        return load_model(resolve_model(path), chosen, device if device is not None else device_map, kv_cache=kv)
+        return load_model(resolve_model(path), chosen, device if device is not None else device_map, quantize,
+                          kv_cache=kv)
 
 
 class AutoTokenizer:

@@ -177,3 +177,15 @@ def test_header_reader_reads_the_default_models_file_as_the_gguf_package_does(de
     from helpers import same_as_the_gguf_package
 
     same_as_the_gguf_package(os.path.join(cache_dir(), "gguf", DEFAULT_MODEL["name"] + ".gguf"))
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= q4._cpu_flags(), reason="needs AVX2/FMA/F16C")
+def test_from_pretrained_takes_the_quantize_choice(default_dir, quickstart):
+    """The quickstart's loader keeps the weights as stored, like transformers; `quantize="auto"` loads
+    what `qwen chat` runs on a CPU, and it answers the same."""
+    model, tokenizer = quickstart
+    assert not hasattr(model, "quantization") and model.dtype == torch.float32
+    fast = AutoModelForCausalLM.from_pretrained(default_dir, device_map="auto", trust_remote_code=True,
+                                                quantize="auto").eval()
+    assert fast.quantization == "gguf-blocks"
+    assert fast.chat(tokenizer, PARIS, do_sample=False)[0] == model.chat(tokenizer, PARIS, do_sample=False)[0]
