@@ -7,6 +7,7 @@ import pytest
 
 from helpers import tiny_hf_qwen2, v1_config, v1_state_dict, write_checkpoint
 from qwenlm.cli import main
+from qwenlm.quant import q4
 
 
 @pytest.mark.parametrize("arch", ["qwen", "qwen2"])
@@ -24,6 +25,20 @@ def test_bench_json_and_hf_twin(tmp_path, capsys, arch):
     assert d["tokens"] == 24 and d["tokens_per_s"] > 0 and d["kv_cache_bytes"] > 0
     assert res["prefill"]["tokens"] == 32 and res["prefill"]["ms"] > 0
     assert res["hf"]["tokens"] == 24 and res["hf"]["agree_tokens"] == 24
+
+
+@pytest.mark.skipif(not q4.available(), reason="needs the AVX2/FMA/F16C CPU kernel")
+def test_bench_loads_a_checkpoint_as_qwen_chat_does(tmp_path, capsys):
+    """--quantize auto (the default) measures what `qwen chat` loads; none, the weights as stored;
+    random --shape weights stay as they are made."""
+    path = tiny_hf_qwen2(str(tmp_path), hidden=64, heads=4, kv_heads=2, mlp=128)
+
+    def dtype(*args):
+        assert main(["bench", *args, "--device", "cpu", "--gen", "4", "--prefill", "0", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["dtype"]
+    assert dtype("--model", path) == "q8-avx2"
+    assert dtype("--model", path, "--quantize", "none") == dtype("--model", path, "--dtype", "float32") == "float32"
+    assert dtype("--shape", "tiny") == "float32"
 
 
 def test_bench_bad_arguments(capsys):

@@ -21,10 +21,12 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--gen", default="2048,8192", help="comma-separated decode lengths (default 2048,8192)")
     p.add_argument("--prefill", type=int, default=2048, help="prefill length (0 to skip)")
-    p.add_argument("--quantize", choices=["int4", "int8", "gguf", "gptq4", "gptq8"], default=None,
-                   help="int4/int8: 4-/8-bit weight-only layers (CPU); gguf: a GGUF-converted model's own blocks "
-                        "(CPU; what qwen chat loads there for the default model); gptq4/gptq8: with --shape, the "
-                        "decoder layers in the GPTQ Int4/Int8 format (group 128) on the Triton kernel (GPU)")
+    p.add_argument("--quantize", choices=["auto", "none", "int4", "int8", "gguf", "gptq4", "gptq8"], default="auto",
+                   help="auto (default): for a checkpoint, what qwen chat loads (on a CPU: quantized blocks, unless "
+                        "--dtype is given); random --shape weights and --compare hf as they are; none: the weights "
+                        "as stored; int4/int8: 4-/8-bit weight-only layers (CPU); gguf: a GGUF-converted model's "
+                        "own blocks (CPU); gptq4/gptq8: with --shape, the decoder layers in the GPTQ Int4/Int8 "
+                        "format (group 128) on the Triton kernel (GPU)")
     p.add_argument("--quantize-head", action="store_true",
                    help="with --quantize gptq4/gptq8: the LM head too, in 8 bits (the embedding table stays)")
     p.add_argument("--kv-cache", choices=["auto", "float", "int8"], default="auto",
@@ -116,6 +118,8 @@ def run(args) -> int:
     from ..eval import bench as B
 
     lengths = _ints(args.gen, "--gen")
+    if args.quantize == "none" or (args.quantize == "auto" and (args.shape or args.compare == "hf")):
+        args.quantize = None  # (transformers runs the same float weights; random weights are made as they are)
     if args.compare == "hf" and args.quantize:
         raise UserError("--compare hf runs transformers on the same weights: drop --quantize")
     if args.quantize == "gguf" and args.shape:
