@@ -71,10 +71,10 @@ def test_layers_quantized_as_read_equal_the_whole_model_path(checkpoints, kind, 
 
 
 def test_casting_keeps_a_tied_head_shared(checkpoints):
-    from qwenlm.quant.int4 import _cast_all_but_blocks
+    from qwenlm.quant.int4 import cast_all_but_blocks
 
     model = load_model(checkpoints["qwen2-bf16-tied"], dtype="float32", device="cpu")
     assert model.lm_head.weight is model.embed.weight
-    _cast_all_but_blocks(model, torch.bfloat16)  # (what the aten int4 path does where the kernel is missing)
+    cast_all_but_blocks(model, torch.bfloat16)  # (what the aten int4 path does where the kernel is missing)
     assert model.lm_head.weight is model.embed.weight and model.embed.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from .common import add_model_options, describe, load_from_args
@@ -37,37 +38,30 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _port(text: str) -> int:
-    import argparse
-
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
-    return port
-
-
-def _seconds(text: str) -> float:
+def _number(text: str, parse, low, high, what: str):
+    """`parse(text)` if it is a finite number in [low, high], else argparse's one-line error."""
     import argparse
     import math
 
     try:
-        value = float(text)
+        value = parse(text)
     except ValueError:
-        value = -1.0
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+        value = None
+    if value is None or not math.isfinite(value) or not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
 
 
-def _count(text: str) -> int:
-    import argparse
+def _port(text: str) -> int:
+    return _number(text, int, 0, 65535, "a port number (0-65535)")
 
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
-    return int(text)
+
+def _seconds(text: str) -> float:
+    return _number(text, float, 0, math.inf, "a number of seconds >= 0")
+
+
+def _count(text: str) -> int:
+    return _number(text, int, 0, math.inf, "a whole number >= 0")
 
 
 def bind_listener(host: str, port: int):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import q4
+from .int4 import cast_all_but_blocks
 
 log = logging.getLogger("qwenlm")
 SOURCE_FILE = "gguf_source.json"  # in a converted checkpoint: the GGUF it came from
@@ -223,7 +224,7 @@ def quantize_model_gguf(model: nn.Module, source: dict) -> nn.Module:
     if model.device.type != "cpu" or not q4.available():
         raise ValueError("the GGUF file's blocks run on the CPU kernel (AVX2/FMA/F16C), unavailable here")
     data = np.memmap(source["path"], dtype=np.uint8, mode="r")
-    model.to(torch.float32)
+    cast_all_but_blocks(model, torch.float32)
     made: dict[str, tuple] = {}
     kinds = Counter()
     for name, (mod, t) in _linear_entries(model, source).items():

@@ -201,9 +201,9 @@ def finish_gptq(model, cfg: GPTQConfig, dtype: torch.dtype) -> str:
         if isinstance(mod, GPTQLinear) and mod.bias is not None and not bool(mod.bias.any()):
             mod.bias = None
     if use_q4:  # the Q4 kernel takes fp32 activations (before: Q4 keeps fp16 scales; a stored table stays)
-        from .int4 import _cast_all_but_blocks
+        from .int4 import cast_all_but_blocks
 
-        _cast_all_but_blocks(model, torch.float32)
+        cast_all_but_blocks(model, torch.float32)
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, GPTQLinear):
             continue

@@ -80,7 +80,7 @@ def quantize_model_int4(model: nn.Module, group_size: int = 32) -> nn.Module:
     use_q4 = q4.available()  # the AVX2 kernel reads ~3x faster than aten's int4 kernel
     # Q4 takes fp32 activations (no casts around every layer; fp32 attention is fast on CPUs);
     # aten's int4 kernel wants bf16
-    _cast_all_but_blocks(model, torch.float32 if use_q4 else torch.bfloat16)
+    cast_all_but_blocks(model, torch.float32 if use_q4 else torch.bfloat16)
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for name, mod in targets:
         model.replace_module(name, q4.Q4Linear(mod) if use_q4 else Int4Linear(mod, group_size))
@@ -100,7 +100,7 @@ def quantize_model_int8(model: nn.Module) -> nn.Module:
         raise ValueError("8-bit weight-only layers run on CPU only (use bf16 on GPU)")
     if not q4.available():
         raise ValueError("8-bit weight-only layers need the AVX2/FMA/F16C CPU kernel, unavailable here")
-    _cast_all_but_blocks(model, torch.float32)
+    cast_all_but_blocks(model, torch.float32)
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for name, mod in targets:
         model.replace_module(name, q4.Q4Linear(mod, bits=8))
@@ -124,7 +124,7 @@ class StoredEmbedding(nn.Module):
         return nn.functional.embedding(ids, self.weight).to(self.dtype)
 
 
-def _cast_all_but_blocks(model: nn.Module, dtype: torch.dtype) -> None:
+def cast_all_but_blocks(model: nn.Module, dtype: torch.dtype) -> None:
     """`model.to(dtype)`, except the blocks of layers quantized already (their fp16 scales stay) and
     a table kept as stored."""
     from .q4 import Q4Linear
