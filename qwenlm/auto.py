@@ -140,18 +140,20 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
         install_gptq_layers(model, gptq, checkpoint_names(files))
     extra, deferred, consume = (), frozenset(), None
     gptq_in_fp32 = gptq is not None and dt == torch.float32  # (finish_gptq: the CPU kernel computes in fp32)
-    if (quantize in ("int4", "int8") or gptq_in_fp32) and not lean and dev.type == "cpu":  # (lean: its own)
+    if (quantize in ("int4", "int8") or gptq_in_fp32) and dev.type == "cpu":
         from .quant.int4 import streaming_quantizer
 
         consume = streaming_quantizer(model, quantize)
         if consume is not None:
             dt = torch.float32  # what the quantized model computes in (quantize_model_int4/int8)
     if lean:  # the weights not in the checkpoint's files come from the GGUF file
-        from .quant.gguf_blocks import file_tensors, file_weights
+        from .quant.gguf_blocks import file_embedding, file_tensors, file_weights
 
         deferred = frozenset(file_weights(model, source)) if quantize == "gguf" else frozenset()
+        table = file_embedding(model, source, quantize) if dev.type == "cpu" else None  # (its rows stay in the file)
         stored = checkpoint_names(files)
-        extra = file_tensors(source, [n for n in source["tensors"] if n not in stored and n not in deferred])
+        extra = file_tensors(source, [n for n in source["tensors"]
+                                      if n not in stored and n not in deferred and n != table])
     load_weights(model, files, dt, dev, extra, deferred, consume)
     if gptq is not None:
         gptq_layers = finish_gptq(model, gptq, dt)

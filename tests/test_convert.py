@@ -284,7 +284,11 @@ def test_lean_conversion_on_the_cpu_kernel_never_dequantizes_the_blocks(tmp_path
 
     assert describe(lean)["weights_in_gguf"] and not describe(full)["weights_in_gguf"]
     assert "model.layers.0.self_attn.q_proj.weight" not in read and "lm_head.weight" not in read
-    assert "model.embed_tokens.weight" in read and "model.layers.0.self_attn.o_proj.weight" in read  # Q4_0: 8 bits
+    assert "model.layers.0.self_attn.o_proj.weight" in read  # Q4_0: 8 bits
+    # the table stays in the file's blocks: never dequantized whole, its looked-up rows are the full one's
+    assert "model.embed_tokens.weight" not in read and isinstance(model.embed, gguf_blocks.FileEmbedding)
+    ids = torch.arange(272)[torch.randperm(272, generator=torch.Generator().manual_seed(0))].view(4, 68)
+    assert torch.equal(model.embed(ids), ref.embed(ids))
     # ... read one at a time on the way to 8 bits, not all of them in float during the load
     assert {"model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.q_proj.weight"} <= set(deferred)
     assert "model.embed_tokens.weight" not in deferred
@@ -297,6 +301,96 @@ def test_lean_conversion_on_the_cpu_kernel_never_dequantizes_the_blocks(tmp_path
     assert main(["generate", "--model", lean, "hi"]) == 2  # one error line, no traceback
     with pytest.raises(CheckpointError, match="lean conversion of .*m.gguf"):
         load_model(lean, device="cpu")
+
+
+def _lean_and_full(tmp_path, tensors, quant):
+    src = _write_gguf(str(tmp_path / "m.gguf"), "qwen2", tensors, quant)
+    full, lean = str(tmp_path / "full"), str(tmp_path / "lean")
+    convert_gguf(src, full, progress=False)
+    convert_gguf(src, lean, progress=False, lean=True)
+    return full, lean
+
+
+def _same_blocks_and_logits(model, ref):
+    from qwenlm.quant import q4
+
+    assert model.quantization == ref.quantization
+    mods = dict(ref.named_modules())
+    for name, a in model.named_modules():
+        if isinstance(a, q4.Q4Linear):
+            assert all(torch.equal(getattr(a, k), getattr(mods[name], k)) for k in ("codes", "d", "m")), name
+    x = torch.tensor([[1, 5, 9, 200, 7, 271, 0]])
+    with torch.inference_mode():
+        assert torch.equal(model(x).logits, ref(x).logits)
+
+
+@pytest.mark.skipif(not __import__("qwenlm.quant.q4", fromlist=["q4"]).available(), reason="needs the AVX2 kernel")
+@pytest.mark.parametrize("table", [Q.Q8_0, Q.Q4_0], ids=lambda q: q.name)
+def test_a_lean_tied_head_takes_the_tables_entry(tmp_path, table):
+    """No output.weight (a tied head) and the table left in the file: the head takes the table's
+    blocks (Q8_0) or 8 bits of its dequantized weight (Q4_0: no exact blocks), as the full one's does."""
+    from qwenlm.quant.gguf_blocks import FileEmbedding
+
+    tensors = _qwen2_tensors(seed=5)
+    del tensors["output.weight"]
+    full, lean = _lean_and_full(tmp_path, tensors, {**BLOCKS, "token_embd.weight": table})
+    model, ref = load_model(lean, device="cpu", quantize="gguf"), load_model(full, device="cpu", quantize="gguf")
+    assert model.config.tie_word_embeddings and isinstance(model.embed, FileEmbedding)
+    assert model.lm_head.bits == 8
+    _same_blocks_and_logits(model, ref)
+
+
+@pytest.mark.skipif(not __import__("qwenlm.quant.q4", fromlist=["q4"]).available(), reason="needs the AVX2 kernel")
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_a_lean_checkpoint_is_quantized_as_it_is_read(tmp_path, monkeypatch, quantize, tied):
+    """`--quantize int4|int8` on a lean checkpoint (a large GGUF): each layer is dequantized from the
+    file and quantized one at a time (never the whole model in fp32: ~30 GB for 7B), and gives the full
+    conversion's model block for block; the table stays in the file unless a tied head needs it."""
+    from qwenlm.quant.gguf_blocks import FileEmbedding
+    from qwenlm.weights import loader
+
+    tensors = _qwen2_tensors(seed=6)
+    if tied:
+        del tensors["output.weight"]
+    full, lean = _lean_and_full(tmp_path, tensors, LEAN)
+    ref = load_model(full, device="cpu", quantize=quantize)
+    assigned = []
+    real_assign = loader._assign
+    monkeypatch.setattr(loader, "_assign", lambda m, name, t, p: (assigned.append(name), real_assign(m, name, t, p)))
+    model = load_model(lean, device="cpu", quantize=quantize)
+    assert not [n for n in assigned if n.endswith("_proj.weight") or n == "lm_head.weight"]
+    assert isinstance(model.embed, FileEmbedding) != tied
+    _same_blocks_and_logits(model, ref)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0", "Q4_0", "BF16", "Q4_K", "Q6_K"])
+def test_a_table_left_in_the_file_looks_up_the_rows_the_gguf_package_dequantizes(tmp_path, kind):
+    from gguf import GGMLQuantizationType
+
+    from qwenlm.quant.gguf_blocks import FileEmbedding
+
+    rng = np.random.default_rng(7)
+    rows, width = 40, 512
+    if kind in ("Q4_K", "Q6_K"):  # (the gguf package cannot quantize these: random blocks, sane scales)
+        size = {"Q4_K": 144, "Q6_K": 210}[kind]
+        raw = rng.integers(0, 256, (rows, width // 256, size), dtype=np.uint8)
+        for at in ([0, 2] if kind == "Q4_K" else [208]):
+            raw[..., at:at + 2] = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)[..., None].view(np.uint8)
+        raw = raw.reshape(rows, -1)
+    else:
+        raw = quantize(rng.standard_normal((rows, width)).astype(np.float32), GGMLQuantizationType[kind])
+    path = tmp_path / "table.bin"
+    pad = 96  # (the table starts inside the file)
+    path.write_bytes(b"\0" * pad + raw.tobytes())
+    source = {"path": str(path), "tensors": {"t": [kind, [width, rows], pad, raw.nbytes]}}
+    table = FileEmbedding(source, "t")
+    want = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).astype(np.float32))
+    ids = torch.tensor([[3, 0, 39, 3], [17, 18, 5, 1]])
+    got = table(ids)
+    assert got.dtype == torch.float32 and got.shape == (2, 4, width)
+    assert torch.equal(got, want[ids])
+    assert torch.equal(table(torch.arange(rows)), want)
 
 
 def test_a_large_gguf_is_converted_lean_into_the_cache(tmp_path, monkeypatch):

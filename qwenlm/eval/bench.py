@@ -119,11 +119,11 @@ def _bandwidth(device: torch.device) -> float | None:
 
 def streamed_weight_bytes(model) -> int:
     """Bytes read per decode step: every weight except the embedding table (one row is read)."""
-    emb = model.embed.weight
+    table = {id(t) for t in [*model.embed.parameters(), *model.embed.buffers()]}
     tensors = [*model.parameters(), *model.buffers()]  # quantized layers keep their weights in buffers
     tied_head = model.config.tie_word_embeddings and not hasattr(model, "quantization")
-    return sum(t.numel() * t.element_size() for t in tensors if t is not emb) + (
-        emb.numel() * emb.element_size() if tied_head else 0)
+    return sum(t.numel() * t.element_size() for t in tensors if id(t) not in table) + (
+        sum(t.numel() * t.element_size() for t in model.embed.parameters()) if tied_head else 0)
 
 
 def bench_decode(engine: Engine, n_tokens: int, batch: int = 1, context: int = 1, sample: bool = False) -> dict:

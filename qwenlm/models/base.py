@@ -150,8 +150,9 @@ class QwenCausalLM(GenerationMixin, nn.Module):
         return out
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # (not quantized at load)
-            w = self.embed.weight  # (a Parameter, or the buffer of a table kept as stored)
+        w = getattr(self.embed, "weight", None)  # (a Parameter, or the buffer of a table kept as stored;
+        # none for a table left in a GGUF file's blocks, whose head comes from the file)
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear) and w is not None:
             self.lm_head.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
 
     @property

@@ -112,12 +112,12 @@ def file_tensors(source: dict, names) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, torch.from_numpy(dequantize_bytes(np.asarray(data[offset:offset + nbytes]), type_name, shape))
 
 
-def _weight_of(mod: nn.Module, name: str, source: dict) -> torch.Tensor:
+def _weight_of(mod: nn.Module, entry: str, source: dict) -> torch.Tensor:
     """A linear layer's float weight: loaded, or (a lean checkpoint's, left out of the load) dequantized
-    from the file now, so that one layer at a time is ever in float."""
+    from the file's tensor `entry` now, so that one layer at a time is ever in float."""
     if not mod.weight.is_meta:
         return mod.weight.detach()
-    return next(file_tensors(source, [name + ".weight"]))[1]
+    return next(file_tensors(source, [entry]))[1]
 
 
 def _fits(mod: nn.Module, t) -> bool:
@@ -131,21 +131,26 @@ def _block_entry(mod: nn.Module, t) -> bool:
     return _fits(mod, t) and t[0] in _DECODERS
 
 
-def _linear_entries(model: nn.Module, source: dict) -> dict[str, tuple[nn.Module, list | None]]:
-    """Each nn.Linear of the model by name, with the GGUF entry of its weight (or None)."""
-    tensors = dict(source["tensors"])
-    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in tensors:
-        tensors["lm_head.weight"] = tensors.get(_embedding_name(source["arch"]))
-    return {name: (mod, tensors.get(name + ".weight")) for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear)}
+def _linear_entries(model: nn.Module, source: dict) -> dict[str, tuple[nn.Module, str | None]]:
+    """Each nn.Linear of the model by name, with the name of its weight's GGUF entry (or None): a
+    tied head's is the embedding table's."""
+    tensors = source["tensors"]
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            entry = name + ".weight"
+            if entry not in tensors and name == "lm_head" and getattr(model.config, "tie_word_embeddings", False):
+                entry = _embedding_name(source["arch"])
+            out[name] = (mod, entry if entry in tensors else None)
+    return out
 
 
 def file_weights(model: nn.Module, source: dict) -> set[str]:
     """The linear weights that `quantize_model_gguf` reads from the file itself: a lean checkpoint's
     loading leaves them out. Those with blocks it maps are never dequantized; the others are, one
     layer at a time, on their way to 8 bits (a 7B file's Q6_K layers would take ~6 GB in fp32 at once)."""
-    return {name + ".weight" for name, (mod, t) in _linear_entries(model, source).items()
-            if name + ".weight" in source["tensors"] and _fits(mod, t)}
+    return {name + ".weight" for name, (mod, e) in _linear_entries(model, source).items()
+            if e == name + ".weight" and _fits(mod, source["tensors"][e])}
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -227,13 +232,13 @@ def quantize_model_gguf(model: nn.Module, source: dict) -> nn.Module:
     cast_all_but_blocks(model, torch.float32)
     made: dict[str, tuple] = {}
     kinds = Counter()
-    for name, (mod, t) in _linear_entries(model, source).items():
-        got = None
+    for name, (mod, entry) in _linear_entries(model, source).items():
+        t, got = source["tensors"].get(entry), None
         if _block_entry(mod, t):
             type_name, shape, offset, nbytes = t
             got = gguf_blocks(type_name, shape, data[offset:offset + nbytes].reshape(mod.out_features, -1))
         if got is None:  # no exact mapping: 8 bits from the dequantized weight
-            codes, d, m = q4.quantize_q8(_weight_of(mod, name, source))
+            codes, d, m = q4.quantize_q8(_weight_of(mod, entry, source))
             got = (codes, d, m, 8)
             kinds["re-quantized to 8 bits" + ("" if t is None else f" ({t[0]})")] += 1
         else:
@@ -256,6 +261,50 @@ def quantize_model_gguf(model: nn.Module, source: dict) -> nn.Module:
     model.quantization = "gguf-blocks"
     log.info("the GGUF file's own blocks: %s", ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())))
     return model
+
+
+class FileEmbedding(nn.Module):
+    """An embedding table left in a GGUF file's own blocks (memory-mapped: only the rows looked up
+    are ever read), each looked-up row dequantized as the conversion dequantizes the whole table
+    (`dequantize_rows`: the same fp32 values). A lean checkpoint's table on a CPU: dequantized at load
+    it took 2.3 GiB for a 7B file, and time at every start."""
+
+    def __init__(self, source: dict, entry: str):
+        super().__init__()
+        type_name, shape, offset, nbytes = source["tensors"][entry]
+        rows = int(shape[1])
+        data = np.memmap(source["path"], dtype=np.uint8, mode="r", offset=offset, shape=(nbytes,))
+        with warnings.catch_warnings():  # (a read-only memory map: only read)
+            warnings.simplefilter("ignore", UserWarning)
+            self.register_buffer("blocks", torch.from_numpy(data).view(rows, nbytes // rows), persistent=False)
+        self.type_name, self.num_embeddings, self.embedding_dim = type_name, rows, int(shape[0])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.blocks.index_select(0, ids.reshape(-1).to(self.blocks.device))
+        out = dequantize_rows(rows.numpy(), self.type_name)
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.type_name} blocks in the GGUF file"
+
+
+def file_embedding(model: nn.Module, source: dict, quantize: str | None) -> str | None:
+    """For a lean checkpoint loaded onto the CPU kernel (`quantize` gguf, int4 or int8): put a
+    FileEmbedding in place of the model's table when the file holds it in blocks, and return the
+    table's name (which the load then leaves out); None where the table is loaded as before: a float
+    table, or a tied head that needs it in float (int4/int8 quantize the head from it)."""
+    entry = _embedding_name(source["arch"])
+    t = source["tensors"].get(entry)
+    if quantize not in ("gguf", "int4", "int8") or not q4.available() or t is None or t[0] in ("F32", "F16"):
+        return None
+    tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in source["tensors"]
+    if tied and quantize != "gguf":  # (gguf: the head takes the table's entry, as blocks or in 8 bits)
+        return None
+    name = next(n for n, mod in model.named_modules() if mod is model.embed)
+    if [int(x) for x in t[1]] != [model.embed.embedding_dim, model.embed.num_embeddings]:
+        return None  # (the load reports the wrong shape)
+    model.replace_module(name, FileEmbedding(source, entry))
+    return entry
 
 
 def _embedding_name(arch: str) -> str:
