@@ -474,13 +474,75 @@ def test_a_prompt_read_in_the_top_row_moves_a_parked_row_out_of_the_way_before_t
     assert eng.stats["prompt_tokens_reused"] == 6 + 3
 
 
-def test_no_parking_where_rows_are_not_prefilled_in_place(model):
-    assert BatchEngine(model, max_num_seqs=2, max_model_len=64).prefix_cache  # the CPU default
+def test_parking_is_on_by_default_and_can_be_turned_off(model):
+    assert BatchEngine(model, max_num_seqs=2, max_model_len=64).prefix_cache
     assert not BatchEngine(model, max_num_seqs=2, max_model_len=64, prefix_cache=False).prefix_cache
-    assert not BatchEngine(model, max_num_seqs=2, max_model_len=64, fixed_shapes=True).prefix_cache \
-        or q4.pack_blocks(model)  # (the fused 4-bit path has no fixed-shape steps)
-    assert not BatchEngine(model, max_num_seqs=2, max_model_len=64, batch_prefill=True).prefix_cache \
-        or q4.pack_blocks(model)
+
+
+def _gpu_like(model, **kw):
+    """The GPU's way (rows padded to fixed shapes, prompts read together and whole), on this CPU."""
+    if q4.pack_blocks(model):
+        pytest.skip("the fused 4-bit CPU path has neither fixed-shape steps nor batched prefills")
+    return _parking(model, fixed_shapes=True, batch_prefill=True, prefill_chunk=0, bucket=16, **kw)
+
+
+def _both_ways(model, kv_cache, scenario):
+    """`scenario(engine)` on the GPU's path and on the plain one (rows not padded, prompts and rests
+    read one at a time): the same tokens, which with a float cache are the reference's. (An 8-bit
+    cache's claimed rests attend to the prefix's codes, where the reference reads its exact values.)"""
+    model.kv_cache = kv_cache
+    try:
+        gpu = _gpu_like(model, max_num_seqs=4)
+        got = scenario(gpu)
+        want = scenario(_parking(model, max_num_seqs=4, prefill_chunk=0))
+        ref = [generate(model, [p], c)[0] for p, c, _ in got]
+    finally:
+        model.kv_cache = "float"
+    assert [t for _, _, t in got] == [t for _, _, t in want]
+    if kv_cache == "float":
+        assert [t for _, _, t in got] == ref
+    return gpu
+
+
+@pytest.mark.parametrize("kv_cache", ["float", "int8"])
+def test_padding_rows_of_fixed_shape_steps_leave_parked_rows_alone(model, kv_cache):
+    """Three rows decode padded to four: the padding row is where a conversation is parked (its
+    slot 0 used to be overwritten at every step). Its next turn still gets its tokens."""
+    (a1, b1), others, extra = random_prompts(20, 18), random_prompts(6, 7, 9), random_prompts(3)[0]
+    cfg = GREEDY.update(max_new_tokens=4)
+
+    def scenario(eng):
+        ra, rb = (o["tokens"] for o in _run(eng, {0: [(a1, cfg), (b1, cfg)]}))
+        _run(eng, {0: [([999] + p, GREEDY) for p in others]})  # rows 0-2: a parked conversation moves to row 3
+        assert 3 in eng._parked and eng.stats["max_batch"] == 3
+        moved = eng._parked[3]["tokens"]
+        nxt = moved + (ra if moved == a1 + ra[:-1] else rb)[-1:] + extra
+        reused = eng.stats["prompt_tokens_reused"]
+        got = _run(eng, {0: [(nxt, GREEDY)]})[0]["tokens"]
+        assert eng.stats["prompt_tokens_reused"] - reused == len(moved)
+        return [(nxt, GREEDY, got)]
+
+    assert _both_ways(model, kv_cache, scenario).stats["steps"]
+
+
+@pytest.mark.parametrize("kv_cache", ["float", "int8"])
+def test_next_turns_arriving_together_read_their_rests_in_one_pass(model, kv_cache):
+    """On the GPU's path the rests of claimed prompts (different lengths, different reused prefixes)
+    are read in one right-padded forward pass, next to a new prompt read whole."""
+    (a1, b1), new = random_prompts(20, 22), random_prompts(11)[0]  # (v1: 20 to 32 tokens share an NTK alpha)
+    cfg = GREEDY.update(max_new_tokens=4)
+
+    def scenario(eng):
+        ra, rb = (o["tokens"] for o in _run(eng, {0: [(a1, cfg), (b1, cfg)]}))
+        a2, b2 = a1 + ra + random_prompts(5)[0], b1 + rb + random_prompts(2)[0]
+        eng.stats["prefills"] = 0
+        arrivals = [(b2, SAMPLED), (a2, GREEDY), ([999] + new, GREEDY)]
+        outs = _run(eng, {0: arrivals})
+        assert eng.stats["prompt_tokens_reused"] == (20 + 3) + (22 + 3)
+        return [(p, c, o["tokens"]) for (p, c), o in zip(arrivals, outs)]
+
+    eng = _both_ways(model, kv_cache, scenario)
+    assert eng.stats["prefills"] == 2  # the two rests together, then the new prompt
 
 
 def test_a_prompt_with_another_ntk_alpha_reads_whole(model):

@@ -118,3 +118,42 @@ def test_engines_fuse_projections_on_cuda(tmp_path):
         eng = Engine(m)
         assert m.blocks[0].mlp.__dict__["_fused"].intact()
         assert eng.generate(prompts, GREEDY) == want
+
+
+def _next_turns(model, **engine_kw) -> None:
+    """Two conversations, then three unrelated prompts (a parked row becomes a padding row), then
+    both next turns together: every request gets the reference's tokens, the next turns from their
+    parked rows. (Its logic is checked on CPU by test_batch_engine's GPU-like tests.)"""
+    from qwenlm.engine.batch import BatchEngine, Sequence
+    from qwenlm.generation import StopChecker
+
+    eng = BatchEngine(model, max_num_seqs=4, max_model_len=128, bucket=16, **engine_kw)
+    assert eng.prefix_cache and eng.batch_prefill
+    eng.prefix_min = 4
+    g = torch.Generator().manual_seed(5)
+
+    def run(prompts, cfg):
+        outs = [[] for _ in prompts]
+        seqs = [Sequence(p, cfg, StopChecker(cfg), emit=lambda t, r, o=o: t is not None and o.append(t))
+                for p, o in zip(prompts, outs)]
+        with torch.inference_mode():
+            eng.step(seqs)
+            while not eng.idle:
+                eng.step(eng.take_waiting())
+        for p, o in zip(prompts, outs):
+            assert o == generate(model, [p], cfg)[0]
+        return outs
+
+    first = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (20, 22)]
+    replies = run(first, GREEDY.update(max_new_tokens=4))
+    run([[999] + torch.randint(0, 1000, (n,), generator=g).tolist() for n in (6, 7, 9)], GREEDY)
+    reused = eng.stats["prompt_tokens_reused"]
+    run([p + r + [7, 8, 9] for p, r in zip(first, replies)], GREEDY)
+    assert eng.stats["prompt_tokens_reused"] > reused
+
+
+def test_prefix_cache_on_cuda_with_graphs(tmp_path):
+    """The serving engine's GPU defaults (CUDA graphs, prompts read together) with the prefix cache."""
+    for path in _checkpoints(tmp_path):
+        model = load_model(path, dtype="float32", device="cuda")
+        _next_turns(model)

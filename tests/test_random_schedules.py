@@ -28,9 +28,11 @@ def model(request, tmp_path_factory):
 def _schedule(model, rng: random.Random) -> tuple[dict, list[dict]]:
     """Run one random schedule; (the engine's settings, the records of its requests)."""
     settings = {"max_num_seqs": rng.randint(1, 5), "prefill_chunk": rng.choice([0, 4, 8, 16]),
-                "prefix_min": rng.choice([1, 4, 8])}
+                "prefix_min": rng.choice([1, 4, 8]), "gpu_like": rng.random() < 0.5}
+    # gpu_like: the GPU's way on this CPU (rows padded to fixed shapes, prompts and rests read together)
     eng = BatchEngine(model, max_num_seqs=settings["max_num_seqs"], max_model_len=96, prefix_cache=True,
-                      prefill_chunk=settings["prefill_chunk"])
+                      prefill_chunk=settings["prefill_chunk"], fixed_shapes=settings["gpu_like"],
+                      batch_prefill=settings["gpu_like"], bucket=16)
     eng.prefix_min = settings["prefix_min"]
     history = [[rng.randrange(1000) for _ in range(rng.randint(1, 20))] for _ in range(rng.randint(1, 4))]
     arrivals = sorted((rng.randint(0, 30), rng.randrange(len(history))) for _ in range(rng.randint(3, 10)))
@@ -65,7 +67,7 @@ def _schedule(model, rng: random.Random) -> tuple[dict, list[dict]]:
     return settings, records
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(10))
 def test_random_schedules_give_every_request_its_solo_tokens(model, seed):
     settings, records = _schedule(model, random.Random(seed))
     for r in records:
@@ -78,9 +80,10 @@ def test_random_schedules_give_every_request_its_solo_tokens(model, seed):
 
 def test_the_random_schedules_exercise_the_prefix_cache_and_chunks(model):
     """The seeds above are not idle: together they reuse parked rows, read prompts in chunks, abort."""
-    seen = [_schedule(model, random.Random(seed)) for seed in range(6)]
+    seen = [_schedule(model, random.Random(seed)) for seed in range(10)]
     assert sum(s["reused"] for s, _ in seen) > 100
     assert any(s["prefill_chunk"] and s["reused"] for s, _ in seen)
+    assert any(s["gpu_like"] and s["reused"] for s, _ in seen) and any(not s["gpu_like"] for s, _ in seen)
     assert any(r["reason"] == "abort" for _, recs in seen for r in recs)
 
 

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
                         "whole; 0: whole)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                    help="do not keep finished requests' keys/values for prompts that start with the same "
-                        "tokens (kept by default on CPU: a conversation's next turn reads only its new part)")
+                        "tokens (kept by default: a conversation's next turn reads only its new part)")
     p.add_argument("--status-every", type=_seconds, default=10.0, metavar="SECONDS",
                    help="while there is work, print a status line this often: requests running and waiting, "
                         "prompt and generated tokens per second (default 10; 0: never)")

@@ -31,7 +31,7 @@ import torch
 from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, make_generator
 from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, rotary_cos_sin
-from .cache import KernelAttention, KVStore, RowWriter, StepWriter, kernel_attention_on
+from .cache import ExtendWriter, KernelAttention, KVStore, RowWriter, StepWriter, kernel_attention_on
 from .engine import common_prefix, fuse_projections, prompt_alpha
 from .sampler import RowSampler
 
@@ -129,11 +129,8 @@ class BatchEngine:
         # Prefix cache: a finished sequence's row keeps its keys/values while no one needs the row
         # ("parked", with the tokens its slots hold), and a new prompt that starts with at least
         # `prefix_min` of those tokens (a conversation's next turn) takes the row and reads only the
-        # rest. On by default on a CPU, where prompts are slow to read; only where rows are prefilled
-        # one at a time in place (not with fixed-shape steps, whose padding rows write free rows).
-        if prefix_cache is None:
-            prefix_cache = self.device.type == "cpu"
-        self.prefix_cache = prefix_cache and not self.static_shapes and not self.batch_prefill
+        # rest (on GPU the rests of a step's prompts in one forward pass, as new prompts are).
+        self.prefix_cache = True if prefix_cache is None else prefix_cache
         self.prefix_min = 32
         self._parked: dict[int, dict] = {}  # row -> {"tokens": [...], "alpha": NTK alpha}
         self.active: list[Sequence] = []
@@ -256,9 +253,8 @@ class BatchEngine:
                 self.stats["finished_abort"] += 1
             seq.finish_reason = "abort"
             seq.emit(None, "abort")
-        for seq in new:
-            if self._parked and not seq.aborted:
-                self._claim(seq)
+        claimed = [seq for seq in new if self._parked and not seq.aborted and self._claim(seq)]
+        self._read_rests(claimed)
         whole, long = self._plan()
         group: list[Sequence] = []
         for seq in whole:
@@ -334,9 +330,7 @@ class BatchEngine:
         ctx = self._context(pos, [s.alpha for s in seqs], mask=None, last=t - 1)
         ctx.cache = RowWriter(self.kv, first_row, valid)
         h = m.run_blocks(ids, ctx)
-        last = h[torch.arange(len(seqs), device=dev), torch.tensor(lengths, device=dev) - 1]
-        self.stats["prefills"] += 1
-        self._sample(seqs, m.lm_head(last).float())
+        self._first_tokens(seqs, h[torch.arange(len(seqs), device=dev), torch.tensor(lengths, device=dev) - 1])
 
     def _read_part(self, seq: Sequence, row: int, s: int, e: int) -> torch.Tensor:
         """Read prompt tokens [s, e) into `row`, attending to its slots before s; the last hidden state."""
@@ -374,14 +368,19 @@ class BatchEngine:
         """`seq`'s prompt is read into row len(active), `h` its last hidden state: it joins the running
         rows with its first token."""
         self._join(seq)
+        self._first_tokens([seq], h)
+
+    def _first_tokens(self, seqs: list[Sequence], h: torch.Tensor) -> None:
+        """Sample the first token of sequences whose prompts were just read (`h`: their last hidden states)."""
         self.stats["prefills"] += 1
-        self._sample([seq], self.model.lm_head(h).float())
+        self._sample(seqs, self.model.lm_head(h).float())
 
     # ---- prefix cache -----------------------------------------------------------------------
-    def _claim(self, seq: Sequence) -> None:
+    def _claim(self, seq: Sequence) -> bool:
         """If `seq`'s prompt starts with a parked row's tokens, it takes that row and reads only the
-        rest: at once when the rest fits a step's chunk (it joins the running rows), otherwise in the
-        top row as a long prompt (if no other is being read there)."""
+        rest: in this step when the rest fits a step's chunk (it joins the running rows now, in the
+        next row, and True is returned: `_read_rests` reads the rest), otherwise in the top row as a
+        long prompt (if no other is being read there)."""
         self._set_alpha(seq)
         best, keep = -1, 0
         for row, p in self._parked.items():
@@ -390,11 +389,11 @@ class BatchEngine:
                 if n > keep:
                     best, keep = row, n
         if keep < self.prefix_min:
-            return
+            return False
         top, chunk = self.max_num_seqs - 1, self.prefill_chunk
         long = bool(chunk) and len(seq.prompt) - keep > chunk
         if long and self._reading:
-            return  # the top row is taken
+            return False  # the top row is taken
         dst = top if long else len(self.active)
         if dst != best:
             if dst in self._parked:  # swap: the parked row there lives on where this one was
@@ -408,9 +407,45 @@ class BatchEngine:
         seq.row, seq.cached, seq.reused = dst, keep, keep
         self.stats["prompt_tokens_reused"] += keep
         if long:
-            return  # `_plan` gives it the top row's chunks from here
+            return False  # `_plan` gives it the top row's chunks from here
         self.admitted.remove(seq)
-        self._joined(seq, self._read_part(seq, dst, keep, len(seq.prompt)))
+        self._join(seq)
+        return True
+
+    def _read_rests(self, seqs: list[Sequence]) -> None:
+        """Read the rest of each claimed prompt (after its `reused` slots) and sample its first token:
+        one at a time where prompts are (the CPU), else together, right-padded, up to
+        `max_prefill_tokens` padded tokens a pass (their rows are consecutive: claimed in order)."""
+        group: list[Sequence] = []
+        for seq in seqs:
+            if not self.batch_prefill:
+                self._first_tokens([seq], self._read_part(seq, seq.row, seq.reused, len(seq.prompt)))
+                continue
+            width = max(len(s.prompt) - s.reused for s in group + [seq])
+            if group and width * (len(group) + 1) > self.max_prefill_tokens:
+                self._extend(group)
+                group = []
+            group.append(seq)
+        if group:
+            self._extend(group)
+
+    def _extend(self, seqs: list[Sequence]) -> None:
+        """One forward pass for the rests of claimed prompts in rows [seqs[0].row, +len(seqs)): row b's
+        token j is at position reused_b + j and attends to its slots up to there; padding tokens
+        write a slot no sequence fills."""
+        m, dev = self.model, self.device
+        starts = torch.tensor([s.reused for s in seqs], device=dev)
+        lengths = torch.tensor([len(s.prompt) - s.reused for s in seqs], device=dev)
+        t = int(lengths.max())
+        span = max(len(s.prompt) for s in seqs)
+        ids = torch.tensor([s.prompt[s.reused:] + [0] * (t - len(s.prompt) + s.reused) for s in seqs], device=dev)
+        pos = starts[:, None] + torch.arange(t, device=dev)[None]  # (B, T)
+        valid = torch.arange(t, device=dev)[None] < lengths[:, None]
+        mask = (torch.arange(span, device=dev)[None, None] <= pos[:, :, None])[:, None]  # (B, 1, T, span)
+        ctx = self._context(pos, [s.alpha for s in seqs], mask=mask, last=span - 1)
+        ctx.cache = ExtendWriter(self.kv, seqs[0].row, pos.masked_fill(~valid, self.max_model_len - 1), span)
+        h = m.run_blocks(ids, ctx)
+        self._first_tokens(seqs, h[torch.arange(len(seqs), device=dev), lengths - 1])
 
     def _vacate(self, row: int) -> None:
         """`row` is about to be written: a sequence parked there moves to a free row if there is one
@@ -478,14 +513,14 @@ class BatchEngine:
         return m.lm_head(m.run_blocks(tok[:, None], ctx)[:, -1])
 
     def _fixed_shape_step(self, n: int, tok, pos, alphas: list[float], length: int) -> torch.Tensor:
-        """The step at a fixed shape: rows [0, n) copied into buffers padded to `nb` rows (the padding
-        rows are free cache rows: what they write there is overwritten before anyone reads it), slots
-        rounded up to the bucket; on CUDA, replayed from a graph captured the first time. Rotary values
-        come from a table indexed inside the step (and LogN from the positions), unless a row has its
-        own NTK alpha: then they are computed here and copied in."""
+        """The step at a fixed shape: rows [0, n) copied into buffers padded to `nb` rows, slots
+        rounded up to the bucket; on CUDA, replayed from a graph captured the first time. The padding
+        rows are other cache rows (free, parked, or the top one with a long prompt being read): they
+        write their last slot, which no sequence ever fills (`_sample` ends a sequence before), so
+        they disturb nothing. Rotary values come from a table indexed inside the step (and LogN from
+        the positions), unless a row has its own NTK alpha: then they are computed here and copied in."""
         c, dev = self.cfg, self.device
-        # (padding rows stay clear of the top row while a long prompt is read there)
-        nb = min(1 << (n - 1).bit_length(), self.max_num_seqs - (self._reading is not None))
+        nb = min(1 << (n - 1).bit_length(), self.max_num_seqs)
         lb = min(self.bucket * -(-length // self.bucket), self.max_model_len)
         if self._buf is None:
             rows, d = self.max_num_seqs, c.head_dim
@@ -497,7 +532,7 @@ class BatchEngine:
         b = self._buf
         b["tok"][:n] = tok
         b["pos"][:n] = pos
-        b["pos"][n:nb] = 0
+        b["pos"][n:nb] = self.max_model_len - 1
         ntk = any(a != 1.0 for a in alphas)
         if ntk:
             ctx = self._context(pos[:, None], alphas, mask=None, last=length - 1)

@@ -86,11 +86,13 @@ class KVStore:
         self.k_center[:, dst] = self.k_center[:, src]
 
     def swap_rows(self, a: int, b: int, na: int, nb: int) -> None:
-        """Row a's first na slots go to row b and row b's first nb slots to row a, in every layer."""
+        """Row a's first na slots go to row b and row b's first nb slots to row a, in every layer
+        (one layer at a time: the copy set aside is one layer's, not a whole row's)."""
         for t in self.tensors[:-1] if self.int8 else self.tensors[:2]:
-            keep = t[:, a, :, :na].clone()
-            t[:, a, :, :nb] = t[:, b, :, :nb]
-            t[:, b, :, :na] = keep
+            for layer in t:
+                keep = layer[a, :, :na].clone()
+                layer[a, :, :nb] = layer[b, :, :nb]
+                layer[b, :, :na] = keep
         if self.int8:
             self.k_center[:, [a, b]] = self.k_center[:, [b, a]]
 
@@ -178,6 +180,24 @@ class RowWriter:
         if s == 0:
             return k, v
         return self.kv.load(i, lambda x: x[row:row + b, :, :s + t])
+
+
+class ExtendWriter:
+    """KV cache adapter for reading the rests of several prompts into rows [row, row + B) whose first
+    slots hold their prefixes: row b's token j is written at slot slots[b, j], then every row attends
+    to slots [0, span) (the mask keeps each token to its own)."""
+
+    def __init__(self, kv: KVStore, row: int, slots: torch.Tensor, span: int):
+        self.kv, self.row, self.slots, self.span = kv, row, slots, span
+        self.rows = torch.arange(row, row + slots.shape[0], device=slots.device)[:, None].expand_as(slots)
+
+    def _put(self, dst, x):
+        dst[self.rows, :, self.slots] = x.movedim(2, 1)  # (B, H, T[, D]) -> (B, T, H[, D])
+
+    def update(self, i, k, v):
+        row, b, span = self.row, k.shape[0], self.span
+        self.kv.store(i, k, v, self._put, slice(row, row + b))
+        return self.kv.load(i, lambda t: t[row:row + b, :, :span])
 
 
 class StepWriter:
