@@ -11,12 +11,13 @@
 #   run(command="bash benchmarks/gpu_session.sh gptq",   carry=[".gpu"])   # issue 5: bf16 vs GPTQ Int4/Int8, 7B shape
 #   run(command="bash benchmarks/gpu_session.sh kv",     carry=[".gpu"])   # issue 5: KV-cache table, int8 at 8192
 #   run(command="bash benchmarks/gpu_session.sh serve",  carry=[".gpu"])   # issue 4: 1/8/32/64 streams, 7B shape
+#   run(command="bash benchmarks/gpu_session.sh turns",  carry=[".gpu"])   # issue 4: next turns, prefix cache on/off
 #   run(command="bash benchmarks/gpu_session.sh ab",     carry=[".gpu"])   # issue 3: each decode change on and off
 #   run(command="bash benchmarks/gpu_session.sh sweep",  carry=[".gpu"])   # Triton launch settings, 7B shapes
 # Each step writes its JSON and logs under $OUT (they come back to this machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: gpu_session.sh prepare|tests|engine|gptq|kv|serve|ab|sweep}
+step=${1:?usage: gpu_session.sh prepare|tests|engine|gptq|kv|serve|turns|ab|sweep}
 
 if [ "$step" = prepare ]; then
     set -e
@@ -78,6 +79,8 @@ sweep)  # every launch setting checked, then timed; the defaults are marked '*' 
 serve)  # the 7B shape; then a model that costs nothing: the ceiling that serving itself puts on tok/s
     bench serve_7b --shape 7B --serve 1,8,32,64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer
     bench serve_tiny --shape tiny --serve 64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer ;;
+turns)  # conversations growing turn by turn, 7B shape: each turn's wait, with the prefix cache and without
+    bench turns_7b --shape 7B --serve 1,16 --serve-turns 4 --serve-tokens 128 --prompt-len 512 --tokenizer .gpu/tokenizer ;;
 *)
     echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -68,6 +68,28 @@ def test_bench_serve_json(v1_chat_dir):
     assert all(x["tokens_per_s"] > 0 and 0 < x["ttft_p50_s"] < x["latency_p50_s"] for x in rows)
 
 
+def test_bench_serve_turns_json(v1_chat_dir, capsys):
+    """Conversations of 3 turns, served with the prefix cache and without: each turn's prompt grows by
+    a reply's worth and a message; with the cache each next turn reuses its last prompt, without it
+    nothing; every reply has all its tokens."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "qwenlm", "bench", "-m", v1_chat_dir, "--serve", "2",
+                        "--serve-turns", "3", "--serve-tokens", "4", "--prompt-len", "40", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["serve_turns"]
+    assert [(x["conversations"], x["prefix_cache"]) for x in rows] == [(2, True), (2, False)]
+    for x in rows:
+        assert [t["prompt_tokens"] for t in x["by_turn"]] == [40, 84, 128]
+        assert x["tokens"] == 2 * 3 * 4 and x["tokens_per_s"] > 0
+        assert all(0 < t["ttft_p50_s"] <= t["ttft_p90_s"] for t in x["by_turn"])
+    assert [x["prompt_tokens_reused"] for x in rows] == [2 * (40 + 84), 0]
+    assert main(["bench", "-m", v1_chat_dir, "--serve", "2", "--serve-turns", "1"]) == 2
+    assert "--serve-turns must be at least 2" in capsys.readouterr().err
+
+
 def test_bench_kv_table(v1_chat_dir, capsys):
     """Both caches per cell, sizes following each layout, peaks measured (CPU: the process's resident
     high-water mark, which holds the cache). The peak saving itself is measured on the real model in

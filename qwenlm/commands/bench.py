@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
                         "(qwen serve on loopback; each level's first 8 requests also served one at a time)")
     p.add_argument("--serve-tokens", type=int, default=128, help="with --serve: tokens per request")
     p.add_argument("--prompt-len", type=int, default=32, help="with --serve: prompt tokens per request")
+    p.add_argument("--serve-turns", type=int, default=0, metavar="N",
+                   help="with --serve: conversations of N turns instead (each turn's prompt is the last one, a "
+                        "reply's worth of tokens and a new message), served with the prefix cache and without")
     p.add_argument("--tokenizer", default=None,
                    help="with --serve and --shape: tokenizer directory (default: the offline default model's)")
     p.add_argument("--json", action="store_true")
@@ -255,6 +258,8 @@ def _serve(args, model, name: str, path: str | None) -> int:
 
     levels = _ints(args.serve, "--serve")
     tokenizer = QwenTokenizer.from_pretrained(args.tokenizer or path or resolve_model(None))
+    if args.serve_turns:
+        return _serve_turns(args, model, name, levels, tokenizer)
     rows = bench_serve(model, tokenizer, levels, args.serve_tokens, args.prompt_len,
                        progress=lambda m: print(m, file=sys.stderr))
     device, dtype = _device_name(model), _dtype_name(model)
@@ -272,4 +277,30 @@ def _serve(args, model, name: str, path: str | None) -> int:
               f"{r['speedup']:>7.2f}x {r['ttft_p50_s']:>8.2f}s {r['ttft_p99_s']:>8.2f}s {r['latency_p50_s']:>7.2f}s "
               f"{r['latency_p99_s']:>7.2f}s {us(r['http_server_cpu_us_per_token']):>19} "
               f"{us(r['engine_cpu_us_per_token']):>7}")
+    return 0
+
+
+def _serve_turns(args, model, name: str, levels: list[int], tokenizer) -> int:
+    from ..errors import UserError
+    from ..eval.serve_bench import bench_serve_turns
+
+    if args.serve_turns < 2:
+        raise UserError("--serve-turns must be at least 2 (the first turn has nothing to reuse)")
+    rows = bench_serve_turns(model, tokenizer, levels, args.serve_tokens, args.prompt_len, args.serve_turns,
+                             progress=lambda m: print(m, file=sys.stderr))
+    device, dtype = _device_name(model), _dtype_name(model)
+    if args.json:
+        print(json.dumps({"model": name, "device": device, "dtype": dtype, "serve_turns": rows}, indent=2))
+        return 0
+    print(f"model {name} | {dtype} | {device} | {args.serve_turns} turns: {args.prompt_len}-token first prompts, "
+          f"{args.serve_tokens} tokens a reply, {args.prompt_len} new tokens a turn")
+    print(f"{'streams':>7} {'prefix cache':>12} {'turn':>4} {'prompt':>7} {'TTFT p50':>9} {'TTFT p90':>9} "
+          f"{'tok/s (all turns)':>18} {'reused':>7}")
+    for r in rows:
+        for t in r["by_turn"]:
+            first = t["turn"] == 1
+            print(f"{r['conversations'] if first else '':>7} {('on' if r['prefix_cache'] else 'off') if first else '':>12} "
+                  f"{t['turn']:>4} {t['prompt_tokens']:>7} {t['ttft_p50_s']:>8.3f}s {t['ttft_p90_s']:>8.3f}s "
+                  f"{(format(r['tokens_per_s'], '.1f') if first else ''):>18} "
+                  f"{(r['prompt_tokens_reused'] if first else ''):>7}")
     return 0

@@ -120,11 +120,44 @@ async def _level(url: str, prompts: list[list[int]], max_tokens: int, mark=lambd
             "solo_latency_mean_s": statistics.mean(r["latency"] for r in solo), "solo_requests": len(solo)}
 
 
-def _client(url: str, prompts: list[list[int]], max_tokens: int, conn) -> None:
-    """The client process: one level; MARK when the concurrent requests start and end, then the
-    level's result (or its error), on `conn`."""
+async def _conversations(url: str, firsts: list[list[int]], max_tokens: int, turns: int, vocab: int,
+                         mark=lambda: None) -> dict:
+    """`len(firsts)` conversations at once, each `turns` requests one after the other: the next turn's
+    prompt is the last one, then `max_tokens` tokens in place of the reply and as many new tokens as
+    the first prompt had (random ids: what a parked row holds in common with it is the last prompt)."""
+    import random
+
+    async def talk(first: list[int], seed: int) -> list[dict]:
+        rng, prompt, out = random.Random(seed), list(first), []
+        for _ in range(turns):
+            r = await _one(url, prompt, max_tokens)
+            out.append({"prompt_tokens": len(prompt), **r})
+            prompt = prompt + [rng.randrange(vocab) for _ in range(max_tokens + len(first))]
+        return out
+
+    await _one(url, firsts[0][::-1], 2)  # warm-up (a prompt no conversation starts with)
+    mark()
+    t0 = time.perf_counter()
+    talks = await asyncio.gather(*(talk(f, i) for i, f in enumerate(firsts)))
+    took = time.perf_counter() - t0
+    mark()
+    tokens = sum(r["tokens"] for t in talks for r in t)
+    return {"conversations": len(firsts), "turns": turns, "max_tokens": max_tokens, "tokens": tokens,
+            "tokens_per_s": tokens / took, "seconds": took,
+            "by_turn": [{"turn": k + 1, "prompt_tokens": talks[0][k]["prompt_tokens"],
+                         "ttft_p50_s": _pct([t[k]["ttft"] for t in talks], 0.5),
+                         "ttft_p90_s": _pct([t[k]["ttft"] for t in talks], 0.9),
+                         "latency_p50_s": _pct([t[k]["latency"] for t in talks], 0.5)} for k in range(turns)]}
+
+
+def _client(url: str, prompts: list[list[int]], max_tokens: int, conn, turns: int = 0, vocab: int = 0) -> None:
+    """The client process: one level (`turns`: of conversations); MARK when the concurrent requests
+    start and end, then the level's result (or its error), on `conn`."""
     try:
-        conn.send(asyncio.run(_level(url, prompts, max_tokens, lambda: conn.send(MARK))))
+        mark = lambda: conn.send(MARK)  # noqa: E731
+        run = _conversations(url, prompts, max_tokens, turns, vocab, mark) if turns else \
+            _level(url, prompts, max_tokens, mark)
+        conn.send(asyncio.run(run))
     except Exception as e:
         conn.send(RuntimeError(f"{type(e).__name__}: {e}"))
     finally:
@@ -134,12 +167,14 @@ def _client(url: str, prompts: list[list[int]], max_tokens: int, conn) -> None:
 MARK = "mark"
 
 
-def run_level(url: str, prompts: list[list[int]], max_tokens: int, timeout: float = 3600, on_mark=None) -> dict:
-    """Measure one concurrency level from a separate client process; `on_mark()` is called when its
-    concurrent requests start and when they end."""
+def run_level(url: str, prompts: list[list[int]], max_tokens: int, timeout: float = 3600, on_mark=None,
+              turns: int = 0, vocab: int = 0) -> dict:
+    """Measure one concurrency level from a separate client process (`turns`: conversations of that
+    many turns, new ids below `vocab`); `on_mark()` is called when its concurrent requests start and
+    when they end."""
     ctx = multiprocessing.get_context("spawn")
     mine, theirs = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_client, args=(url, prompts, max_tokens, theirs), daemon=True)
+    proc = ctx.Process(target=_client, args=(url, prompts, max_tokens, theirs, turns, vocab), daemon=True)
     proc.start()
     theirs.close()
     deadline = time.monotonic() + timeout
@@ -207,4 +242,32 @@ def bench_serve(model, tokenizer, levels: list[int], max_tokens: int, prompt_len
                 a, b = (m[k] for m in marks)
                 row[f"{k}_cpu_us_per_token"] = None if a is None or b is None else (b - a) / row["tokens"] * 1e6
             rows.append(row)
+    return rows
+
+
+def bench_serve_turns(model, tokenizer, levels: list[int], max_tokens: int, prompt_len: int, turns: int,
+                      progress=print) -> list[dict]:
+    """Multi-turn conversations (see `_conversations`) at each concurrency level, served with the
+    prefix cache and without it, one server after the other: the wait for each turn's first token
+    as the conversations grow. Each row also gives the prompt tokens the engine took from parked rows."""
+    from ..serve import ServerOptions, create_app, serve_in_thread
+
+    top = max(levels)
+    vocab = min(model.config.vocab_size, 151643)
+    rows = []
+    for c in levels:
+        for cached in (True, False):
+            progress(f"{c} conversation(s) of {turns} turns, {max_tokens} tokens a reply, prefix cache "
+                     f"{'on' if cached else 'off'}...")
+            opts = ServerOptions(served_model_name="bench", max_num_seqs=top, max_queue=4 * top, status_every=0,
+                                 max_model_len=turns * (prompt_len + max_tokens) + 8, prefix_cache=cached)
+            app = create_app(model, tokenizer, opts)
+            with serve_in_thread(app) as url:
+                row = run_level(url, prompts_for(c, prompt_len, vocab, seed=c), max_tokens, turns=turns, vocab=vocab)
+            row["prefix_cache"] = cached
+            row["prompt_tokens_reused"] = app.state.server.engine.stats["prompt_tokens_reused"]
+            rows.append(row)
+            del app
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
