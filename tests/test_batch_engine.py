@@ -373,8 +373,8 @@ def test_aborting_a_prompt_being_read_frees_its_slot(model):
 
 
 def test_fixed_shape_steps_leave_the_prompt_being_read_alone(model):
-    """Padding rows of a fixed-shape step write slot 0 of free rows: never the top row while a long
-    prompt is read there."""
+    """Padding rows of a fixed-shape step (the top row among them, while a long prompt is read there)
+    write only a slot that no sequence fills."""
     if q4.pack_blocks(model):
         pytest.skip("the fused 4-bit CPU step has no fixed-shape variant")
     prompts = random_prompts(5, 9, 6, 30)
