@@ -41,7 +41,6 @@ def add_parser(sub) -> None:
 def _number(text: str, parse, low, high, what: str):
     """`parse(text)` if it is a finite number in [low, high], else argparse's one-line error."""
     import argparse
-    import math
 
     try:
         value = parse(text)

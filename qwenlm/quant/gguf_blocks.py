@@ -300,10 +300,9 @@ def file_embedding(model: nn.Module, source: dict, quantize: str | None) -> str 
     tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in source["tensors"]
     if tied and quantize != "gguf":  # (gguf: the head takes the table's entry, as blocks or in 8 bits)
         return None
-    name = next(n for n, mod in model.named_modules() if mod is model.embed)
     if [int(x) for x in t[1]] != [model.embed.embedding_dim, model.embed.num_embeddings]:
         return None  # (the load reports the wrong shape)
-    model.replace_module(name, FileEmbedding(source, entry))
+    model.replace_module(entry[:-len(".weight")], FileEmbedding(source, entry))  # (the entry: the model's name)
     return entry
 
 
