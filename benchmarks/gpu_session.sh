@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
-# A GPU session's checks and measurements, in steps that each fit one device call (10 minutes).
+# A GPU session's checks and measurements. A session has about 30 minutes of device time, a call at
+# most 10, and at most 8 files come back from a call: so one call runs several steps under one time
+# budget (BUDGET seconds, 560 unless set), in the order given, skipping what no longer fits, and
+# packs everything a step wrote into one archive per call.
 #
 # Here, once per session (no GPU needed):
 #   bash benchmarks/gpu_session.sh prepare
 # makes .gpu/ (ignored by git): wheels of what the GPU image lacks (fastapi, uvicorn, httptools, uvloop, pydantic, gguf;
 # for its Python 3.12) and the default model's tokenizer files (the serving benchmark needs one).
-# Then, with the device tool, one step per call, carrying .gpu:
-#   run(command="bash benchmarks/gpu_session.sh tests",  carry=[".gpu"])   # CUDA + compiled Triton tests
-#   run(command="bash benchmarks/gpu_session.sh engine", carry=[".gpu"])   # issue 3: 7B/1.8B, the original's protocol
-#   run(command="bash benchmarks/gpu_session.sh gptq",   carry=[".gpu"])   # issue 5: bf16 vs GPTQ Int4/Int8, 7B shape
-#   run(command="bash benchmarks/gpu_session.sh kv",     carry=[".gpu"])   # issue 5: KV-cache table, int8 at 8192
-#   run(command="bash benchmarks/gpu_session.sh serve",  carry=[".gpu"])   # issue 4: 1/8/32/64 streams, 7B shape
-#   run(command="bash benchmarks/gpu_session.sh turns",  carry=[".gpu"])   # issue 4: next turns, prefix cache on/off
-#   run(command="bash benchmarks/gpu_session.sh ab",     carry=[".gpu"])   # issue 3: each decode change on and off
-#   run(command="bash benchmarks/gpu_session.sh sweep",  carry=[".gpu"])   # Triton launch settings, 7B shapes
-# Each step writes its JSON and logs under $OUT (they come back to this machine).
+# Then, with the device tool, three calls (timeout_s=600), carrying .gpu, most important first:
+#   run(command="bash benchmarks/gpu_session.sh tests engine", carry=[".gpu"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_session.sh gptq kv",      carry=[".gpu"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_session.sh serve turns ab sweep", carry=[".gpu"], timeout_s=600)
+# The steps:
+#   tests   CUDA + compiled Triton tests (correctness of the GPU defaults: run first)
+#   engine  issue 3: 7B/1.8B, the original's protocol, against transformers
+#   gptq    issue 5: bf16 vs GPTQ Int4/Int8, 7B shape
+#   kv      issue 5: int8 KV at 8192 tokens, the KV-cache table
+#   serve   issue 4: 1/8/32/64 streams, 7B shape
+#   turns   issue 4: next turns, prefix cache on/off
+#   ab      issue 3: each decode change on and off
+#   sweep   Triton launch settings, 7B shapes
+# What comes back: $OUT/steps.log (each command, its exit status and its results as they came: the
+# `  -> ` lines of qwen bench), $OUT/device.txt and $OUT/results.tgz (every JSON and log).
+# GPU_SESSION_DRY=1 runs the steps on a CPU with tiny shapes, to check this script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: gpu_session.sh prepare|tests|engine|gptq|kv|serve|turns|ab|sweep}
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh prepare | STEP... (tests engine gptq kv serve turns ab sweep)" >&2; exit 2; }
 
-if [ "$step" = prepare ]; then
+if [ "$1" = prepare ]; then
     set -e
     rm -rf .gpu && mkdir -p .gpu/wheels .gpu/tokenizer
     exclude=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$exclude")"
@@ -34,53 +43,93 @@ if [ "$step" = prepare ]; then
     exit 0
 fi
 
+steps="$*"
+for s in $steps; do
+    case "$s" in tests|engine|gptq|kv|serve|turns|ab|sweep) ;; *) echo "unknown step $s" >&2; exit 2 ;; esac
+done
+
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --find-links .gpu/wheels .gpu/wheels/*.whl >"$OUT/pip.log" 2>&1 \
-    || echo "note: carried wheels not installed (see pip.log)"
-export PYTHONPATH=$PWD QWENLM_HOME=/tmp/qwenlm-home
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-qwen() { python3 -m qwenlm "$@"; }
-bench() {  # bench NAME ARGS...: JSON to $OUT/NAME.json, progress to $OUT/NAME.log
-    local name=$1; shift
-    echo "== qwen bench $*" | tee -a "$OUT/steps.log"
-    timeout 540 python3 -m qwenlm bench "$@" --json >"$OUT/$name.json" 2>"$OUT/$name.log"
-    echo "   exit $? ($(date -u +%T))" | tee -a "$OUT/steps.log"
+W=/tmp/gpu-session  # what the steps write; packed into $OUT/results.tgz after each step
+BUDGET=${BUDGET:-560}
+DRY=${GPU_SESSION_DRY:-0}
+t_end=$(( $(date +%s) + BUDGET ))
+rm -rf "$W" && mkdir -p "$OUT" "$W" && : >"$OUT/steps.log"
+log() { echo "$*" | tee -a "$OUT/steps.log"; }
+left() { echo $(( t_end - $(date +%s) )); }
+pack() { tar -C "$W" -czf "$OUT/results.tgz.part" . && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"; }
+fits() {  # fits CAP: LIMIT=min(CAP, what is left of the budget); false (and a note) under 30 s
+    LIMIT=$(( $(left) - 10 )); [ "$LIMIT" -gt "$1" ] && LIMIT=$1
+    [ "$LIMIT" -ge 30 ] || { log "   skipped: $(left) s of the budget left"; return 1; }
 }
 
-case "$step" in
-tests)
-    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py \
-        2>&1 | tee "$OUT/tests.log" | tail -30 ;;
-engine)
-    bench bench_7b --shape 7B --gen 2048,8192 --prefill 2048 --compare hf --hf-tokens 128
-    bench bench_1.8b --shape 1.8B --gen 2048,8192 --prefill 2048 --compare hf --hf-tokens 128 ;;
-gptq)
-    bench gptq_bf16 --shape 7B --gen 2048 --prefill 2048
-    bench gptq_int4 --shape 7B --gen 2048 --prefill 2048 --quantize gptq4
-    bench gptq_int4_head8 --shape 7B --gen 2048 --prefill 2048 --quantize gptq4 --quantize-head
-    bench gptq_int8 --shape 7B --gen 2048 --prefill 2048 --quantize gptq8 ;;
-kv)
-    bench kv_table_7b --shape 7B --kv-table --kv-batches 1,4,16,32,64,100 --kv-lengths 512,1024,2048,4096,8192
-    bench kv_int8_8192 --shape 7B --gen 8192 --prefill 0 --kv-cache int8 ;;
-ab)  # what each change since the last measured run is worth, batch-1 decode, one after the other
-    bench ab_1.8b --shape 1.8B --gen 2048 --prefill 0
-    QWENLM_FUSE=0 bench ab_1.8b_unfused --shape 1.8B --gen 2048 --prefill 0
-    QWENLM_TRITON=0 bench ab_1.8b_sdpa --shape 1.8B --gen 2048 --prefill 0
-    bench ab_7b --shape 7B --gen 2048 --prefill 0
-    QWENLM_FUSE=0 bench ab_7b_unfused --shape 7B --gen 2048 --prefill 0
-    QWENLM_TRITON=0 bench ab_7b_sdpa --shape 7B --gen 2048 --prefill 0 ;;
-sweep)  # every launch setting checked, then timed; the defaults are marked '*' (choose, then edit them)
-    timeout 330 python3 benchmarks/kernel_sweep.py --only gptq --json "$OUT/sweep_gptq.json" 2>&1 \
-        | tee "$OUT/sweep_gptq.log" | grep -v -i warn
-    timeout 230 python3 benchmarks/kernel_sweep.py --only attention --json "$OUT/sweep_attention.json" 2>&1 \
-        | tee "$OUT/sweep_attention.log" | grep -v -i warn ;;
-serve)  # the 7B shape; then a model that costs nothing: the ceiling that serving itself puts on tok/s
-    bench serve_7b --shape 7B --serve 1,8,32,64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer
-    bench serve_tiny --shape tiny --serve 64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer ;;
-turns)  # conversations growing turn by turn, 7B shape: each turn's wait, with the prefix cache and without
-    bench turns_7b --shape 7B --serve 1,16 --serve-turns 4 --serve-tokens 128 --prompt-len 512 --tokenizer .gpu/tokenizer ;;
-*)
-    echo "unknown step $step" >&2; exit 2 ;;
-esac
+python3 -m pip install -q --no-index --no-deps --find-links .gpu/wheels .gpu/wheels/*.whl >"$W/pip.log" 2>&1 \
+    || echo "note: carried wheels not installed (see pip.log)"
+export PYTHONPATH=$PWD QWENLM_HOME=/tmp/qwenlm-home PYTHONUNBUFFERED=1
+{ if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  else echo "no nvidia-smi (dry run: $DRY)"; fi
+  python3 -c "import torch; print('torch', torch.__version__)"
+  python3 -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "no triton"
+} | tee "$OUT/device.txt"
+
+bench() {  # bench NAME ARGS...: JSON to NAME.json, progress and results to NAME.log
+    local name=$1 rc; shift
+    local args=("$@")
+    if [ "$DRY" = 1 ]; then args=("${args[@]/#7B/tiny}"); args=("${args[@]/#1.8B/tiny}"); fi
+    log "== ${QWENLM_FUSE:+QWENLM_FUSE=$QWENLM_FUSE }${QWENLM_TRITON:+QWENLM_TRITON=$QWENLM_TRITON }qwen bench ${args[*]}"
+    fits 540 || return
+    timeout -k 5 "$LIMIT" python3 -m qwenlm bench "${args[@]}" --json >"$W/$name.json" 2>"$W/$name.log"
+    rc=$?
+    grep -E -B1 '^  -> ' "$W/$name.log" | grep -v '^--$' | tee -a "$OUT/steps.log"
+    [ $rc = 0 ] || tail -n 5 "$W/$name.log" | sed 's/^/   | /' | tee -a "$OUT/steps.log"
+    log "   exit $rc ($(date -u +%T), $(left) s left)"
+}
+sweep() {  # sweep KERNEL CAP: every launch setting checked, then timed; the defaults are marked '*'
+    log "== kernel_sweep.py --only $1"
+    fits "$2" || return
+    timeout -k 5 "$LIMIT" python3 benchmarks/kernel_sweep.py --only "$1" --json "$W/sweep_$1.json" \
+        >"$W/sweep_$1.log" 2>&1
+    log "   exit $? ($(left) s left)"
+    grep -v -i warn "$W/sweep_$1.log" | tail -n 25 | tee -a "$OUT/steps.log"
+}
+
+for step in $steps; do
+    log "#### $step ($(date -u +%T), $(left) s of the budget left)"
+    case "$step" in
+    tests)
+        if fits 300; then
+            timeout -k 5 "$LIMIT" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+                tests/test_triton_kernels.py >"$W/tests.log" 2>&1
+            log "   exit $?"
+            tail -n 25 "$W/tests.log" | tee -a "$OUT/steps.log"
+        fi ;;
+    engine)
+        bench bench_7b --shape 7B --gen 2048,8192 --prefill 2048 --compare hf --hf-tokens 128
+        bench bench_1.8b --shape 1.8B --gen 2048,8192 --prefill 2048 --compare hf --hf-tokens 128 ;;
+    gptq)
+        bench gptq_bf16 --shape 7B --gen 2048 --prefill 2048
+        bench gptq_int4 --shape 7B --gen 2048 --prefill 2048 --quantize gptq4
+        bench gptq_int8 --shape 7B --gen 2048 --prefill 2048 --quantize gptq8
+        bench gptq_int4_head8 --shape 7B --gen 2048 --prefill 2048 --quantize gptq4 --quantize-head ;;
+    kv)
+        bench kv_int8_8192 --shape 7B --gen 8192 --prefill 0 --kv-cache int8
+        bench kv_table_7b --shape 7B --kv-table --kv-batches 1,4,16,32,64,100 --kv-lengths 512,1024,2048,4096,8192 ;;
+    serve)  # the 7B shape; then a model that costs nothing: the ceiling that serving itself puts on tok/s
+        bench serve_7b --shape 7B --serve 1,8,32,64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer
+        bench serve_tiny --shape tiny --serve 64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer ;;
+    turns)  # conversations growing turn by turn, 7B shape: each turn's wait, with the prefix cache and without
+        bench turns_7b --shape 7B --serve 1,16 --serve-turns 4 --serve-tokens 128 --prompt-len 512 \
+            --tokenizer .gpu/tokenizer ;;
+    ab)  # what each change since the last measured run is worth, batch-1 decode, one after the other
+        bench ab_7b --shape 7B --gen 2048 --prefill 0
+        QWENLM_FUSE=0 bench ab_7b_unfused --shape 7B --gen 2048 --prefill 0
+        QWENLM_TRITON=0 bench ab_7b_sdpa --shape 7B --gen 2048 --prefill 0
+        bench ab_1.8b --shape 1.8B --gen 2048 --prefill 0
+        QWENLM_FUSE=0 bench ab_1.8b_unfused --shape 1.8B --gen 2048 --prefill 0
+        QWENLM_TRITON=0 bench ab_1.8b_sdpa --shape 1.8B --gen 2048 --prefill 0 ;;
+    sweep)
+        sweep gptq 330
+        sweep attention 230 ;;
+    esac
+    pack
+done
+log "#### done ($(date -u +%T), $(left) s of the budget left)"

@@ -156,16 +156,25 @@ def test_gpu_session_script_commands_parse():
     import os
     import re
     import shlex
+    import subprocess
 
     from qwenlm.cli import build_parser
 
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_session.sh")
-    lines = [m.group(1) for m in re.finditer(r"^\s*(?:\w+=\S+ )*bench [\w.]+ (.*?)(?: ;;)?$", open(path).read(), re.M)]
+    text = re.sub(r"\\\n\s*", " ", open(path).read())  # continued lines joined, as bash reads them
+    lines = [m.group(1) for m in re.finditer(r"^\s*(?:\w+=\S+ )*bench [\w.]+ (.*?)(?: ;;)?$", text, re.M)]
     assert len(lines) >= 14
     parser = build_parser()
     for line in lines:
         args = parser.parse_args(["bench", *shlex.split(line), "--json"])
         assert args.func.__module__ == "qwenlm.commands.bench", line
+    # every step the script names is one it runs, and a wrong name stops it before it runs anything
+    steps = re.search(r"case \"\$s\" in ([\w|]+)\)", text).group(1).split("|")
+    for s in steps:
+        assert re.search(rf"^\s+{s}\)", text, re.M), s
+    done = subprocess.run(["bash", path, "tests", "nonsense"], capture_output=True, text=True,
+                          env={**os.environ, "OUT": "/nonexistent/out"}, timeout=60)
+    assert done.returncode == 2 and "unknown step nonsense" in done.stderr and not done.stdout
 
 
 def test_bench_tiny_shape(capsys):

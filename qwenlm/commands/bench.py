@@ -58,6 +58,12 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _done(text: str) -> None:
+    """A measurement's result on stderr as soon as it is taken (`--json` prints them all at the end):
+    what a run cut short has measured stays in its log."""
+    print(f"  -> {text}", file=sys.stderr, flush=True)
+
+
 def _gib(n):
     return "-" if n is None else f"{n / 2**30:.2f} GiB"
 
@@ -192,13 +198,18 @@ def run(args) -> int:
                         kv_cache=model.kv_cache)
     for n in lengths:
         print(f"decoding {n} tokens (batch {args.batch})...", file=sys.stderr)
-        res.decode.append(B.bench_decode(engine, n, batch=args.batch, sample=args.sample))
+        d = B.bench_decode(engine, n, batch=args.batch, sample=args.sample)
+        res.decode.append(d)
+        _done(f"{d['tokens_per_s']:.1f} tok/s, time to first token {d['ttft_ms']:.1f} ms, "
+              f"peak {_gib(d['peak_memory_bytes'])}")
     if args.prefill:
         print(f"prefilling {args.prefill} tokens...", file=sys.stderr)
         res.prefill = B.bench_prefill(engine, args.prefill)
+        _done(f"{res.prefill['ms']:.1f} ms, peak {_gib(res.prefill['peak_memory_bytes'])}")
     if args.compare == "hf":
         print(f"transformers: decoding {args.hf_tokens} tokens...", file=sys.stderr)
         res.hf = B.bench_hf(model, args.hf_tokens, engine)
+        _done(f"{res.hf['tokens_per_s']:.1f} tok/s, peak {_gib(res.hf['peak_memory_bytes'])}")
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
         return 0

@@ -247,7 +247,10 @@ def kv_table(engine: Engine, batches: list[int], lengths: list[int], batch_lengt
                 model.kv_cache = kind
                 if progress:
                     progress(f"KV cache {kind}: batch {b}, {n} tokens...")
-                row[kind] = bench_kv_memory(engine, b, n)
+                row[kind] = r = bench_kv_memory(engine, b, n)
+                if progress:
+                    peak = r["peak_memory_bytes"]
+                    progress("  -> " + ("out of memory" if peak is None else f"peak {peak / 2**30:.2f} GiB"))
             rows.append(row)
     finally:
         model.kv_cache = before

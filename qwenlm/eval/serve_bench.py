@@ -242,6 +242,8 @@ def bench_serve(model, tokenizer, levels: list[int], max_tokens: int, prompt_len
                 a, b = (m[k] for m in marks)
                 row[f"{k}_cpu_us_per_token"] = None if a is None or b is None else (b - a) / row["tokens"] * 1e6
             rows.append(row)
+            progress(f"  -> {row['tokens_per_s']:.1f} tok/s ({row['one_at_a_time_tokens_per_s']:.1f} one at a time), "
+                     f"time to first token p50 {row['ttft_p50_s']:.3f} s")
     return rows
 
 
@@ -267,6 +269,9 @@ def bench_serve_turns(model, tokenizer, levels: list[int], max_tokens: int, prom
             row["prefix_cache"] = cached
             row["prompt_tokens_reused"] = app.state.server.engine.stats["prompt_tokens_reused"]
             rows.append(row)
+            progress("  -> time to first token p50 by turn: "
+                     + ", ".join(f"{t['ttft_p50_s']:.3f} s" for t in row["by_turn"])
+                     + f"; {row['prompt_tokens_reused']} prompt tokens reused")
             del app
             if model.device.type == "cuda":
                 torch.cuda.empty_cache()
