@@ -67,6 +67,13 @@ class Sequence:
     generator: torch.Generator | None = None
     counts: dict[int, int] = field(default_factory=dict)
     reused: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    # log-probabilities (OpenAI's logprobs): None = not asked; k = each token's and the k likeliest.
+    # Entries are (logprob of the token, [(token id, logprob)] * k), from the model's own distribution
+    # (before penalties, bias and temperature), appended before the token is emitted.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for prompt tokens 1.. (echo); such a prompt is read whole
+    token_logprobs: list = field(default_factory=list)
+    prompt_token_logprobs: list = field(default_factory=list)
 
     @property
     def plain_greedy(self) -> bool:
@@ -330,6 +337,9 @@ class BatchEngine:
         ctx = self._context(pos, [s.alpha for s in seqs], mask=None, last=t - 1)
         ctx.cache = RowWriter(self.kv, first_row, valid)
         h = m.run_blocks(ids, ctx)
+        for b, seq in enumerate(seqs):
+            if seq.prompt_logprobs is not None:
+                self._prompt_logprobs(seq, h[b], 0)
         self._first_tokens(seqs, h[torch.arange(len(seqs), device=dev), torch.tensor(lengths, device=dev) - 1])
 
     def _read_part(self, seq: Sequence, row: int, s: int, e: int) -> torch.Tensor:
@@ -341,6 +351,8 @@ class BatchEngine:
         ctx.cache = RowWriter(self.kv, row, start=s)
         h = self.model.run_blocks(torch.tensor([seq.prompt[s:e]], device=dev), ctx)
         seq.cached = e
+        if seq.prompt_logprobs is not None:
+            self._prompt_logprobs(seq, h[0], s)
         return h[:, -1]
 
     def _read_chunk(self, seq: Sequence) -> None:
@@ -382,6 +394,8 @@ class BatchEngine:
         next row, and True is returned: `_read_rests` reads the rest), otherwise in the top row as a
         long prompt (if no other is being read there)."""
         self._set_alpha(seq)
+        if seq.prompt_logprobs is not None:
+            return False  # every prompt token's log-probability is asked for: no keys/values reused
         best, keep = -1, 0
         for row, p in self._parked.items():
             if p["alpha"] == seq.alpha:  # (keys are rotated with the alpha their prompt had)
@@ -583,7 +597,12 @@ class BatchEngine:
 
     # ---- choosing tokens, finishing -------------------------------------------------------
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        asked = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        if asked:
+            lp = self._log_probs(logits[asked])
         chosen = self.sampler.choose(seqs, logits)
+        for j, i in enumerate(asked):
+            seqs[i].token_logprobs.append(_entries(lp[j:j + 1], [chosen[i]], seqs[i].logprobs)[0])
         for s, t in zip(seqs, chosen):
             s.generated.append(t)
             s.counts[t] = s.counts.get(t, 0) + 1
@@ -599,6 +618,20 @@ class BatchEngine:
                 s.finish_reason = reason
                 self._finish(s, reason)
                 s.emit(t, reason)
+
+    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """log-softmax over the tokens the model may choose (the vocabulary's padding left out)."""
+        limit = self.sampler.vocab_limit
+        return torch.log_softmax(logits[:, :limit].float(), -1)
+
+    def _prompt_logprobs(self, seq: Sequence, h: torch.Tensor, start: int) -> None:
+        """Log-probabilities of the prompt tokens that the hidden states `h` of positions start..
+        predict, a slice of positions at a time (a whole prompt's logits would be prompt x vocab floats)."""
+        n = min(h.shape[0], len(seq.prompt) - 1 - start)
+        for a in range(0, n, 64):
+            b = min(n, a + 64)
+            lp = self._log_probs(self.model.lm_head(h[a:b]))
+            seq.prompt_token_logprobs += _entries(lp, seq.prompt[start + a + 1:start + b + 1], seq.prompt_logprobs)
 
     def _finish(self, seq: Sequence, reason: str, emit_none: bool = False) -> None:
         """Take `seq` out of the batch; the last row moves into its place (with the prefix cache on,
@@ -623,3 +656,12 @@ class BatchEngine:
         if emit_none:
             seq.finish_reason = reason
             seq.emit(None, reason)
+
+
+def _entries(lp: torch.Tensor, tokens: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """(logprob of tokens[i], its row's k likeliest (id, logprob)) for each row i of `lp`."""
+    got = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    if not k:
+        return [(g, []) for g in got]
+    top = lp.topk(min(k, lp.shape[-1]), -1)
+    return [(g, list(zip(i, v))) for g, i, v in zip(got, top.indices.tolist(), top.values.tolist())]
