@@ -120,3 +120,12 @@ def test_logprobs_leave_out_the_vocabulary_padding(model):
     toks = seq.prompt[1:] + seq.generated
     assert got == pytest.approx(ref[torch.arange(len(toks)), torch.tensor(toks)].tolist(), abs=2e-4)
     assert all(t < 700 for _, top in seq.prompt_token_logprobs + seq.token_logprobs for t, _ in top)
+
+
+@pytest.mark.parametrize("chunk", [0, 100])
+def test_a_long_prompts_logprobs_over_several_head_slices(model, chunk):
+    """300 prompt tokens: the head runs over slices of positions (and, read in chunks of 100, each
+    chunk's last position predicts the next chunk's first token)."""
+    eng = BatchEngine(model, max_num_seqs=2, max_model_len=320, prefill_chunk=chunk)
+    seq = _run(eng, [(random_prompts(300)[0], greedy_config(2), 1, 1)])[0]
+    _check(model, seq, 1, 1)

@@ -628,8 +628,8 @@ class BatchEngine:
         """Log-probabilities of the prompt tokens that the hidden states `h` of positions start..
         predict, a slice of positions at a time (a whole prompt's logits would be prompt x vocab floats)."""
         n = min(h.shape[0], len(seq.prompt) - 1 - start)
-        for a in range(0, n, 64):
-            b = min(n, a + 64)
+        for a in range(0, n, 128):
+            b = min(n, a + 128)
             lp = self._log_probs(self.model.lm_head(h[a:b]))
             seq.prompt_token_logprobs += _entries(lp, seq.prompt[start + a + 1:start + b + 1], seq.prompt_logprobs)
 

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine.batch import BatchEngine
 from .http import APIError, BodyLimit, Gate, error_response
 from .jobs import INDEX, REASON, TEXT, Job, json_str, reason_json, sse, sse_error, sse_format
+from .logprobs import CompletionLogprobs, TokenText, chat_content
 from .metrics import Metrics
 from .prompt import (PromptError, ToolCall, ToolStream, build_chat_prompt, forced_call_prefix, parse_reply,
                      tool_specs)
@@ -58,6 +59,7 @@ class Server:
                                             prefix_cache=opts.prefix_cache)
         self.metrics = Metrics(self.engine)
         t = tokenizer
+        self.token_text = TokenText(tokenizer)
         self.chat_stop_ids = [i for i in (t.im_end_id, t.im_start_id, t.eod_id) if i is not None]
         self.created = int(time.time())
 
@@ -123,8 +125,8 @@ class Server:
 
     # ---- /v1/chat/completions -------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, request: Request):
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         tools = None if req.tool_choice == "none" else [t.model_dump(exclude_none=True) for t in req.tools or []]
         funcs = None if req.function_call == "none" else [f.model_dump(exclude_none=True) for f in req.functions or []]
         try:
@@ -147,7 +149,8 @@ class Server:
         cfg = self.sampling(req, len(prompt.ids), max_tokens, ["Observation:"] if prompt.tools_on else [])
         names = [f.get("name_for_model", f.get("name")) for f in specs]
         cfgs = self.choice_cfgs(cfg, req.n)
-        job = Job(self, [prompt.ids] * req.n, cfgs, [] if req.ignore_eos else self.chat_stop_ids, request)
+        job = Job(self, [prompt.ids] * req.n, cfgs, [] if req.ignore_eos else self.chat_stop_ids, request,
+                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         job.submit()
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -162,7 +165,9 @@ class Server:
         choices = []
         for i, (text, reason) in enumerate(zip(texts, reasons)):
             msg, reason = self._message(forced + text.text, reason, names, legacy, bool(forced))
-            choices.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": None})
+            lp = {"content": chat_content(self.token_text, *job.shown_logprobs(i)), "refusal": None} \
+                if job.logprobs else None
+            choices.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": lp})
         self.metrics.generation_tokens.inc(job.completion_tokens)
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.opts.served_model_name,
                 "choices": choices, "usage": job.usage()}
@@ -185,8 +190,9 @@ class Server:
     async def _chat_stream(self, job: Job, texts, names, legacy, rid, created, include_usage, forced=""):
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.opts.served_model_name}
 
-        def chunk(i, delta, reason=None):
-            return sse({**head, "choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}]})
+        def chunk(i, delta, reason=None, logprobs=None):
+            return sse({**head, "choices": [{"index": i, "delta": delta, "finish_reason": reason,
+                                             "logprobs": logprobs}]})
 
         text_fmt = sse_format({**head, "choices": [{"index": INDEX, "delta": {"content": TEXT},
                                                      "finish_reason": None, "logprobs": None}]})
@@ -203,7 +209,11 @@ class Server:
                         delta += texts[i].finish()
                     if tool_streams is not None:
                         delta = tool_streams[i].put(delta)
-                    if delta:
+                    entry = job.take_logprobs(i, tok) if job.logprobs and tok is not None else None
+                    if entry is not None:  # the token's entry goes with whatever text it let out
+                        lp = {"content": chat_content(self.token_text, [tok], [entry]), "refusal": None}
+                        out.append(chunk(i, {"content": delta}, logprobs=lp))
+                    elif delta:
                         out.append(text_fmt.format(i, json_str(delta)))
                     if reason is None:
                         continue
@@ -257,8 +267,6 @@ class Server:
         return out
 
     async def complete(self, req: CompletionRequest, request: Request):
-        if req.logprobs is not None:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
         if req.suffix:
             raise APIError(400, "suffix (insertion) is not supported by this server", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
@@ -266,42 +274,72 @@ class Server:
         prompts = self._prompts(req.prompt)
         if len(prompts) * req.n > 64:
             raise APIError(400, "at most 64 completions (prompts times n) per request", param="n")
+        # max_tokens 0: nothing generated, the prompt echoed (with echo and logprobs: its log-probabilities,
+        # which is how evaluation harnesses score text); one token is generated and shown to nobody
+        zero = req.max_tokens == 0
         all_prompts, cfgs = [], []
         for p in prompts:
-            cfg = self.sampling(req, len(p), req.max_tokens)
+            cfg = self.sampling(req, len(p), 1 if zero else req.max_tokens)
             all_prompts += [p] * req.n
             cfgs += self.choice_cfgs(cfg, req.n)
-        job = Job(self, all_prompts, cfgs, [] if req.ignore_eos else [self.tokenizer.eod_id], request)
+        k = req.logprobs
+        job = Job(self, all_prompts, cfgs, [] if req.ignore_eos else [self.tokenizer.eod_id], request,
+                  logprobs=k, prompt_logprobs=k if req.echo else None)
+        job.hide_generated = zero
         job.prompt_tokens = sum(len(p) for p in prompts)
         job.submit()
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
         texts = job.texts
         echo = [self.tokenizer.decode(p) if req.echo else "" for p in all_prompts]
         rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.opts.served_model_name
+        lps = [CompletionLogprobs(self.token_text) for _ in all_prompts] if k is not None else None
+
+        def echo_logprobs(i: int) -> dict | None:
+            """The echoed prompt's part (once its prompt is read: its first token has arrived)."""
+            if lps is None:
+                return None
+            return lps[i].part(all_prompts[i], [None] + job.seqs[i].prompt_token_logprobs) if req.echo \
+                else CompletionLogprobs.empty()
+
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
             fmt = sse_format({"id": rid, "object": "text_completion", "created": created, "model": name,
                                "choices": [{"index": INDEX, "text": TEXT, "finish_reason": REASON,
                                             "logprobs": None}]})
 
-            def chunk(i, text, reason=None):
-                return fmt.format(i, json_str(text), reason_json(reason))
+            def chunk(i, text, reason=None, logprobs=None):
+                if logprobs is None:
+                    return fmt.format(i, json_str(text), reason_json(reason))
+                return sse({"id": rid, "object": "text_completion", "created": created, "model": name,
+                            "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": logprobs}]})
 
             async def stream():
                 try:
-                    for i, e in enumerate(echo):
-                        if e:
-                            yield chunk(i, e)
+                    waiting = [bool(e) for e in echo]  # echoes sent when their log-probabilities are known
+                    if lps is None:
+                        for i, e in enumerate(echo):
+                            if e:
+                                yield chunk(i, e)
+                        waiting = [False] * len(echo)
                     async for batch in job.batches():
                         out = []
                         for i, tok, reason in batch:
+                            if reason in ("abort", "error"):
+                                return
+                            if waiting[i]:
+                                waiting[i] = False
+                                out.append(chunk(i, echo[i], logprobs=echo_logprobs(i)))
+                            if zero:
+                                if reason is not None:
+                                    out.append(chunk(i, "", "length"))
+                                continue
                             delta = texts[i].put(tok) if tok is not None else ""
                             if reason is not None:
-                                if reason in ("abort", "error"):
-                                    return
                                 delta += texts[i].finish()
-                            if delta or reason:
+                            entry = job.take_logprobs(i, tok) if lps is not None and tok is not None else None
+                            if entry is not None:
+                                out.append(chunk(i, delta, reason, lps[i].part([tok], [entry])))
+                            elif delta or reason:
                                 out.append(chunk(i, delta, reason))
                         if out:
                             yield "".join(out)
@@ -314,9 +352,15 @@ class Server:
         if any(r == "abort" for r in reasons):
             return Response(status_code=499)
         self.metrics.generation_tokens.inc(job.completion_tokens)
-        return {"id": rid, "object": "text_completion", "created": created, "model": name,
-                "choices": [{"index": i, "text": echo[i] + t.text, "finish_reason": r, "logprobs": None}
-                            for i, (t, r) in enumerate(zip(texts, reasons))],
+        choices = []
+        for i, (t, r) in enumerate(zip(texts, reasons)):
+            lp = echo_logprobs(i)
+            if lp is not None and not zero:
+                for key, v in lps[i].part(*job.shown_logprobs(i)).items():
+                    lp[key] += v
+            choices.append({"index": i, "text": echo[i] + ("" if zero else t.text), "finish_reason": "length" if zero else r,
+                            "logprobs": lp})
+        return {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices,
                 "usage": job.usage()}
 
 

@@ -23,7 +23,8 @@ _GONE = "client gone"  # a queue item of Job: not a finish reason of the engine
 class Job:
     """The choices of one request: one engine sequence each, tokens arriving on one queue."""
 
-    def __init__(self, server, prompts: list[list[int]], cfgs, extra_stop_ids, request: Request):
+    def __init__(self, server, prompts: list[list[int]], cfgs, extra_stop_ids, request: Request,
+                 logprobs: int | None = None, prompt_logprobs: int | None = None):
         loop = asyncio.get_running_loop()
         self.server, self.request = server, request
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -35,7 +36,11 @@ class Job:
             def emit(tok, reason, i=i):
                 loop.call_soon_threadsafe(self.queue.put_nowait, (i, tok, reason))
             stop = StopChecker(cfg, extra_stop_ids, server.tokenizer)
-            self.seqs.append(Sequence(prompt=p, cfg=cfg, stop=stop, emit=emit))
+            self.seqs.append(Sequence(prompt=p, cfg=cfg, stop=stop, emit=emit, logprobs=logprobs,
+                                      prompt_logprobs=prompt_logprobs))
+        self.logprobs = logprobs is not None
+        self._taken = [0] * len(self.seqs)  # each choice's tokens handed to `take_logprobs` so far
+        self.hide_generated = False  # max_tokens 0: one token is generated and shown to nobody
         # each choice's text as it streams: stop tokens and stop strings cut it
         self.texts = [TextAssembler(server.tokenizer, s.stop.ids, s.cfg.stop or []) for s in self.seqs]
 
@@ -117,9 +122,23 @@ class Job:
                     reasons[i] = reason
         return reasons
 
+    def take_logprobs(self, i: int, tok: int) -> tuple | None:
+        """The entry of choice i's next token `tok` (tokens arrive in order), None for a stop token
+        (which is not part of the text, so not of the log-probabilities either)."""
+        seq = self.seqs[i]
+        entry = seq.token_logprobs[self._taken[i]]
+        self._taken[i] += 1
+        return None if tok in seq.stop.ids else entry
+
+    def shown_logprobs(self, i: int) -> tuple[list[int], list]:
+        """Choice i's generated tokens but stop tokens, and their entries (a finished choice)."""
+        seq = self.seqs[i]
+        pairs = [(t, e) for t, e in zip(seq.generated, seq.token_logprobs) if t not in seq.stop.ids]
+        return [t for t, _ in pairs], [e for _, e in pairs]
+
     @property
     def completion_tokens(self) -> int:
-        return sum(len(s.generated) for s in self.seqs)
+        return 0 if self.hide_generated else sum(len(s.generated) for s in self.seqs)
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,

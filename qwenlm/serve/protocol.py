@@ -82,12 +82,13 @@ class ChatCompletionRequest(_Sampling):
     functions: Optional[list[FunctionDef]] = None
     function_call: Union[Literal["none", "auto"], dict[str, Any], None] = None
     logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(16, ge=1)
+    max_tokens: Optional[int] = Field(16, ge=0, description="0 with echo: the prompt's log-probabilities alone")
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
