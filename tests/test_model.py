@@ -217,3 +217,44 @@ def test_padded_batch_logits_with_ntk_and_logn(v1_model):
     for i, p in enumerate(prompts):
         alone = v1_model(torch.tensor([p])).logits[0]
         assert (batched[i, -len(p):] - alone).abs().max() < 1e-4
+
+
+def test_hf_generate_streamer_return_dict_and_what_it_refuses(v1_chat_dir, capsys):
+    """transformers' TextStreamer prints the reply as it is generated (before, the streamer was
+    ignored and nothing was printed); return_dict_in_generate gives `.sequences`; beam search and
+    per-step scores are clear errors, not a silent difference."""
+    from qwenlm import load
+
+    model, tok = load(v1_chat_dir, dtype="float32", device="cpu")
+    ids = torch.tensor([tok.encode("def fib(n):")])
+    kw = dict(do_sample=False, max_new_tokens=6, repetition_penalty=1.0, eos_token_id=None)
+    plain = model.generate(ids, **kw)
+
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    rec = Recorder()
+    assert torch.equal(model.generate(ids, streamer=rec, **kw), plain)
+    assert rec.puts == [ids.tolist()] + [[t] for t in plain[0, ids.shape[1]:].tolist()] and rec.ended
+    model.generate(ids, streamer=transformers.TextStreamer(tok, skip_prompt=True), **kw)
+    assert capsys.readouterr().out == tok.decode(plain[0, ids.shape[1]:].tolist()) + "\n"
+    out = model.generate(ids, return_dict_in_generate=True, **kw)
+    assert torch.equal(out.sequences, plain) and out["sequences"] is out.sequences and out.scores is None
+    with pytest.raises(ValueError, match="beam search"):
+        model.generate(ids, num_beams=4, **kw)
+    with pytest.raises(ValueError, match="beam search"):
+        model.chat(tok, "hi", num_beams=2)
+    assert model.chat(tok, "hi", num_beams=1, max_new_tokens=2)[0] is not None
+    with pytest.raises(ValueError, match="output_scores"):
+        model.generate(ids, return_dict_in_generate=True, output_scores=True, **kw)
+    with pytest.raises(ValueError, match="logits_processor"):
+        model.generate(ids, logits_processor=[lambda i, s: s], **kw)
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        model.generate(torch.cat([ids, ids]), streamer=rec, **kw)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -17,14 +18,20 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 
 def _config(model, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
     cfg = generation_config or getattr(model, "generation_config", None) or GenerationConfig()
+    if (kwargs.get("num_beams") or 1) != 1:
+        raise ValueError(BEAMS.format(kwargs["num_beams"]))
+    if kwargs.get("logits_processor"):
+        raise ValueError("logits_processor is not supported by qwenlm: its settings are temperature, top_p, top_k, "
+                         "repetition_penalty, presence/frequency_penalty, logit_bias, stop_words_ids and stop")
     kwargs = {k: v for k, v in kwargs.items() if k not in _IGNORED}
     return cfg.update(**kwargs)
 
 
 # transformers `generate` arguments that have no meaning here
-_IGNORED = {"return_dict_in_generate", "output_scores", "logits_processor", "streamer", "use_cache",
-            "token_type_ids", "position_ids",
-            "num_beams", "early_stopping"}
+_IGNORED = {"return_dict_in_generate", "output_scores", "output_logits", "logits_processor", "streamer", "use_cache",
+            "token_type_ids", "position_ids", "num_beams", "early_stopping"}
+BEAMS = ("beam search (num_beams={}) is not supported by qwenlm: greedy or sampled decoding only (the original "
+         "Qwen chat samples)")
 
 
 def _chat_setup(model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs):
@@ -82,7 +89,15 @@ def hf_generate(model, input_ids, attention_mask=None, generation_config: Genera
     """transformers-style `generate`: (B, T) prompt -> (B, T + new) with pad after a row ends.
     Rows are re-padded on the left (the prompt part keeps the input's width)."""
     max_length = kwargs.pop("max_length", None)
+    streamer = kwargs.pop("streamer", None)
+    as_dict = kwargs.pop("return_dict_in_generate", False)
+    for name in ("output_scores", "output_logits"):
+        if kwargs.pop(name, False):
+            raise ValueError(f"{name}=True is not supported by qwenlm's generate: for the log-probabilities of "
+                             "tokens, run model(ids).logits over the sequences (or ask qwen serve for logprobs)")
     prompts = prompts_from_tensor(input_ids, attention_mask)
+    if streamer is not None and len(prompts) != 1:
+        raise ValueError(f"a streamer takes one prompt at a time, and {len(prompts)} were given")
     width = max(len(p) for p in prompts)
     if max_length is not None and kwargs.get("max_new_tokens") is None:  # transformers: prompt + new tokens
         if not isinstance(max_length, int) or max_length <= width:
@@ -94,7 +109,16 @@ def hf_generate(model, input_ids, attention_mask=None, generation_config: Genera
         cfg.stop_words_ids = list(cfg.stop_words_ids or []) + list(stop_words_ids)
     stop = StopChecker(cfg, (), tokenizer)
     limit = tokenizer.id_limit if tokenizer is not None else None
-    rows = _engine(model).generate(prompts, cfg, stop, vocab_limit=limit)
+    if streamer is None:
+        rows = _engine(model).generate(prompts, cfg, stop, vocab_limit=limit)
+    else:  # transformers' streamer protocol: the prompt, then each new token as it comes, then end()
+        streamer.put(torch.tensor([prompts[0]]))
+        rows = [[]]
+        for (tok,) in _engine(model).generate_steps(prompts, cfg, stop, vocab_limit=limit):
+            if tok is not None:
+                rows[0].append(tok)
+                streamer.put(torch.tensor([tok]))
+        streamer.end()
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     new_w = max(len(r) for r in rows)
     out = torch.full((len(prompts), width + new_w), pad, dtype=torch.long)
@@ -103,7 +127,23 @@ def hf_generate(model, input_ids, attention_mask=None, generation_config: Genera
         if r:
             out[i, width:width + len(r)] = torch.tensor(r)
     device = input_ids.device if isinstance(input_ids, torch.Tensor) else model.device
-    return out.to(device)
+    return GenerateOutput(sequences=out.to(device)) if as_dict else out.to(device)
+
+
+@dataclass
+class GenerateOutput:
+    """What transformers' generate returns with return_dict_in_generate=True (the sequences; no
+    per-step scores)."""
+
+    sequences: torch.Tensor
+    scores: None = None
+    logits: None = None
+    past_key_values: None = None
+
+    def __getitem__(self, key):  # transformers' ModelOutput is also read as a mapping
+        if key in ("sequences", 0):
+            return self.sequences
+        raise KeyError(key)
 
 
 class GenerationMixin:
