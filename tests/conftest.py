@@ -60,3 +60,29 @@ def v1_chat_dir(tmp_path_factory, v1_tokenizer_dir) -> str:
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
+
+
+# the tiny v1 chat model and a server of it, for each serving test module that asks for them
+@pytest.fixture(scope="module")
+def model_tok(v1_chat_dir):
+    from qwenlm import load
+
+    return load(v1_chat_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(model_tok):
+    from helpers import running_server
+    from qwenlm.serve import ServerOptions, create_app
+
+    model, tok = model_tok
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=256, max_num_seqs=4))
+    with running_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)

@@ -21,24 +21,6 @@ from qwenlm.serve import ServerOptions, create_app
 from qwenlm.serve.prompt import build_chat_prompt
 
 
-@pytest.fixture(scope="module")
-def model_tok(v1_chat_dir):
-    return load(v1_chat_dir, dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(model_tok):
-    model, tok = model_tok
-    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=256, max_num_seqs=4))
-    with running_server(app) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
-
-
 def _expected(model_tok, ids, n, **kw):
     """Reference loop text for a greedy request (the model's own generation_config otherwise)."""
     model, tok = model_tok

@@ -10,17 +10,11 @@ import httpx
 import pytest
 
 from helpers import running_server
-from qwenlm import load
 from qwenlm.serve import ServerOptions, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if os.environ.get("QWENLM_REQUIRE_BROWSER") != "1":  # CI sets it: there a missing browser is a failure
     pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt install chromium)")
-
-
-@pytest.fixture(scope="module")
-def model_tok(v1_chat_dir):
-    return load(v1_chat_dir, dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -1,36 +1,15 @@
 """`logprobs` through the unmodified official `openai` client: chat (`logprobs`, `top_logprobs`,
 streaming too) and completions (`logprobs: k`, `echo`, and `max_tokens: 0` with echo, which is how
-evaluation harnesses score a text). Every value against log-softmax of the reference forward's
-logits over the tokenizer's vocabulary; every token's text and bytes against the tokenizer."""
+evaluation harnesses score a text), on conftest's tiny v1 chat model and server. Every value against
+log-softmax of the reference forward's logits over the tokenizer's vocabulary; every token's text and
+bytes against the tokenizer."""
 
 import httpx
-import openai
 import pytest
 import torch
 
-from helpers import running_server
-from qwenlm import load
 from qwenlm.generation import StopChecker, generate
-from qwenlm.serve import ServerOptions, create_app
 from qwenlm.serve.prompt import build_chat_prompt
-
-
-@pytest.fixture(scope="module")
-def model_tok(v1_chat_dir):
-    return load(v1_chat_dir, dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server(model_tok):
-    model, tok = model_tok
-    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=256, max_num_seqs=4))
-    with running_server(app) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
 
 
 def reference(model_tok, ids: list[int]) -> torch.Tensor:
