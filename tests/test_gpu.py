@@ -157,3 +157,22 @@ def test_prefix_cache_on_cuda_with_graphs(tmp_path):
     for path in _checkpoints(tmp_path):
         model = load_model(path, dtype="float32", device="cuda")
         _next_turns(model)
+
+
+def test_logprobs_on_cuda_with_graphs(tmp_path):
+    """Log-probabilities of prompt and generated tokens from the GPU defaults' steps (CUDA graphs,
+    prompts read together), fp32, against the reference forward (tests/test_logprobs.py's check)."""
+    from helpers import greedy_config, sampled_config
+    from qwenlm.engine.batch import BatchEngine
+    from test_logprobs import _check, _run
+
+    for path in _checkpoints(tmp_path):
+        model = load_model(path, dtype="float32", device="cuda")
+        eng = BatchEngine(model, max_num_seqs=4, max_model_len=128, bucket=16)
+        assert eng.cuda_graphs
+        prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                   for n in (7, 19, 12)]
+        jobs = [(prompts[0], greedy_config(9), 3, 2), (prompts[1], sampled_config(6, seed=1), 1, None),
+                (prompts[2], greedy_config(5), 0, 4)]
+        for seq, (_, _, k, pk) in zip(_run(eng, jobs), jobs):
+            _check(model, seq, k, pk)

@@ -20,8 +20,8 @@ def model(request, tmp_path_factory):
 def reference(model, ids: list[int]) -> torch.Tensor:
     """log-softmax of the reference forward's logits: row j is the distribution of token j + 1."""
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()
-    return torch.log_softmax(logits, -1)
+        logits = model(torch.tensor([ids], device=model.device)).logits[0].float()
+    return torch.log_softmax(logits, -1).cpu()
 
 
 def _run(eng, jobs):
