@@ -358,8 +358,8 @@ class Server:
             if lp is not None and not zero:
                 for key, v in lps[i].part(*job.shown_logprobs(i)).items():
                     lp[key] += v
-            choices.append({"index": i, "text": echo[i] + ("" if zero else t.text), "finish_reason": "length" if zero else r,
-                            "logprobs": lp})
+            choices.append({"index": i, "text": echo[i] + ("" if zero else t.text),
+                            "finish_reason": "length" if zero else r, "logprobs": lp})
         return {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices,
                 "usage": job.usage()}
 
