@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
+# the kernels were written, checked and timed with fused multiply-adds (Triton's default up to 3.9, which
+# warns that 3.10 turns them off): keep them whatever Triton's version, unless the environment says otherwise
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 
 @lru_cache(maxsize=1)
 def triton_available() -> bool:
