@@ -140,6 +140,10 @@ class BatchEngine:
         self.prefix_cache = True if prefix_cache is None else prefix_cache
         self.prefix_min = 32
         self._parked: dict[int, dict] = {}  # row -> {"tokens": [...], "alpha": NTK alpha}
+        # Running sequences lend their keys/values too (a copy): a prompt that starts like one of theirs
+        # (the same long system prompt or tool list, the n choices of one request) reads only the rest.
+        # Such prompts arriving together: the first is read, the others are held for a step and copy it.
+        self._held: list[Sequence] = []
         self.active: list[Sequence] = []
         # admitted (a slot is theirs) but their prompt not fully read; the first long one is being read
         self.admitted: collections.deque[Sequence] = collections.deque()
@@ -260,8 +264,13 @@ class BatchEngine:
                 self.stats["finished_abort"] += 1
             seq.finish_reason = "abort"
             seq.emit(None, "abort")
-        claimed = [seq for seq in new if self._parked and not seq.aborted and self._claim(seq)]
+        candidates = [s for s in self._held if s in self.admitted and not s.cached] + list(new)
+        claimed: list[Sequence] = []  # (joined, their rests not read yet: they lend nothing in this loop)
+        for seq in candidates:
+            if self.prefix_cache and (self._parked or self.active) and not seq.aborted and self._claim(seq, claimed):
+                claimed.append(seq)
         self._read_rests(claimed)
+        self._held = self._twins() if self.prefix_cache else []
         whole, long = self._plan()
         group: list[Sequence] = []
         for seq in whole:
@@ -281,12 +290,14 @@ class BatchEngine:
         """This step's prompt reading: (prompts read whole, taken out of `admitted`; the long prompt
         that gets its next chunk, or None)."""
         chunk = self.prefill_chunk
+        held = self._held
         if not chunk:
-            whole = list(self.admitted)
-            self.admitted.clear()
+            whole = [s for s in self.admitted if s not in held]
+            for seq in whole:
+                self.admitted.remove(seq)
             return whole, None
-        long = self._reading or next((s for s in self.admitted if len(s.prompt) > chunk), None)
-        short = [s for s in self.admitted if len(s.prompt) <= chunk and not s.cached]
+        long = self._reading or next((s for s in self.admitted if len(s.prompt) > chunk and s not in held), None)
+        short = [s for s in self.admitted if len(s.prompt) <= chunk and not s.cached and s not in held]
         if long is not None and (self._long_turn or not short):
             self._long_turn = False
             return [], long
@@ -388,28 +399,38 @@ class BatchEngine:
         self._sample(seqs, self.model.lm_head(h).float())
 
     # ---- prefix cache -----------------------------------------------------------------------
-    def _claim(self, seq: Sequence) -> bool:
-        """If `seq`'s prompt starts with a parked row's tokens, it takes that row and reads only the
-        rest: in this step when the rest fits a step's chunk (it joins the running rows now, in the
-        next row, and True is returned: `_read_rests` reads the rest), otherwise in the top row as a
-        long prompt (if no other is being read there)."""
+    def _claim(self, seq: Sequence, unread: list[Sequence] = ()) -> bool:
+        """If `seq`'s prompt starts with a parked row's tokens, it takes that row, or with a running
+        sequence's (not one of `unread`), a copy of its slots; either way it reads only the rest: in
+        this step when the rest fits a step's chunk (it joins the running rows now, in the next row,
+        and True is returned: `_read_rests` reads the rest), otherwise in the top row as a long prompt
+        (if no other is being read there)."""
         self._set_alpha(seq)
         if seq.prompt_logprobs is not None:
             return False  # every prompt token's log-probability is asked for: no keys/values reused
-        best, keep = -1, 0
+        best, keep, lent = -1, 0, False
         for row, p in self._parked.items():
             if p["alpha"] == seq.alpha:  # (keys are rotated with the alpha their prompt had)
                 n = common_prefix(seq.prompt, p["tokens"])
                 if n > keep:
                     best, keep = row, n
-        if keep < self.prefix_min:
+        m = self.prefix_min
+        for row, s in enumerate(self.active):  # a running sequence lends what its slots hold (a copy)
+            if s.alpha == seq.alpha and s.cached >= m and s.prompt[:m] == seq.prompt[:m] and s not in unread:
+                n = common_prefix(seq.prompt, (s.prompt + s.generated)[:s.cached])
+                if n > keep:
+                    best, keep, lent = row, n, True
+        if keep < m:
             return False
         top, chunk = self.max_num_seqs - 1, self.prefill_chunk
         long = bool(chunk) and len(seq.prompt) - keep > chunk
         if long and self._reading:
             return False  # the top row is taken
         dst = top if long else len(self.active)
-        if dst != best:
+        if lent:  # (dst is past every running row: the lender's stays as it is)
+            self._vacate(dst)
+            self.kv.move_row(best, dst, keep)
+        elif dst != best:
             if dst in self._parked:  # swap: the parked row there lives on where this one was
                 self.kv.swap_rows(best, dst, keep, len(self._parked[dst]["tokens"]))
                 self._parked[best] = self._parked.pop(dst)
@@ -425,6 +446,21 @@ class BatchEngine:
         self.admitted.remove(seq)
         self._join(seq)
         return True
+
+    def _twins(self) -> list[Sequence]:
+        """The admitted prompts, not yet started, that share at least `prefix_min` leading tokens (and
+        the NTK alpha) with an earlier one that will be read: they wait for it, then copy its keys/values."""
+        readers: list[tuple[list[int], float]] = []
+        held = []
+        m = self.prefix_min
+        for seq in self.admitted:
+            alpha = prompt_alpha(self.model, len(seq.prompt))
+            if not seq.cached and seq.prompt_logprobs is None and len(seq.prompt) > m and any(
+                    a == alpha and p[:m] == seq.prompt[:m] and common_prefix(seq.prompt, p) >= m for p, a in readers):
+                held.append(seq)
+            else:
+                readers.append((seq.prompt, alpha))
+        return held
 
     def _read_rests(self, seqs: list[Sequence]) -> None:
         """Read the rest of each claimed prompt (after its `reused` slots) and sample its first token:

@@ -147,11 +147,12 @@ class Job:
 
     def cached_tokens(self) -> int:
         """Prompt tokens read from the prefix cache, as OpenAI reports them: each prompt once (the
-        choices of one prompt share it)."""
-        best: dict[int, int] = {}
+        choices of one prompt share it), as many as every one of its choices found there (the choices
+        after the first copy its slots: what the request itself read is not cached)."""
+        least: dict[int, int] = {}
         for s in self.seqs:
-            best[id(s.prompt)] = max(best.get(id(s.prompt), 0), s.reused)
-        return sum(best.values())
+            least[id(s.prompt)] = min(least.get(id(s.prompt), s.reused), s.reused)
+        return sum(least.values())
 
 
 def sse(obj) -> str:
