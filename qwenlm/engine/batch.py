@@ -637,8 +637,10 @@ class BatchEngine:
         if asked:
             lp = self._log_probs(logits[asked])
         chosen = self.sampler.choose(seqs, logits)
-        for j, i in enumerate(asked):
-            seqs[i].token_logprobs.append(_entries(lp[j:j + 1], [chosen[i]], seqs[i].logprobs)[0])
+        if asked:  # (one gather and one top-k for all the rows that ask: each is a transfer on a GPU)
+            ks = [seqs[i].logprobs for i in asked]
+            for i, k, (got, top) in zip(asked, ks, _entries(lp, [chosen[i] for i in asked], max(ks))):
+                seqs[i].token_logprobs.append((got, top[:k]))
         for s, t in zip(seqs, chosen):
             s.generated.append(t)
             s.counts[t] = s.counts.get(t, 0) + 1

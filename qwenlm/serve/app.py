@@ -299,7 +299,7 @@ class Server:
             if lps is None:
                 return None
             return lps[i].part(all_prompts[i], [None] + job.seqs[i].prompt_token_logprobs) if req.echo \
-                else CompletionLogprobs.empty()
+                else lps[i].part([], [])
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

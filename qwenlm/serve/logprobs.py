@@ -52,7 +52,3 @@ class CompletionLogprobs:
             out["token_logprobs"].append(None if e is None else e[0])
             out["top_logprobs"].append(None if e is None else {self.text(i)[0]: v for i, v in e[1]})
         return out
-
-    @staticmethod
-    def empty() -> dict:
-        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
