@@ -66,9 +66,12 @@ def gemv_configs(quick: bool):
     and the atomic summing at the default block sizes."""
     from qwenlm.kernels import gptq
 
-    grid = {"block_n": [32, 64, 128], "block_k": [64, 128], "programs": [0, 264, 512, 1024], "num_warps": [4, 8]}
+    # (H100, 2026-11-24: wider column blocks and fewer warps were faster all the way to the grid's
+    # edge, 128 columns and 4 warps; 8 warps were 3-6x slower everywhere: the grid moved past that edge)
+    grid = {"block_n": [128, 256, 512], "block_k": [32, 64, 128], "programs": [512, 1024, 2048],
+            "num_warps": [2, 4]}
     if quick:
-        grid = {"block_n": [64, 128], "block_k": [128], "programs": [0, 512], "num_warps": [4]}
+        grid = {"block_n": [128, 256], "block_k": [64], "programs": [0, 1024], "num_warps": [2, 4]}
     default = {k: gptq.GEMV[k] for k in (*grid, "split")}
     out = [{**dict(zip(grid, v)), "split": "reduce"} for v in itertools.product(*grid.values())]
     out += [{**default, "programs": p, "split": "atomic"} for p in grid["programs"] if p]
@@ -78,9 +81,9 @@ def gemv_configs(quick: bool):
 def attention_configs(quick: bool):
     from qwenlm.kernels import attention
 
-    grid = {"block_s": [16, 32, 64], "programs": [132, 264, 528], "num_warps": [2, 4, 8]}
+    grid = {"block_s": [32, 64, 128], "programs": [264, 528, 1056], "num_warps": [2, 4, 8]}
     if quick:
-        grid = {"block_s": [32, 64], "programs": [264], "num_warps": [4, 8]}
+        grid = {"block_s": [64, 128], "programs": [528], "num_warps": [2, 4]}
     out = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
     default = {k: attention.ATTENTION[k] for k in grid}
     return [default] + [c for c in out if c != default]

@@ -85,9 +85,11 @@ def _decode_merge(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, H, SPLITS,
 
 
 # Launch settings (`benchmarks/kernel_sweep.py` times alternatives on a GPU; pass them as `config`):
-# programs: the (row, head, range) programs aimed for (two per H100 SM); block_s: slots per loop step;
+# programs: the (row, head, range) programs aimed for (528: four per H100 SM); block_s: slots per loop step;
 # min_blocks: the fewest loop steps a range gets; max_splits: the most ranges per row and head.
-ATTENTION = {"programs": 264, "block_s": 32, "min_blocks": 4, "max_splits": 64, "num_warps": 4}
+# The defaults are the sweep's best overall on an H100 (2026-11-24, BENCHMARKS.md): within 14% of each
+# case's best; at batch 1, 1.35-2.2x faster than the earlier 32-slot blocks at 264 programs (the same at 64 rows).
+ATTENTION = {"programs": 528, "block_s": 64, "min_blocks": 4, "max_splits": 64, "num_warps": 4}
 
 
 def plan_splits(rows: int, heads: int, length: int, config: dict | None = None) -> tuple[int, int]:

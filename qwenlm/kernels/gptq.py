@@ -118,7 +118,10 @@ _GEMV_ROWS = 4  # up to this many rows, the per-row kernel; above, tl.dot tiles
 # 512 keeps an H100's 132 SMs reading); min_k_blocks: the shortest split, in K blocks; split: how the
 # splits' sums meet, "reduce" (each written apart, then one small kernel adds them, the bias and the
 # cast: two launches) or "atomic" (fp32 atomics into a zeroed buffer, then a cast: three, plus the bias).
-GEMV = {"block_n": 64, "block_k": 128, "programs": 512, "min_k_blocks": 8, "num_warps": 4, "split": "reduce"}
+# The defaults are the sweep's best on an H100 (2026-11-24, BENCHMARKS.md "GPTQ speed"): over the 7B
+# shapes, within 6% of each shape's best at 4 bits and the best at 8; the earlier 64-column blocks at
+# 512 programs ran 4-11x slower (and made Int4 decoding 3x slower than bf16).
+GEMV = {"block_n": 128, "block_k": 64, "programs": 1024, "min_k_blocks": 8, "num_warps": 4, "split": "reduce"}
 # block_k/num_warps None: chosen by the rows and dtype (ptxas spills registers for 64-deep K blocks in
 # fp32 at 4 warps and in 16-row tiles; 32-deep blocks, fp32 at 8 warps, do not: python -m qwenlm.kernels.aot)
 MM = {"block_n": 64, "block_k": None, "num_warps": None}
