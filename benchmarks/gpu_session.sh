@@ -6,8 +6,8 @@
 #
 # Here, once per session (no GPU needed):
 #   bash benchmarks/gpu_session.sh prepare
-# makes .gpu/ (ignored by git): wheels of what the GPU image lacks (fastapi, uvicorn, httptools, uvloop, pydantic, gguf;
-# for its Python 3.12) and the default model's tokenizer files (the serving benchmark needs one).
+# makes .gpu/ (ignored by git): wheels of what the GPU image lacks (fastapi, uvicorn, httptools, uvloop, pydantic, gguf,
+# opentelemetry-api; for its Python 3.12) and the default model's tokenizer files (the serving benchmark needs one).
 # Then, with the device tool, three calls (timeout_s=600), carrying .gpu, most important first:
 #   run(command="bash benchmarks/gpu_session.sh tests engine", carry=[".gpu"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_session.sh gptq kv",      carry=[".gpu"], timeout_s=600)
@@ -36,7 +36,7 @@ if [ "$1" = prepare ]; then
     python -m pip download -q --no-deps --python-version 3.12 --implementation cp --only-binary=:all: \
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
         -d .gpu/wheels fastapi starlette pydantic pydantic_core annotated_types typing_inspection annotated_doc \
-        uvicorn httptools uvloop gguf
+        uvicorn httptools uvloop gguf opentelemetry_api  # (fastapi >= 0.165 imports opentelemetry)
     tok=$(python -c "from qwenlm.hub import default_model_dir; print(default_model_dir(progress=False))")
     cp "$tok"/{vocab.json,merges.txt,tokenizer_config.json,config.json,generation_config.json} .gpu/tokenizer/
     du -sh .gpu
@@ -64,6 +64,7 @@ fits() {  # fits CAP: LIMIT=min(CAP, what is left of the budget); false (and a n
 
 python3 -m pip install -q --no-index --no-deps --find-links .gpu/wheels .gpu/wheels/*.whl >"$W/pip.log" 2>&1 \
     || echo "note: carried wheels not installed (see pip.log)"
+python3 -c "import fastapi, uvicorn, gguf" 2>>"$W/pip.log" || log "note: the serving packages do not import (pip.log)"
 export PYTHONPATH=$PWD QWENLM_HOME=/tmp/qwenlm-home PYTHONUNBUFFERED=1
 { if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   else echo "no nvidia-smi (dry run: $DRY)"; fi

@@ -18,7 +18,10 @@ def proc_bytes(path: str, key: str) -> int | None:
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Free memory on `device`: CUDA's free bytes, or the machine's MemAvailable."""
+    """Free memory on `device`: on CUDA the device's free bytes plus what PyTorch's caching allocator
+    holds unused (it hands that out first, and gives it back before an allocation fails; a freed
+    cache stays reserved there); elsewhere the machine's MemAvailable."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     return proc_bytes("/proc/meminfo", "MemAvailable")
