@@ -76,6 +76,36 @@ def test_gptq_matmul_equals_dequantized_matmul(bits, m, k, n, group, split):
         assert (yb.float() - want).abs().max() <= tol * want.abs().max(), (dt, "bias")
 
 
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 32)])
+def test_gptq_matmul_of_many_rows_dequantizes_once_in_column_slices(bits, group, monkeypatch):
+    """From 256 rows the weight is written out (exactly: codes, zeros and scales are small) and the BLAS
+    multiplies; in slices of columns (here 128 wide, the last one short), the bias added once."""
+    from qwenlm.kernels import gptq as gptq_kernels
+    from qwenlm.kernels.gptq import dequantize, gptq_matmul
+
+    k, n = 256, 200
+    qweight, scales, zeros, w = _gptq_tensors(k, n, bits, group, seed=bits)
+    q = (qweight.to(DEV), scales.to(DEV), zeros.to(DEV))
+    assert torch.equal(dequantize(*q, bits, group, torch.float32).cpu(), w)
+    assert torch.equal(dequantize(*q, bits, group, torch.float32, slice(128, 200)).cpu(), w[:, 128:])
+    monkeypatch.setattr(gptq_kernels, "_DENSE_SLICE", k * 128)
+    calls = []
+    real = gptq_kernels._gptq_dequant
+    monkeypatch.setattr(gptq_kernels, "_gptq_dequant", type("Spy", (), {
+        "__getitem__": lambda self, grid: (calls.append(grid), real[grid])[1]})())
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    for m, dt, tol in ((300, torch.float32, 1e-5), (256, torch.float16, 4e-3)):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dt)
+        calls.clear()
+        y = gptq_matmul(x.to(DEV), *q, bits, group, bias=bias.to(DEV, dt)).cpu()
+        assert len(calls) == 2 and y.dtype == dt and y.shape == (m, n)
+        want = x.float() @ w + bias.to(dt).float()
+        assert (y.float() - want).abs().max() <= tol * want.abs().max(), dt
+    calls.clear()
+    gptq_matmul(x[:255].to(DEV), *q, bits, group)  # fewer rows: the tiles, no weight written out
+    assert calls == []
+
+
 def test_gptq_layer_with_act_order_equals_its_weight():
     """A layer as a checkpoint stores it (act-order group indices, packed zeros - 1, a bias)."""
     from qwenlm.kernels.gptq import GPTQTritonLinear

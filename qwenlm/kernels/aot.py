@@ -127,10 +127,10 @@ def ptxas_report(compiled, capability: int = 90) -> dict:
 
 def gptq_launches() -> list[Launch]:
     """The launches of `gptq_matmul` for 4/8 bits, groups of 32 and 128, fp16/bf16/fp32 activations,
-    1 to 300 rows (both kernels, K split or not)."""
+    1 to 300 rows (every kernel, K split or not)."""
     from . import gptq
 
-    with record(gptq, ("_gptq_gemv", "_gptq_reduce", "_gptq_mm")) as launches:
+    with record(gptq, ("_gptq_gemv", "_gptq_reduce", "_gptq_mm", "_gptq_dequant")) as launches:
         for bits in (4, 8):
             for group in (32, 128):
                 k, n = 4096, 256

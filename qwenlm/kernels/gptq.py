@@ -7,12 +7,14 @@ int32 (`qweight` (K*bits/32, N)); per group of `group` input rows, a scale and a
 column, kept here as two fp16 (G, N) tensors (the zero unpacked, stored + 1). Act-order checkpoints
 are sorted at load so that groups are contiguous; the activations are permuted to match.
 
-Two kernels:
+Three kernels:
 * rows <= 4 (decode), `_gptq_gemv`: one program per (column block, K split, row); each packed int32 is
   loaded once and unpacked in registers; products summed in fp32 without tensor cores; the K splits add
   into an fp32 output (enough programs to fill the GPU at batch 1);
-* more rows (prefill, batches), `_gptq_mm`: tiles of rows times columns through `tl.dot` in the
-  activations' dtype.
+* more rows (batches), `_gptq_mm`: tiles of rows times columns through `tl.dot` in the activations'
+  dtype;
+* from 256 rows (prompts), `_gptq_dequant` writes the weight out once, a slice of columns at a time,
+  for the BLAS's matmul.
 """
 
 from __future__ import annotations
@@ -112,7 +114,38 @@ def _gptq_mm(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_qk, 
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _gptq_dequant(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qk, stride_sg, stride_wk,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[k, n] = (code - zero) * scale for one block of K rows (within one group) and of columns,
+    written in W's dtype: read once, for a dense matmul of many rows."""
+    PER: tl.constexpr = 32 // BITS
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    ROWS: tl.constexpr = BLOCK_K // PER
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    k0 = tl.program_id(1) * BLOCK_K
+    rr = tl.arange(0, ROWS)
+    rj = tl.arange(0, PER)
+    prow = k0 // PER + rr
+    packed = tl.load(qw_ptr + prow[:, None] * stride_qk + rn[None, :],
+                     mask=(prow * PER < K)[:, None] & n_ok[None, :], other=0)
+    q = (packed[:, None, :] >> (rj * BITS)[None, :, None]) & MAXQ  # (ROWS, PER, BLOCK_N): k = k0 + r*PER + j
+    g = k0 // GROUP
+    s = tl.load(s_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
+    z = tl.load(z_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
+    w = (q.to(tl.float32) - z[None, None, :]) * s[None, None, :]
+    kk = k0 + rr[:, None] * PER + rj[None, :]  # (ROWS, PER)
+    tl.store(w_ptr + kk[:, :, None] * stride_wk + rn[None, None, :], w.to(w_ptr.dtype.element_ty),
+             mask=(kk < K)[:, :, None] & n_ok[None, None, :])
+
+
 _GEMV_ROWS = 4  # up to this many rows, the per-row kernel; above, tl.dot tiles
+# From this many rows (a prompt, a large batch) the weight is dequantized once, a slice of columns at
+# a time, and multiplied by the BLAS: the tiles above dequantize each weight tile once per tile of rows
+# (16 times for 1,024 rows), and on the H100 a 2048-token 7B prefill took 6x bf16's time through them.
+_DENSE_ROWS = 256
+_DENSE_SLICE = 1 << 25  # weights per dequantized slice (64 MiB in bf16)
 # Launch settings. `benchmarks/kernel_sweep.py` times alternatives on a GPU (pass them as `config`).
 # programs: how many concurrent programs the one-row kernel aims for by splitting K (0: never split;
 # 512 keeps an H100's 132 SMs reading); min_k_blocks: the shortest split, in K blocks; split: how the
@@ -175,6 +208,8 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
             return out
         y = y.to(x.dtype) if atomic else y
         return y if bias is None else y + bias.to(y.dtype)
+    if m >= _DENSE_ROWS:
+        return _dense_matmul(x, qweight, scales, zeros, bits, group, bias)
     c = {**MM, **(config or {})}
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     ieee = x.dtype == torch.float32
@@ -186,6 +221,31 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         x, qweight, scales, zeros, y, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, num_warps=warps)
     return y if bias is None else y + bias.to(y.dtype)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
+               dtype: torch.dtype, cols: slice = slice(None)) -> torch.Tensor:
+    """The (K, N) weight (or its columns `cols`) in `dtype`, dequantized by the kernel above."""
+    qweight, scales, zeros = qweight[:, cols], scales[:, cols], zeros[:, cols]
+    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    w = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    block_n, block_k = 128, _block_k(group, 64)
+    _gptq_dequant[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        qweight, scales, zeros, w, n, k, qweight.stride(0), scales.stride(0), w.stride(0),
+        BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k)
+    return w
+
+
+def _dense_matmul(x, qweight, scales, zeros, bits, group, bias):
+    k, n = x.shape[1], qweight.shape[1]
+    step = max(128, _DENSE_SLICE // k // 128 * 128)
+    if step >= n:
+        y = x @ dequantize(qweight, scales, zeros, bits, group, x.dtype)
+    else:
+        y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+        for a in range(0, n, step):
+            y[:, a:a + step] = x @ dequantize(qweight, scales, zeros, bits, group, x.dtype, slice(a, a + step))
+    return y if bias is None else y.add_(bias.to(y.dtype))
 
 
 class GPTQTritonLinear(nn.Module):
@@ -275,13 +335,13 @@ def random_layer(k: int, n: int, bits: int, group: int, generator: torch.Generat
 
 
 def self_check(device: torch.device, dtype: torch.dtype, bits: int, group: int = 128) -> str | None:
-    """None if both kernels (one row with K split, and tiles) give the dequantized weight's product, for
-    the checkpoint's bits and group size."""
+    """None if every way (one row with K split, tiles, the weight written out) gives the dequantized
+    weight's product, for the checkpoint's bits and group size."""
     g = torch.Generator().manual_seed(bits)
     k, n = max(2048, 2 * group), 128  # long enough for the one-row path to split K
     qweight, scales, zeros, w = random_layer(k, n, bits, group, g)
     args = (qweight.to(device), scales.to(device), zeros.to(device), bits, group)
-    for m in (1, 24):
+    for m in (1, 24, _DENSE_ROWS):
         x = torch.randn(m, k, generator=g).to(dtype)
         y = gptq_matmul(x.to(device), *args).float().cpu()
         want = x.float() @ w
