@@ -646,3 +646,32 @@ def test_a_borrower_lends_nothing_before_its_rest_is_read(model, kv_cache):
         return [(p, c, o["tokens"]) for (p, c), o in zip(arrivals[0] + arrivals[2], outs)]
 
     _plain_or_both_ways(model, kv_cache, scenario)
+
+
+def test_warm_up_runs_every_padded_row_count_and_leaves_no_trace(model):
+    """The GPU server's warm-up, at the GPU's fixed shapes: each padded row count up to max_num_seqs
+    decodes once (several prompts read together, two positions each); afterwards nothing is parked,
+    the counters are as before, and requests get the tokens a fresh engine gives."""
+    kw = dict(max_num_seqs=6, max_model_len=64, fixed_shapes=True, batch_prefill=True, prefix_cache=True,
+              prefill_chunk=0, bucket=16)
+    eng = BatchEngine(model, **kw)
+    if eng._packs:
+        pytest.skip("the fused CPU path has no fixed shapes")
+    rows, reads = [], []
+    step = eng._fixed_shape_step
+    eng._fixed_shape_step = lambda n, *a: (rows.append(n), step(n, *a))[1]
+    real_step = eng.step
+    eng.step = lambda new=(): (reads.append(len(new)), real_step(new))[1]
+    assert eng.warm_up() >= 0
+    assert sorted(set(rows)) == [1, 2, 4, 6] and max(reads) == 6
+    assert eng.idle and not eng._parked and not eng.stats
+    del eng._fixed_shape_step, eng.step
+    prompts = random_prompts(9, 14, 5)
+    arrivals = {0: [(p, GREEDY) for p in prompts]}
+    assert _run(eng, arrivals) == _run(BatchEngine(model, **kw), arrivals)
+    eng.start()
+    try:
+        with pytest.raises(RuntimeError, match="idle engine that is not running"):
+            eng.warm_up()
+    finally:
+        eng.shutdown()

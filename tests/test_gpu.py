@@ -176,3 +176,28 @@ def test_logprobs_on_cuda_with_graphs(tmp_path):
                 (prompts[2], greedy_config(4), 0, 4)]  # 12 + 4 tokens: NTK stays off (seq_length 16)
         for seq, (_, _, k, pk) in zip(_run(eng, jobs), jobs):
             _check(model, seq, k, pk)
+
+
+def test_warm_up_on_cuda_captures_each_row_count_before_the_first_request(tmp_path):
+    """After the server's warm-up, requests within the first slot bucket replay graphs captured
+    then (none is captured during them) and get the reference's tokens."""
+    from qwenlm.engine.batch import BatchEngine, Sequence
+    from qwenlm.generation import StopChecker
+
+    cfg = GREEDY.update(max_new_tokens=4)
+    for path in _checkpoints(tmp_path):
+        model = load_model(path, dtype="float32", device="cuda")
+        eng = BatchEngine(model, max_num_seqs=4, max_model_len=128, bucket=16)
+        eng.warm_up()
+        captured = eng.stats["graphs"]
+        assert captured >= 3  # 1, 2 and 4 rows
+        prompts = [[5, 9, 11, 3, 8], [7, 2, 6], [4, 4, 1, 9, 2, 7]]
+        outs = [[] for _ in prompts]
+        seqs = [Sequence(p, cfg, StopChecker(cfg), emit=lambda t, r, o=o: t is not None and o.append(t))
+                for p, o in zip(prompts, outs)]
+        with torch.inference_mode():
+            eng.step(seqs)
+            while not eng.idle:
+                eng.step(eng.take_waiting())
+        assert outs == [generate(model, [p], cfg)[0] for p in prompts]
+        assert eng.stats["graphs"] == captured

@@ -448,3 +448,26 @@ def test_logit_bias(client, model_tok):
 def test_unsupported_or_bad_settings_are_a_400(server, extra, param):
     r = httpx.post(server + "/v1/completions", json={"prompt": "hi", "max_tokens": 2, **extra})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_the_server_warms_its_engine_up_on_a_gpu_or_when_asked(model_tok, monkeypatch):
+    """ServerOptions.warm_up: None warms up on a GPU only (here: not), True anywhere, before the
+    engine's loop starts; `qwen serve --no-warm-up` passes False."""
+    from qwenlm.commands.serve import add_parser
+    from qwenlm.engine.batch import BatchEngine
+    from qwenlm.serve.app import Server, ServerOptions
+
+    model, tok = model_tok
+    calls = []
+    real = BatchEngine.warm_up
+    monkeypatch.setattr(BatchEngine, "warm_up", lambda self: (calls.append(self), real(self))[1])
+    assert Server(model, tok, ServerOptions(max_model_len=64, max_num_seqs=2)).warm_up_seconds is None
+    assert calls == []
+    server = Server(model, tok, ServerOptions(max_model_len=64, max_num_seqs=2, warm_up=True))
+    assert calls == [server.engine] and server.warm_up_seconds >= 0 and server.engine.idle
+    import argparse
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    assert sub.choices["serve"].parse_args(["--no-warm-up"]).warm_up is False
+    assert sub.choices["serve"].parse_args([]).warm_up is None

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                    help="do not keep finished requests' keys/values for prompts that start with the same "
                         "tokens (kept by default: a conversation's next turn reads only its new part)")
+    p.add_argument("--no-warm-up", dest="warm_up", action="store_false", default=None,
+                   help="on a GPU, do not run each batch size once before serving (the warm-up compiles "
+                        "and captures the steps, a few seconds, so the first crowd of requests does not wait)")
     p.add_argument("--status-every", type=_seconds, default=10.0, metavar="SECONDS",
                    help="while there is work, print a status line this often: requests running and waiting, "
                         "prompt and generated tokens per second (default 10; 0: never)")
@@ -161,8 +164,10 @@ def run(args) -> int:
     opts = ServerOptions(served_model_name=name, api_key=args.api_key, max_model_len=length, max_num_seqs=seqs,
                          max_queue=args.max_queue, cors_origins=args.allowed_origins or [],
                          prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache,
-                         status_every=args.status_every)
+                         status_every=args.status_every, warm_up=args.warm_up)
     _print_status_lines()
+    if args.warm_up is not False and model.device.type == "cuda":
+        print(f"qwen serve: warming up (each batch size up to {seqs} once)...", flush=True)
     app = create_app(model, tokenizer, opts)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qwen serve: model {name!r} ({describe(model)}), {seqs} slots x {length} tokens\n"

@@ -49,6 +49,7 @@ class ServerOptions:
     prefill_chunk: int | None = None  # prompt tokens read per engine step (None: the engine's default)
     prefix_cache: bool | None = None  # finished rows kept for prompts that start with their tokens (None: default)
     status_every: float = 0.0  # seconds between status lines while busy (status.py; 0: none)
+    warm_up: bool | None = None  # run each batch shape once before serving (BatchEngine.warm_up; None: on a GPU)
 
 
 class Server:
@@ -57,6 +58,8 @@ class Server:
         self.engine = engine or BatchEngine(model, opts.max_num_seqs, opts.max_model_len, opts.max_queue,
                                             vocab_limit=tokenizer.id_limit, prefill_chunk=opts.prefill_chunk,
                                             prefix_cache=opts.prefix_cache)
+        warm = opts.warm_up if opts.warm_up is not None else self.engine.device.type == "cuda"
+        self.warm_up_seconds = self.engine.warm_up() if warm else None
         self.metrics = Metrics(self.engine)
         t = tokenizer
         self.token_text = TokenText(tokenizer)
