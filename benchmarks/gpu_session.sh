@@ -8,10 +8,14 @@
 #   bash benchmarks/gpu_session.sh prepare
 # makes .gpu/ (ignored by git): wheels of what the GPU image lacks (fastapi, uvicorn, httptools, uvloop, pydantic, gguf,
 # opentelemetry-api; for its Python 3.12) and the default model's tokenizer files (the serving benchmark needs one).
-# Then, with the device tool, three calls (timeout_s=600), carrying .gpu, most important first:
-#   run(command="bash benchmarks/gpu_session.sh tests engine", carry=[".gpu"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh gptq kv",      carry=[".gpu"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh serve turns ab sweep", carry=[".gpu"], timeout_s=600)
+# Then, with the device tool, three calls (timeout_s=600), carrying .gpu, most important first, each
+# started at once when the last returns (a machine idle for 30 s is given back):
+#   run(command="bash benchmarks/gpu_session.sh tests gptq", carry=[".gpu"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_session.sh serve profile kv", carry=[".gpu"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_session.sh ab sweep", carry=[".gpu"], timeout_s=600)
+# and `engine`/`turns` when there is time left. What each took on 2026-11-24 (H100, machine start
+# about 30 s): tests 95 s; engine 300 s; gptq 430 s (each quantized bench about 100-170 s: quantizing
+# the random 7B); kv 225 s; serve 150 s; sweep 260 s (the old grids).
 # The steps:
 #   tests   CUDA + compiled Triton tests (correctness of the GPU defaults: run first)
 #   engine  issue 3: 7B/1.8B, the original's protocol, against transformers
@@ -21,12 +25,13 @@
 #   turns   issue 4: next turns, prefix cache on/off
 #   ab      issue 3: each decode change on and off
 #   sweep   Triton launch settings, 7B shapes
+#   profile issue 4: the GPU kernels of a 64-row serving decode step (graphs on, then off)
 # What comes back: $OUT/steps.log (each command, its exit status and its results as they came: the
 # `  -> ` lines of qwen bench), $OUT/device.txt and $OUT/results.tgz (every JSON and log).
 # GPU_SESSION_DRY=1 runs the steps on a CPU with tiny shapes, to check this script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh prepare | STEP... (tests engine gptq kv serve turns ab sweep)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh prepare | STEP... (tests engine gptq kv serve turns ab sweep profile)" >&2; exit 2; }
 
 if [ "$1" = prepare ]; then
     set -e
@@ -45,7 +50,7 @@ fi
 
 steps="$*"
 for s in $steps; do
-    case "$s" in tests|engine|gptq|kv|serve|turns|ab|sweep) ;; *) echo "unknown step $s" >&2; exit 2 ;; esac
+    case "$s" in tests|engine|gptq|kv|serve|turns|ab|sweep|profile) ;; *) echo "unknown step $s" >&2; exit 2 ;; esac
 done
 
 OUT=${OUT:-/tmp/out}
@@ -130,6 +135,16 @@ for step in $steps; do
     sweep)
         sweep gptq 330
         sweep attention 230 ;;
+    profile)  # 64 streams at ~256 tokens, 7B: where the 16 ms of a step went on 2026-11-24
+        shape=7B rows=64 ctx=256; [ "$DRY" = 1 ] && shape=tiny rows=8 ctx=32
+        for graphs in 1 0; do
+            log "== QWENLM_GRAPHS=$graphs profile_step.py --shape $shape --rows $rows --context $ctx"
+            fits 150 || break
+            QWENLM_GRAPHS=$graphs timeout -k 5 "$LIMIT" python3 benchmarks/profile_step.py --shape $shape \
+                --rows $rows --context $ctx --json "$W/profile_64_graphs$graphs.json" >"$W/profile_graphs$graphs.log" 2>&1
+            log "   exit $? ($(left) s left)"
+            grep -v -i -E "warn|USDT" "$W/profile_graphs$graphs.log" | tail -n 26 | tee -a "$OUT/steps.log"
+        done ;;
     esac
     pack
 done

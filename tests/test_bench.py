@@ -185,3 +185,22 @@ def test_bench_tiny_shape(capsys):
                  "--prefill", "32", "--compare", "hf", "--hf-tokens", "24", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["decode"][0]["tokens"] == 24 and res["hf"]["agree_tokens"] == 24
+
+
+def test_profile_step_script_dry_run(tmp_path):
+    """benchmarks/profile_step.py (the GPU session's `profile` step) on the CPU: the step's time and
+    its operators by self time, which add up to what the profiler saw."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "profile_step.py")
+    out = subprocess.run([sys.executable, script, "--shape", "tiny", "--rows", "4", "--context", "16", "--steps",
+                          "3", "--top", "500", "--json", str(tmp_path / "p.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tiny, 4 rows at ~16 tokens, cpu" in out.stdout
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["rows"] == 4 and res["step_ms"] > 0 and res["kernels"]
+    assert any("mm" in k["name"] for k in res["kernels"])
+    assert sum(k["us_per_step"] for k in res["kernels"]) == pytest.approx(res["profiled_us_per_step"], rel=1e-6)
