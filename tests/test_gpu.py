@@ -120,12 +120,29 @@ def test_engines_fuse_projections_on_cuda(tmp_path):
         assert eng.generate(prompts, GREEDY) == want
 
 
+def _served_like_the_reference(eng, model, prompts, cfg) -> list[list[int]]:
+    """`prompts` submitted together to the batch engine `eng` and run to the end: each one's tokens
+    are the reference loop's for it alone. Returns them."""
+    from qwenlm.engine.batch import Sequence
+    from qwenlm.generation import StopChecker
+
+    outs = [[] for _ in prompts]
+    seqs = [Sequence(p, cfg, StopChecker(cfg), emit=lambda t, r, o=o: t is not None and o.append(t))
+            for p, o in zip(prompts, outs)]
+    with torch.inference_mode():
+        eng.step(seqs)
+        while not eng.idle:
+            eng.step(eng.take_waiting())
+    for p, o in zip(prompts, outs):
+        assert o == generate(model, [p], cfg)[0]
+    return outs
+
+
 def _next_turns(model, **engine_kw) -> None:
     """Two conversations, then three unrelated prompts (a parked row becomes a padding row), then
     both next turns together: every request gets the reference's tokens, the next turns from their
     parked rows. (Its logic is checked on CPU by test_batch_engine's GPU-like tests.)"""
-    from qwenlm.engine.batch import BatchEngine, Sequence
-    from qwenlm.generation import StopChecker
+    from qwenlm.engine.batch import BatchEngine
 
     eng = BatchEngine(model, max_num_seqs=4, max_model_len=128, bucket=16, **engine_kw)
     assert eng.prefix_cache and eng.batch_prefill
@@ -133,16 +150,7 @@ def _next_turns(model, **engine_kw) -> None:
     g = torch.Generator().manual_seed(5)
 
     def run(prompts, cfg):
-        outs = [[] for _ in prompts]
-        seqs = [Sequence(p, cfg, StopChecker(cfg), emit=lambda t, r, o=o: t is not None and o.append(t))
-                for p, o in zip(prompts, outs)]
-        with torch.inference_mode():
-            eng.step(seqs)
-            while not eng.idle:
-                eng.step(eng.take_waiting())
-        for p, o in zip(prompts, outs):
-            assert o == generate(model, [p], cfg)[0]
-        return outs
+        return _served_like_the_reference(eng, model, prompts, cfg)
 
     first = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (20, 22)]
     replies = run(first, GREEDY.update(max_new_tokens=4))
@@ -181,8 +189,7 @@ def test_logprobs_on_cuda_with_graphs(tmp_path):
 def test_warm_up_on_cuda_captures_each_row_count_before_the_first_request(tmp_path):
     """After the server's warm-up, requests within the first slot bucket replay graphs captured
     then (none is captured during them) and get the reference's tokens."""
-    from qwenlm.engine.batch import BatchEngine, Sequence
-    from qwenlm.generation import StopChecker
+    from qwenlm.engine.batch import BatchEngine
 
     cfg = GREEDY.update(max_new_tokens=4)
     for path in _checkpoints(tmp_path):
@@ -191,13 +198,5 @@ def test_warm_up_on_cuda_captures_each_row_count_before_the_first_request(tmp_pa
         eng.warm_up()
         captured = eng.stats["graphs"]
         assert captured >= 3  # 1, 2 and 4 rows
-        prompts = [[5, 9, 11, 3, 8], [7, 2, 6], [4, 4, 1, 9, 2, 7]]
-        outs = [[] for _ in prompts]
-        seqs = [Sequence(p, cfg, StopChecker(cfg), emit=lambda t, r, o=o: t is not None and o.append(t))
-                for p, o in zip(prompts, outs)]
-        with torch.inference_mode():
-            eng.step(seqs)
-            while not eng.idle:
-                eng.step(eng.take_waiting())
-        assert outs == [generate(model, [p], cfg)[0] for p in prompts]
+        _served_like_the_reference(eng, model, [[5, 9, 11, 3, 8], [7, 2, 6], [4, 4, 1, 9, 2, 7]], cfg)
         assert eng.stats["graphs"] == captured
