@@ -58,7 +58,8 @@ class Server:
         self.engine = engine or BatchEngine(model, opts.max_num_seqs, opts.max_model_len, opts.max_queue,
                                             vocab_limit=tokenizer.id_limit, prefill_chunk=opts.prefill_chunk,
                                             prefix_cache=opts.prefix_cache)
-        warm = opts.warm_up if opts.warm_up is not None else self.engine.device.type == "cuda"
+        warm = opts.warm_up if opts.warm_up is not None else (self.engine.device.type == "cuda"
+                                                                and self.engine.thread is None)
         self.warm_up_seconds = self.engine.warm_up() if warm else None
         self.metrics = Metrics(self.engine)
         t = tokenizer
