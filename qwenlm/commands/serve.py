@@ -166,9 +166,10 @@ def run(args) -> int:
                          prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache,
                          status_every=args.status_every, warm_up=args.warm_up)
     _print_status_lines()
-    if args.warm_up is not False and model.device.type == "cuda":
-        print(f"qwen serve: warming up (each batch size up to {seqs} once)...", flush=True)
     app = create_app(model, tokenizer, opts)
+    warmed = app.state.server.warm_up_seconds
+    if warmed is not None:
+        print(f"qwen serve: warmed up in {warmed:.1f} s (each batch size up to {seqs} once)", flush=True)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qwen serve: model {name!r} ({describe(model)}), {seqs} slots x {length} tokens\n"
           f"  chat page:  http://{host}:{port}/\n"
