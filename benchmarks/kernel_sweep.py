@@ -7,8 +7,9 @@ GPU session can choose them from one run (`bash benchmarks/gpu_session.sh sweep`
 For each shape: the bf16 matmul (cuBLAS) as the baseline; then every setting of the GPTQ one-row kernel
 (4 and 8 bits, group 128) and of the decode attention kernel, each first checked against plain torch
 arithmetic (a setting that disagrees is reported, never ranked). Times are CUDA-graph replays of the
-whole host function (its memset and cast included), `triton.testing.do_bench_cudagraph`; bandwidth
-counts the bytes the call must read. The current defaults are marked `*`.
+whole host function (its memset and cast included), `triton.testing.do_bench_cudagraph`, cycling
+through copies of the weights (or keys/values) that together exceed the L2 cache, as a decode step
+does; bandwidth counts the bytes the call must read. The current defaults are marked `*`.
 """
 
 import argparse
@@ -49,6 +50,22 @@ def _bench(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=50)
 
 
+ROTATE_BYTES = 256 << 20  # more than an H100's 50 MB L2 cache
+
+
+def _copies(nbytes: int, *tensors) -> list[tuple]:
+    """`tensors` and enough copies of them that a pass over all reads more than the L2 cache holds: a
+    decode step reads each layer's weights (and keys/values) once, so timing one copy again and again
+    would time the cache (the sweep of 2026-11-24 did, for shapes under 50 MB). One copy in a dry run."""
+    n = 1 if DRY else max(1, -(-ROTATE_BYTES // nbytes))
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
+
+
+def _bench_each(fn, copies) -> float:
+    """Milliseconds per call of fn(*c), over a pass through every copy c."""
+    return _bench(lambda: [fn(*c) for c in copies]) / len(copies)
+
+
 def _gptq_case(k, n, bits, group=128):
     from qwenlm.kernels.gptq import random_layer
 
@@ -63,7 +80,7 @@ def _gptq_case(k, n, bits, group=128):
 
 def gemv_configs(quick: bool):
     """The defaults first; then block sizes x K splits x warps (splits summed by the reduce kernel),
-    and the atomic summing at the default block sizes."""
+    the atomic summing at the default block sizes, and the defaults with codes converted to floats."""
     from qwenlm.kernels import gptq
 
     # (H100, 2026-11-24: wider column blocks and fewer warps were faster all the way to the grid's
@@ -72,9 +89,10 @@ def gemv_configs(quick: bool):
             "num_warps": [2, 4]}
     if quick:
         grid = {"block_n": [128, 256], "block_k": [64], "programs": [0, 1024], "num_warps": [2, 4]}
-    default = {k: gptq.GEMV[k] for k in (*grid, "split")}
-    out = [{**dict(zip(grid, v)), "split": "reduce"} for v in itertools.product(*grid.values())]
+    default = {k: gptq.GEMV[k] for k in (*grid, "split", "magic")}
+    out = [{**dict(zip(grid, v)), "split": "reduce", "magic": True} for v in itertools.product(*grid.values())]
     out += [{**default, "programs": p, "split": "atomic"} for p in grid["programs"] if p]
+    out += [{**default, "magic": False}]  # codes to floats by conversion: what the 2**23 trick saves
     return [default] + [c for c in out if c != default]
 
 
@@ -96,9 +114,10 @@ def sweep_gptq(quick: bool) -> list[dict]:
     shapes = [(s, 4) for s in GPTQ_SHAPES] + [(s, 8) for s in GPTQ_SHAPES[:1]] + [(HEAD, 8)]
     for (k, n), bits in shapes:
         x, args, want, nbytes, w = _gptq_case(k, n, bits)
-        dense = w.t().contiguous().to(DEV, torch.bfloat16)
-        base = _bench(lambda: torch.nn.functional.linear(x, dense))
-        del w
+        dense = _copies(k * n * 2, w.t().contiguous().to(DEV, torch.bfloat16))
+        base = _bench_each(lambda d: torch.nn.functional.linear(x, d), dense)
+        del w, dense
+        copies = _copies(nbytes, *args[:3])
         print(f"\n{k}x{n} {bits}-bit: bf16 cuBLAS {base * 1000:.1f} us "
               f"({k * n * 2 / base / 1e6:.0f} GB/s)", flush=True)
         for i, cfg in enumerate(gemv_configs(quick)):
@@ -111,7 +130,7 @@ def sweep_gptq(quick: bool) -> list[dict]:
                 if err > 3e-2:
                     row["error"] = f"relative error {err:.3g}"
                 else:
-                    ms = _bench(lambda: gptq_matmul(x, *args, config=cfg))
+                    ms = _bench_each(lambda *q: gptq_matmul(x, *q, *args[3:], config=cfg), copies)
                     row.update(us=ms * 1000, gb_s=nbytes / ms / 1e6, vs_bf16=base / ms)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -124,6 +143,10 @@ def sweep_gptq(quick: bool) -> list[dict]:
         default = [r for r in ok if r["default"]]
         if default and ok and default[0] is not ok[0]:
             print(f"  default: {default[0]['us']:.1f} us", flush=True)
+        for r in ok:
+            if not r["config"].get("magic", True):
+                print(f"  default with codes converted (not magic): {r['us']:.1f} us", flush=True)
+        del copies
     return rows
 
 
@@ -144,8 +167,10 @@ def sweep_attention(quick: bool) -> list[dict]:
         kk, vv = (t.float().repeat_interleave(h // hk, 1) for t in kv.load(0, lambda t: t))
         want = torch.nn.functional.scaled_dot_product_attention(q.float()[:, :, None], kk, vv)[:, :, 0]
         kr, vr = k.repeat_interleave(h // hk, 1), v.repeat_interleave(h // hk, 1)
-        base = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kr, vr))
         nbytes = kv.nbytes  # the whole layer is read: every slot is valid
+        base = _bench_each(lambda a, b: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], a, b),
+                           _copies(kr.nbytes * 2, kr, vr))
+        layers = _copies(nbytes, *layer)
         print(f"\nattention batch {b}, {length} slots, {'int8' if int8 else 'bf16'}: SDPA (bf16) "
               f"{base * 1000:.1f} us", flush=True)
         for i, cfg in enumerate(attention_configs(quick)):
@@ -158,7 +183,7 @@ def sweep_attention(quick: bool) -> list[dict]:
                 if err > 3e-2:
                     row["error"] = f"max error {err:.3g}"
                 else:
-                    ms = _bench(lambda: decode_attention(q, layer, start, end, length, config=cfg))
+                    ms = _bench_each(lambda *t: decode_attention(q, t, start, end, length, config=cfg), layers)
                     row.update(us=ms * 1000, gb_s=nbytes / ms / 1e6, vs_sdpa=base / ms)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -168,6 +193,7 @@ def sweep_attention(quick: bool) -> list[dict]:
         for r in ok[:5]:
             print(f"  {'*' if r['default'] else ' '} {r['us']:7.1f} us {r['gb_s']:6.0f} GB/s "
                   f"{r['vs_sdpa']:4.2f}x SDPA  {r['config']}", flush=True)
+        del layers
         if not DRY:
             torch.cuda.empty_cache()
     return rows

@@ -56,8 +56,13 @@ def _gptq_tensors(k, n, bits, group, seed):
 @pytest.mark.parametrize("m,k,n,group", [(1, 512, 96, 128), (3, 256, 64, 64), (20, 256, 80, 128), (70, 128, 64, 32),
                                          (1, 2752, 64, 32)])  # K split 10 ways, the last split past K
 @pytest.mark.parametrize("split", ["reduce", "atomic"])
-def test_gptq_matmul_equals_dequantized_matmul(bits, m, k, n, group, split):
-    from qwenlm.kernels.gptq import gptq_matmul
+@pytest.mark.parametrize("magic", [True, False])
+def test_gptq_matmul_equals_dequantized_matmul(bits, m, k, n, group, split, magic):
+    """Every path; the one-row kernel (up to 4 rows) with codes made floats through 2**23's bits or converted."""
+    from qwenlm.kernels.gptq import _GEMV_ROWS, gptq_matmul
+
+    if not magic and m > _GEMV_ROWS:
+        pytest.skip("the conversion choice is the one-row kernel's")
 
     qweight, scales, zeros, w = _gptq_tensors(k, n, bits, group, seed=m + bits)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(n))
@@ -66,12 +71,12 @@ def test_gptq_matmul_equals_dequantized_matmul(bits, m, k, n, group, split):
     for dt in dtypes:
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dt)
         args = (x.to(DEV), qweight.to(DEV), scales.to(DEV), zeros.to(DEV), bits, group)
-        y = gptq_matmul(*args, config={"split": split}).cpu()
+        y = gptq_matmul(*args, config={"split": split, "magic": magic}).cpu()
         assert y.dtype == dt and y.shape == (m, n)
         want = x.float() @ w
         tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dt]
         assert (y.float() - want).abs().max() <= tol * want.abs().max(), dt
-        yb = gptq_matmul(*args, config={"split": split}, bias=bias.to(DEV, dt)).cpu()
+        yb = gptq_matmul(*args, config={"split": split, "magic": magic}, bias=bias.to(DEV, dt)).cpu()
         want = want + bias.to(dt).float()
         assert (yb.float() - want).abs().max() <= tol * want.abs().max(), (dt, "bias")
 

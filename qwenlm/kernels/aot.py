@@ -11,6 +11,9 @@ it ships, neither of which needs a GPU or a driver, so this module:
 * `compile_launch(launch, capability)`: specializes one recorded launch with Triton's own binder (tensor
   dtypes, scalar widths, constexpr values) and compiles it for `capability` (90 = H100/H200);
 * `ptxas_report(kernel, capability)`: registers and spill bytes per thread, from `ptxas -v`;
+* `loop_instructions(sass(kernel))`: the instructions one iteration of the kernel's main loop issues
+  (nvdisasm, also shipped): where a kernel is limited by issuing rather than by memory (the GPTQ
+  one-row kernel), their count per weight is what its speed follows;
 * `python -m qwenlm.kernels.aot [--capability 90 80] [--json]`: all of it for every configuration that
   `gptq_matmul` and `decode_attention` launch for the shapes the engines use (`launches()`).
 
@@ -125,6 +128,36 @@ def ptxas_report(compiled, capability: int = 90) -> dict:
             "spill_loads": num(r"(\d+) bytes spill loads"), "shared": int(compiled.metadata.shared)}
 
 
+def sass(compiled) -> str:
+    """The kernel's machine code (SASS), from the nvdisasm that Triton ships."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(90).path), "nvdisasm")
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        return subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+
+
+def loop_instructions(code: str) -> dict[str, int]:
+    """Instruction counts by opcode in the longest loop of SASS `code` (from a label to the branch that
+    jumps back to it): what one iteration of a kernel's main loop issues per thread."""
+    lines = code.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > len(best):
+            best = lines[labels[m.group(1)]:i + 1]
+    ops: dict[str, int] = {}
+    for line in best:
+        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+    return ops
+
+
 def gptq_launches() -> list[Launch]:
     """The launches of `gptq_matmul` for 4/8 bits, groups of 32 and 128, fp16/bf16/fp32 activations,
     1 to 300 rows (every kernel, K split or not)."""
@@ -194,7 +227,9 @@ def report(capabilities=(90,)) -> list[dict]:
             row = {"capability": cap, "kernel": launch.name, "options": {k: v for k, v in launch.kwargs.items()},
                    "pointers": {k: v for k, v in sig.items() if v.startswith("*")}}
             try:
-                row.update(ptxas_report(compile_launch(launch, cap), cap))
+                kernel = compile_launch(launch, cap)
+                row.update(ptxas_report(kernel, cap))
+                row["loop_instructions"] = sum(loop_instructions(sass(kernel)).values())
             except Exception as e:  # reported, not raised: one bad configuration must not hide the rest
                 row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)
@@ -218,7 +253,7 @@ def main(argv=None) -> int:
             opts = " ".join(f"{k}={v}" for k, v in r["options"].items())
             types = ",".join(v[1:] for v in r["pointers"].values())
             status = r.get("error") or (f"{r['registers']} regs, spills {r['spill_stores']}/{r['spill_loads']} B, "
-                                        f"shared {r['shared']} B")
+                                        f"shared {r['shared']} B, main loop {r['loop_instructions']} instructions")
             print(f"sm_{r['capability']} {r['kernel']:16s} {opts} [{types}]: {status}")
     return 1 if any("error" in r for r in rows) else 0
 

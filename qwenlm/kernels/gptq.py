@@ -26,14 +26,38 @@ from torch import nn
 
 
 @triton.jit
+def _codes_minus_zeros(q, z, MAGIC: tl.constexpr):
+    """code - zero in fp32 for codes q (int32, ..., BLOCK_N) and integer zeros z (fp32, BLOCK_N): with
+    MAGIC, through the float whose bits are those of 2**23 with q in its mantissa (see _gptq_gemv)."""
+    if MAGIC:
+        return (q | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)
+    return q.to(tl.float32) - z
+
+
+@triton.jit
 def _gptq_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, k_per_split, stride_xm, stride_qk, stride_sg, stride_ym,
-               stride_ys, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               ATOMIC: tl.constexpr):
-    """One activation row (program axis 2) times a block of columns, over one K split: each packed
-    int32 is loaded once and unpacked into its 32/BITS codes in registers. The split's sum goes to
-    y[split] (stride_ys; 0 with one split), or is added into y with atomics (ATOMIC)."""
+               stride_ys, maxq, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               ATOMIC: tl.constexpr, MAGIC: tl.constexpr):
+    """One activation row (program axis 2) times a block of columns, over one K split. The split's sum
+    goes to y[split] (stride_ys; 0 with one split), or is added into y with atomics (ATOMIC).
+
+    Decoding reads each weight once, so the instructions spent per weight set the speed once the
+    memory keeps up (on an H100 the earlier version issued about ten per weight and ran at a third
+    of the memory's speed). Here a (packed rows, columns) tile stays in the layout it was loaded in
+    (no trip through shared memory), and each of the 32/BITS codes of an int32 is taken in turn
+    (a static loop): shift, mask, to float, minus the zero, one multiply-add with its activation,
+    into a per-(row, column) sum. A K block lies in one group, so the block's sums are scaled once
+    per (row, column) and added up over rows only at the end.
+
+    MAGIC: a code becomes a float by OR-ing it into the mantissa of 2**23 (the bits of 2**23 + code);
+    `- (2**23 + zero)` then leaves code - zero exactly (zeros are integers): no int-to-float
+    conversion, which GPUs run below the rate of their float operations. `maxq` (2**BITS - 1) is an
+    argument, not a constant: with a constant mask ptxas extracts each code with a bit-field
+    instruction that cannot take the OR too; with a register mask, mask and OR are one LOP3.
+    Compiled for sm_90 (`python -m qwenlm.kernels.aot`, nvdisasm), the loop issues 5.2 instructions
+    per 4-bit weight (shift, mask-and-OR, subtract, multiply-add; the activations' loads and the scales
+    shared), against 9.3 in the earlier version."""
     PER: tl.constexpr = 32 // BITS
-    MAXQ: tl.constexpr = (1 << BITS) - 1
     ROWS: tl.constexpr = BLOCK_K // PER  # packed rows per K block
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -41,28 +65,34 @@ def _gptq_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, k_per_split, stride_xm,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     rr = tl.arange(0, ROWS)
-    rj = tl.arange(0, PER)
     k_start = pid_k * k_per_split
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    # K is a multiple of the group, hence of BLOCK_K: blocks need no mask along K (the last split stops at K)
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         prow = k0 // PER + rr
-        packed = tl.load(qw_ptr + prow[:, None] * stride_qk + rn[None, :],
-                         mask=(prow * PER < K)[:, None] & n_ok[None, :], other=0)  # (ROWS, BLOCK_N)
-        q = (packed[:, None, :] >> (rj * BITS)[None, :, None]) & MAXQ  # (ROWS, PER, BLOCK_N): k = k0 + r*PER + j
-        # BLOCK_K divides GROUP, so the whole K block shares one group; the last split may run past K,
-        # where its activations are 0: read the last group there rather than past the end
-        g = tl.minimum(k0, K - 1) // GROUP
+        packed = tl.load(qw_ptr + prow[:, None] * stride_qk + rn[None, :], mask=n_ok[None, :], other=0)
+        g = k0 // GROUP  # BLOCK_K divides GROUP: the whole K block shares one group
         s = tl.load(s_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
         z = tl.load(z_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
-        w = (q.to(tl.float32) - z[None, None, :]) * s[None, None, :]
-        kk = k0 + rr[:, None] * PER + rj[None, :]  # (ROWS, PER)
-        x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0).to(tl.float32)
-        acc += tl.sum(tl.sum(x[:, :, None] * w, axis=1), axis=0)
+        if MAGIC:
+            z = z + 8388608.0
+        xp = x_ptr + row * stride_xm + k0 + rr * PER  # (ROWS,): the activations of code 0 of each row
+        part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PER):  # code j of each int32: k = k0 + r * PER + j
+            q = (packed >> (j * BITS)) & maxq
+            if MAGIC:
+                w = (q | 0x4B000000).to(tl.float32, bitcast=True) - z[None, :]
+            else:
+                w = q.to(tl.float32) - z[None, :]
+            x = tl.load(xp + j).to(tl.float32)
+            part += x[:, None] * w
+        acc += part * s[None, :]
+    out = tl.sum(acc, axis=0)
     ptr = y_ptr + pid_k * stride_ys + row * stride_ym + rn
     if ATOMIC:
-        tl.atomic_add(ptr, acc, mask=n_ok)
+        tl.atomic_add(ptr, out, mask=n_ok)
     else:
-        tl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+        tl.store(ptr, out.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -104,12 +134,12 @@ def _gptq_mm(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_qk, 
         g = k0 // GROUP
         s = tl.load(s_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
         z = tl.load(z_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
-        w = (q.to(tl.float32) - z[None, :]) * s[None, :]
+        w = _codes_minus_zeros(q, z, True)  # integers of at most 8 bits: exact in any float dtype
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
         if IEEE:  # fp32 activations: full-precision products, not TF32
-            acc += tl.dot(x, w, input_precision="ieee")
+            acc += tl.dot(x, w, input_precision="ieee") * s[None, :]
         else:
-            acc += tl.dot(x, w.to(x.dtype))
+            acc += tl.dot(x, w.to(x.dtype)) * s[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -134,7 +164,7 @@ def _gptq_dequant(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qk, stride_sg, strid
     g = k0 // GROUP
     s = tl.load(s_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
     z = tl.load(z_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
-    w = (q.to(tl.float32) - z[None, None, :]) * s[None, None, :]
+    w = _codes_minus_zeros(q, z, True) * s
     kk = k0 + rr[:, None] * PER + rj[None, :]  # (ROWS, PER)
     tl.store(w_ptr + kk[:, :, None] * stride_wk + rn[None, None, :], w.to(w_ptr.dtype.element_ty),
              mask=(kk < K)[:, :, None] & n_ok[None, None, :])
@@ -154,7 +184,9 @@ _DENSE_SLICE = 1 << 25  # weights per dequantized slice (64 MiB in bf16)
 # The defaults are the sweep's best on an H100 (2026-11-24, BENCHMARKS.md "GPTQ speed"): over the 7B
 # shapes, within 6% of each shape's best at 4 bits and the best at 8; the earlier 64-column blocks at
 # 512 programs ran 4-11x slower (and made Int4 decoding 3x slower than bf16).
-GEMV = {"block_n": 128, "block_k": 64, "programs": 1024, "min_k_blocks": 8, "num_warps": 4, "split": "reduce"}
+# magic: codes to floats by the bits of 2**23 (_gptq_gemv), not by conversion (False: for comparisons).
+GEMV = {"block_n": 128, "block_k": 64, "programs": 1024, "min_k_blocks": 8, "num_warps": 4, "split": "reduce",
+        "magic": True}
 # block_k/num_warps None: chosen by the rows and dtype (ptxas spills registers for 64-deep K blocks in
 # fp32 at 4 warps and in 16-row tiles; 32-deep blocks, fp32 at 8 warps, do not: python -m qwenlm.kernels.aot)
 MM = {"block_n": 64, "block_k": None, "num_warps": None}
@@ -198,8 +230,8 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
             y = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         _gptq_gemv[(triton.cdiv(n, block_n), split, m)](
             x, qweight, scales, zeros, y, n, k, k_per_split, x.stride(0), qweight.stride(0), scales.stride(0),
-            y.stride(-2), y.stride(0) if y.dim() == 3 else 0, BITS=bits, GROUP=group, BLOCK_N=block_n,
-            BLOCK_K=block_k, ATOMIC=atomic, num_warps=c["num_warps"])
+            y.stride(-2), y.stride(0) if y.dim() == 3 else 0, (1 << bits) - 1, BITS=bits, GROUP=group, BLOCK_N=block_n,
+            BLOCK_K=block_k, ATOMIC=atomic, MAGIC=c["magic"], num_warps=c["num_warps"])
         if split > 1 and not atomic:
             out = torch.empty((m, n), dtype=x.dtype, device=x.device)
             _gptq_reduce[(triton.cdiv(n, 256), m)](
