@@ -138,3 +138,40 @@ def test_engines_do_not_fuse_on_cpu_by_default(pair, monkeypatch):
     model = copy.deepcopy(pair[0])
     Engine(model)
     assert "_fused" not in model.blocks[0].mlp.__dict__
+
+
+def test_residual_adds_fused_into_the_norms_compute_the_same(pair, monkeypatch):
+    """QWENLM_FUSE_NORM=1 (on a GPU: the default) runs the blocks with each residual add done by the next
+    norm (the last block's by the final norm): the same operations in another grouping, so on a CPU,
+    where they run one by one, the same logits bit for bit, and the engines still equal the reference."""
+    from qwenlm.models import layers
+
+    plain, _ = pair
+    ids = torch.tensor([random_prompts(13)[0], random_prompts(13)[0][::-1]])
+    monkeypatch.setenv("QWENLM_FUSE_NORM", "0")
+    want = _logits(plain, ids)
+    prompts = random_prompts(3, 11, 20)
+    want_tokens = generate(plain, prompts, GREEDY)
+    steps = []
+    monkeypatch.setenv("QWENLM_FUSE_NORM", "1")
+    real = layers._add_rms_norm
+    monkeypatch.setattr(layers, "_add_rms_norm", lambda *a: (steps.append(1), real(*a))[1])
+    assert torch.equal(_logits(plain, ids), want)
+    assert len(steps) == 2 * len(plain.blocks)  # each block's two adds, through the fused function
+    assert Engine(plain, bucket=8).generate(prompts, GREEDY) == want_tokens
+    assert drain_batch_engine(BatchEngine(plain, max_num_seqs=2, max_model_len=64), prompts, GREEDY) == want_tokens
+
+
+def test_residual_fusion_is_on_for_cuda_tensors_only_by_default(monkeypatch):
+    from qwenlm.models.layers import FUSED, residual_fusion
+
+    monkeypatch.delenv("QWENLM_FUSE_NORM", raising=False)
+    cpu = torch.zeros(2)
+    assert not residual_fusion(cpu)
+    monkeypatch.setenv("QWENLM_FUSE_NORM", "1")
+    assert residual_fusion(cpu)
+    if torch.cuda.is_available():
+        monkeypatch.setenv("QWENLM_FUSE_NORM", "0")
+        assert not residual_fusion(cpu.cuda())
+        monkeypatch.delenv("QWENLM_FUSE_NORM")
+        assert residual_fusion(cpu.cuda()) == FUSED.enabled

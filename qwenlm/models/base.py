@@ -15,7 +15,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..generation.api import GenerationMixin
 from ..generation.config import GenerationConfig
-from .layers import ForwardContext, KVCache, attention_mask_4d, logn_scale, ntk_alpha, rotary_cos_sin
+from .layers import (ForwardContext, KVCache, add_rms_norm, attention_mask_4d, logn_scale, ntk_alpha, residual_fusion,
+                     rotary_cos_sin)
 
 
 @dataclass
@@ -123,6 +124,11 @@ class QwenCausalLM(GenerationMixin, nn.Module):
         """Embedding, blocks and final norm under a prepared context -> hidden states (B, T, H).
         The engine calls this with its own context (static cache, precomputed rotary tables)."""
         h = self.embed(input_ids)
+        if residual_fusion(h):  # each block's last residual add is done by the next norm's kernel
+            add = None
+            for i, block in enumerate(self.blocks):
+                h, add = block.residual_step(h, add, ctx, i)
+            return add_rms_norm(h, add, self.final_norm)[1]
         for i, block in enumerate(self.blocks):
             h = block(h, ctx, i)
         return self.final_norm(h)

@@ -91,6 +91,30 @@ def rotary_qk(q, k, cos, sin, logn):
     return FUSED.get("rotary_qk", _rotary_qk, q)(q, k, cos, sin, logn)
 
 
+def _add_rms_norm(h: torch.Tensor, add: torch.Tensor, weight: torch.Tensor, eps: float):
+    h = h + add
+    return h, _rms_norm(h, weight, eps)
+
+
+def add_rms_norm(h: torch.Tensor, add: torch.Tensor | None, norm: "RMSNorm") -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + add, norm(h + add)): a block's residual add and the next norm, one kernel on CUDA instead
+    of two (`add` None: (h, norm(h)))."""
+    if add is None:
+        return h, norm(h)
+    if not residual_fusion(h):
+        h = h + add
+        return h, norm(h)
+    return FUSED.get("add_rms_norm", _add_rms_norm, h)(h, add, norm.weight, norm.eps)
+
+
+def residual_fusion(x: torch.Tensor) -> bool:
+    """Whether the blocks run with each residual add fused into the next norm (models/base.py:
+    run_blocks): on CUDA; QWENLM_FUSE_NORM=0 never, =1 on any device (for tests: on a CPU the
+    same operations run one by one)."""
+    mode = os.environ.get("QWENLM_FUSE_NORM", "")
+    return mode == "1" or (mode != "0" and x.is_cuda and FUSED.enabled)
+
+
 class FusedLinears:
     """Linear layers of one module that read the same input (gate and up; q, k and v), with their
     weights (and biases) stored as row slices of one matrix, so that one matmul computes them all:

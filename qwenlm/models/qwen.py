@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .base import QwenCausalLM
-from .layers import ForwardContext, RMSNorm, attend, fuse, linears, silu_mul
+from .layers import ForwardContext, RMSNorm, add_rms_norm, attend, fuse, linears, silu_mul
 
 
 class QWenAttention(nn.Module):
@@ -60,8 +60,14 @@ class QWenBlock(nn.Module):
         return int(fuse(self.mlp, self.mlp.FUSE))
 
     def forward(self, h, ctx: ForwardContext, layer: int):
-        h = h + self.attn(self.ln_1(h), ctx, layer)
-        return h + self.mlp(self.ln_2(h))
+        h, out = self.residual_step(h, None, ctx, layer)
+        return h + out
+
+    def residual_step(self, h, add, ctx: ForwardContext, layer: int):
+        """(h + add + attention, the MLP's output not yet added): the adds fused into the norms."""
+        h, x = add_rms_norm(h, add, self.ln_1)
+        h, x = add_rms_norm(h, self.attn(x, ctx, layer), self.ln_2)
+        return h, self.mlp(x)
 
 
 class QWenModel(nn.Module):

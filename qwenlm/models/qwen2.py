@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .base import QwenCausalLM
-from .layers import ForwardContext, RMSNorm, attend, fuse, linears, silu_mul
+from .layers import ForwardContext, RMSNorm, add_rms_norm, attend, fuse, linears, silu_mul
 
 
 class Qwen2Attention(nn.Module):
@@ -67,8 +67,14 @@ class Qwen2DecoderLayer(nn.Module):
         return int(fuse(self.self_attn, self.self_attn.FUSE)) + int(fuse(self.mlp, self.mlp.FUSE))
 
     def forward(self, h, ctx: ForwardContext, layer: int):
-        h = h + self.self_attn(self.input_layernorm(h), ctx, layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h, out = self.residual_step(h, None, ctx, layer)
+        return h + out
+
+    def residual_step(self, h, add, ctx: ForwardContext, layer: int):
+        """(h + add + attention, the MLP's output not yet added): the adds fused into the norms."""
+        h, x = add_rms_norm(h, add, self.input_layernorm)
+        h, x = add_rms_norm(h, self.self_attn(x, ctx, layer), self.post_attention_layernorm)
+        return h, self.mlp(x)
 
 
 class Qwen2Model(nn.Module):
