@@ -23,7 +23,7 @@
 #   kv      issue 5: int8 KV at 8192 tokens, the KV-cache table
 #   serve   issue 4: 1/8/32/64 streams, 7B shape
 #   turns   issue 4: next turns, prefix cache on/off
-#   ab      issue 3: each decode change on and off
+#   ab      issue 3: each decode change on and off (residual adds in the norms, Triton attention, fused projections)
 #   sweep   Triton launch settings, 7B shapes
 #   profile issue 4: the GPU kernels of a 64-row serving decode step (graphs on, then off)
 # What comes back: $OUT/steps.log (each command, its exit status and its results as they came: the
@@ -81,7 +81,7 @@ bench() {  # bench NAME ARGS...: JSON to NAME.json, progress and results to NAME
     local name=$1 rc; shift
     local args=("$@")
     if [ "$DRY" = 1 ]; then args=("${args[@]/#7B/tiny}"); args=("${args[@]/#1.8B/tiny}"); fi
-    log "== ${QWENLM_FUSE:+QWENLM_FUSE=$QWENLM_FUSE }${QWENLM_TRITON:+QWENLM_TRITON=$QWENLM_TRITON }qwen bench ${args[*]}"
+    log "== ${QWENLM_FUSE:+QWENLM_FUSE=$QWENLM_FUSE }${QWENLM_FUSE_NORM:+QWENLM_FUSE_NORM=$QWENLM_FUSE_NORM }${QWENLM_TRITON:+QWENLM_TRITON=$QWENLM_TRITON }qwen bench ${args[*]}"
     fits 540 || return
     timeout -k 5 "$LIMIT" python3 -m qwenlm bench "${args[@]}" --json >"$W/$name.json" 2>"$W/$name.log"
     rc=$?
@@ -126,12 +126,14 @@ for step in $steps; do
         bench turns_7b --shape 7B --serve 1,16 --serve-turns 4 --serve-tokens 128 --prompt-len 512 \
             --tokenizer .gpu/tokenizer ;;
     ab)  # what each change since the last measured run is worth, batch-1 decode, one after the other
-        bench ab_7b --shape 7B --gen 2048 --prefill 0
-        QWENLM_FUSE=0 bench ab_7b_unfused --shape 7B --gen 2048 --prefill 0
-        QWENLM_TRITON=0 bench ab_7b_sdpa --shape 7B --gen 2048 --prefill 0
         bench ab_1.8b --shape 1.8B --gen 2048 --prefill 0
-        QWENLM_FUSE=0 bench ab_1.8b_unfused --shape 1.8B --gen 2048 --prefill 0
-        QWENLM_TRITON=0 bench ab_1.8b_sdpa --shape 1.8B --gen 2048 --prefill 0 ;;
+        QWENLM_FUSE_NORM=0 bench ab_1.8b_nonorm --shape 1.8B --gen 2048 --prefill 0
+        bench ab_7b --shape 7B --gen 2048 --prefill 0
+        QWENLM_FUSE_NORM=0 bench ab_7b_nonorm --shape 7B --gen 2048 --prefill 0
+        QWENLM_TRITON=0 bench ab_7b_sdpa --shape 7B --gen 2048 --prefill 0
+        QWENLM_FUSE=0 bench ab_7b_unfused --shape 7B --gen 2048 --prefill 0
+        QWENLM_TRITON=0 bench ab_1.8b_sdpa --shape 1.8B --gen 2048 --prefill 0
+        QWENLM_FUSE=0 bench ab_1.8b_unfused --shape 1.8B --gen 2048 --prefill 0 ;;
     sweep)
         sweep gptq 330
         sweep attention 230 ;;

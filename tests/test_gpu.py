@@ -120,6 +120,27 @@ def test_engines_fuse_projections_on_cuda(tmp_path):
         assert eng.generate(prompts, GREEDY) == want
 
 
+def test_residual_adds_fused_into_norms_on_cuda(tmp_path, monkeypatch):
+    """On CUDA the blocks' residual adds run inside the next norm's compiled kernel by default: fp32
+    logits as the unfused blocks give, and the same greedy tokens through the engine."""
+    from qwenlm.engine import Engine
+    from qwenlm.models import layers
+
+    for path in _checkpoints(tmp_path):
+        m = load_model(path, device="cuda", dtype="float32")
+        ids = torch.tensor([[5, 9, 11, 3, 8, 1]], device="cuda")
+        prompts = [[5, 9, 11, 3], [7, 2]]
+        monkeypatch.setenv("QWENLM_FUSE_NORM", "0")
+        with torch.inference_mode():
+            want = m(ids).logits
+        want_tokens = generate(m, prompts, GREEDY)
+        monkeypatch.delenv("QWENLM_FUSE_NORM")
+        assert layers.residual_fusion(ids.float())
+        with torch.inference_mode():
+            torch.testing.assert_close(m(ids).logits, want, rtol=1e-4, atol=1e-4)
+        assert Engine(m).generate(prompts, GREEDY) == want_tokens
+
+
 def _served_like_the_reference(eng, model, prompts, cfg) -> list[list[int]]:
     """`prompts` submitted together to the batch engine `eng` and run to the end: each one's tokens
     are the reference loop's for it alone. Returns them."""
