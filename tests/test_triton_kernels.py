@@ -4,6 +4,7 @@ checkpoint. On a GPU they run compiled; elsewhere in Triton's interpreter (QWENL
 which checks the arithmetic, not the speed. Skipped when Triton is not installed (CI installs it:
 QWENLM_REQUIRE_TRITON=1 turns the skip into a failure)."""
 
+import copy
 import importlib.util
 import os
 
@@ -190,6 +191,72 @@ def test_engines_with_kernel_attention_equal_the_reference(model, kv_cache):
     finally:
         model.kv_cache = "float"
     assert got == want and batch == want
+
+
+@pytest.mark.parametrize("n,k", [(96, 1024), (37, 200), (5, 64), (300, 1536)])
+@pytest.mark.parametrize("config", [{}, {"max_block_n": 32, "block_k": 256, "min_block_n": 8}])
+def test_gemv_equals_the_plain_product(n, k, config):
+    """One row times a float weight (kernels/gemv.py): K tiled evenly or not, a ragged last block of
+    rows, with and without a bias, each float dtype; its output has x's dtype."""
+    from qwenlm.kernels.gemv import gemv
+
+    g = torch.Generator().manual_seed(n + k)
+    w, x, b = torch.randn(n, k, generator=g), torch.randn(1, k, generator=g), torch.randn(n, generator=g)
+    for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)):
+        want = x.to(dt).float() @ w.to(dt).float().t()
+        y = gemv(x.to(DEV, dt), w.to(DEV, dt), config=config).cpu()
+        assert y.dtype == dt and y.shape == (1, n)
+        assert (y.float() - want).abs().max() <= tol * want.abs().max(), dt
+        yb = gemv(x.to(DEV, dt), w.to(DEV, dt), b.to(DEV, dt), config=config).cpu().float()
+        assert (yb - want - b.to(dt).float()).abs().max() <= tol * want.abs().max(), (dt, "bias")
+    with pytest.raises(ValueError, match="one row"):
+        gemv(torch.zeros(2, k, device=DEV), w.to(DEV))
+
+
+def test_engines_with_the_gemv_kernel_equal_the_reference(model, monkeypatch):
+    """QWENLM_GEMV=1: the engines send one-row products of the float layers and the head through the
+    kernel (the layers' class changes, nothing else), and generate the reference's tokens."""
+    from qwenlm.kernels import gemv as gemv_module
+    from qwenlm.models.layers import GemvLinear
+
+    prompts = random_prompts(3, 12, 30)
+    want = generate(model, prompts, GREEDY)
+    single = generate(model, prompts[:1], GREEDY)
+    m = copy.deepcopy(model)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    calls = []
+    real = gemv_module._gemv
+    monkeypatch.setattr(gemv_module, "_gemv", type("Spy", (), {
+        "__getitem__": lambda self, grid: (calls.append(grid), real[grid])[1]})())
+    monkeypatch.setenv("QWENLM_GEMV", "1")
+    monkeypatch.setenv("QWENLM_FUSE", "1")  # gate/up as one matrix (as on a GPU): through the kernel too
+    if not CUDA:  # few programs: the interpreter runs each one in Python
+        monkeypatch.setitem(gemv_module.GEMV, "max_block_n", 64)
+        monkeypatch.setitem(gemv_module.GEMV, "programs", 1)
+    eng = Engine(m, cuda_graphs=False, bucket=8)
+    assert type(m.lm_head) is GemvLinear and m.state_dict().keys() == state.keys()
+    fused = m.blocks[0].mlp.__dict__["_fused"]
+    assert fused.gemv
+    n = len(calls)
+    with torch.inference_mode():
+        fused(torch.randn(1, 1, fused.weight.shape[1], device=DEV))
+    assert len(calls) == n + 1  # the fused gate/up matrix: one launch
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+    assert eng.generate(prompts[:1], GREEDY) == single  # one row: decoding through the kernel
+    per_step = len(calls)
+    assert per_step > 0
+    assert eng.generate(prompts, GREEDY) == want  # three rows: cuBLAS (F.linear)
+    assert len(calls) == per_step
+    assert drain_batch_engine(BatchEngine(m, max_num_seqs=2, max_model_len=64), prompts, GREEDY) == want
+    # gradients: the plain product, so training through the layer works
+    layer, n = m.lm_head, len(calls)
+    layer.weight.requires_grad_(True)
+    x = torch.randn(1, layer.in_features, device=DEV, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None and len(calls) == n
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.weight.t())  # no gradients wanted: the kernel
+    assert len(calls) == n + 1
 
 
 @pytest.fixture(scope="module")

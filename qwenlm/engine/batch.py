@@ -32,7 +32,7 @@ from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, make_generator
 from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, rotary_cos_sin
 from .cache import ExtendWriter, KernelAttention, KVStore, RowWriter, StepWriter, kernel_attention_on
-from .engine import common_prefix, fuse_projections, prompt_alpha
+from .engine import common_prefix, fuse_projections, gemv_projections, prompt_alpha
 from .sampler import RowSampler
 
 log = logging.getLogger("qwenlm")
@@ -102,6 +102,7 @@ class BatchEngine:
         from ..quant.q4 import pack_blocks
 
         fuse_projections(model)
+        gemv_projections(model)
         self._packs = pack_blocks(model) if self.device.type == "cpu" else None
         self._kernel_attention = not self._packs and kernel_attention_on(self.device, model.dtype, self.kv.int8,
                                                                          c.head_dim)

@@ -42,6 +42,18 @@ def fuse_projections(model) -> None:
             torch.cuda.empty_cache()
 
 
+def gemv_projections(model) -> None:
+    """QWENLM_GEMV=1: the engines' one-row products of float layers (batch-1 decoding) go through the
+    Triton kernel (kernels/gemv.py) instead of cuBLAS, once it has passed its check on this device.
+    Off by default until a GPU run shows it ahead (benchmarks/gpu_session.sh ab)."""
+    if os.environ.get("QWENLM_GEMV") != "1":
+        return
+    from ..kernels import kernel_works
+
+    if kernel_works("gemv", model.device, model.dtype):
+        log.info("engine: %d layers multiply one row through the Triton kernel", model.use_gemv())
+
+
 @dataclass
 class GenerationStats:
     """What the last generation read and wrote, and how long it took (`Engine.last_stats`)."""
@@ -115,6 +127,7 @@ class Engine:
         self._kept: dict | None = None
         self.last_stats: GenerationStats | None = None
         fuse_projections(model)
+        gemv_projections(model)
         log.info("engine: %s, cuda graphs %s", self.device, "on" if self.cuda_graphs else "off")
 
     # ---- tables ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..generation.api import GenerationMixin
 from ..generation.config import GenerationConfig
-from .layers import (ForwardContext, KVCache, add_rms_norm, attention_mask_4d, logn_scale, ntk_alpha, residual_fusion,
+from .layers import (ForwardContext, GemvLinear, KVCache, add_rms_norm, attention_mask_4d, logn_scale, ntk_alpha, residual_fusion,
                      rotary_cos_sin)
 
 
@@ -132,6 +132,20 @@ class QwenCausalLM(GenerationMixin, nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, ctx, i)
         return self.final_norm(h)
+
+    def use_gemv(self) -> int:
+        """Send the one-row products of every float linear layer of the blocks and of the head through
+        the Triton kernel (layers.GemvLinear: the same modules, their class changed; fused groups too).
+        Returns how many layers now do."""
+        n = 0
+        for module in [*self.blocks.modules(), self.lm_head]:
+            if type(module) is nn.Linear:
+                module.__class__ = GemvLinear
+            n += type(module) is GemvLinear
+            fused = module.__dict__.get("_fused")
+            if fused is not None:
+                fused.gemv = True
+        return n
 
     def fuse_projections(self) -> int:
         """Fuse each block's linear layers that share an input (gate/up, and q/k/v where separate) into

@@ -115,6 +115,25 @@ def residual_fusion(x: torch.Tensor) -> bool:
     return mode == "1" or (mode != "0" and x.is_cuda and FUSED.enabled)
 
 
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemv: bool) -> torch.Tensor:
+    """F.linear, or with `gemv` for one row (batch-1 decoding) the Triton kernel (kernels/gemv.py);
+    F.linear whenever gradients are wanted."""
+    if gemv and x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and weight.requires_grad):
+        from ..kernels.gemv import gemv as one_row
+
+        return one_row(x.reshape(1, -1), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class GemvLinear(nn.Linear):
+    """An nn.Linear (same parameters, names and state_dict) whose one-row products go through the
+    Triton kernel: the engines turn the float layers of a model into these with QWENLM_GEMV=1
+    (engine.py: gemv_projections)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return project(x, self.weight, self.bias, True)
+
+
 class FusedLinears:
     """Linear layers of one module that read the same input (gate and up; q, k and v), with their
     weights (and biases) stored as row slices of one matrix, so that one matmul computes them all:
@@ -128,10 +147,11 @@ class FusedLinears:
     def __init__(self, module: nn.Module, names: tuple[str, ...]):
         layers = [getattr(module, n) for n in names]
         has_bias = {layer.bias is not None for layer in layers}
-        if not all(type(layer) is nn.Linear for layer in layers) or len(has_bias) != 1 or \
+        if not all(type(layer) in (nn.Linear, GemvLinear) for layer in layers) or len(has_bias) != 1 or \
                 len({(layer.weight.dtype, layer.weight.device, layer.in_features) for layer in layers}) != 1:
             raise ValueError(f"cannot fuse {names}: not plain linear layers of one dtype, device and input")
         self.module, self.names, self.layers = module, names, layers
+        self.gemv = False  # one-row products through the Triton kernel (GemvLinear)
         self.sizes = [layer.out_features for layer in layers]
         with torch.no_grad():
             self.weight = torch.cat([layer.weight.detach() for layer in layers])
@@ -163,7 +183,7 @@ class FusedLinears:
         training = torch.is_grad_enabled() and any(layer.weight.requires_grad for layer in self.layers)
         if training or not self.intact():
             return [getattr(self.module, n)(x) for n in self.names]
-        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+        return list(project(x, self.weight, self.bias, self.gemv).split(self.sizes, dim=-1))
 
 
 def linears(module: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
