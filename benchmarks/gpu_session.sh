@@ -23,15 +23,17 @@
 #   kv      issue 5: int8 KV at 8192 tokens, the KV-cache table
 #   serve   issue 4: 1/8/32/64 streams, 7B shape
 #   turns   issue 4: next turns, prefix cache on/off
-#   ab      issue 3: each decode change on and off (residual adds in the norms, Triton attention, fused projections)
-#   sweep   Triton launch settings, 7B shapes
+#   ab      issue 3: batch-1 decode with the newest changes on and off (the float one-row kernel, QWENLM_GEMV=1;
+#           residual adds inside the norms, QWENLM_FUSE_NORM=0)
+#   ab2     issue 3: the earlier ones off (Triton attention, fused projections)
+#   sweep   Triton launch settings, 7B shapes (GPTQ, the float one-row kernel against cuBLAS, attention)
 #   profile issue 4: the GPU kernels of a 64-row serving decode step (graphs on, then off)
 # What comes back: $OUT/steps.log (each command, its exit status and its results as they came: the
 # `  -> ` lines of qwen bench), $OUT/device.txt and $OUT/results.tgz (every JSON and log).
 # GPU_SESSION_DRY=1 runs the steps on a CPU with tiny shapes, to check this script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh prepare | STEP... (tests engine gptq kv serve turns ab sweep profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh prepare | STEP... (tests engine gptq kv serve turns ab ab2 sweep profile)" >&2; exit 2; }
 
 if [ "$1" = prepare ]; then
     set -e
@@ -50,7 +52,7 @@ fi
 
 steps="$*"
 for s in $steps; do
-    case "$s" in tests|engine|gptq|kv|serve|turns|ab|sweep|profile) ;; *) echo "unknown step $s" >&2; exit 2 ;; esac
+    case "$s" in tests|engine|gptq|kv|serve|turns|ab|ab2|sweep|profile) ;; *) echo "unknown step $s" >&2; exit 2 ;; esac
 done
 
 OUT=${OUT:-/tmp/out}
@@ -81,7 +83,9 @@ bench() {  # bench NAME ARGS...: JSON to NAME.json, progress and results to NAME
     local name=$1 rc; shift
     local args=("$@")
     if [ "$DRY" = 1 ]; then args=("${args[@]/#7B/tiny}"); args=("${args[@]/#1.8B/tiny}"); fi
-    log "== ${QWENLM_FUSE:+QWENLM_FUSE=$QWENLM_FUSE }${QWENLM_FUSE_NORM:+QWENLM_FUSE_NORM=$QWENLM_FUSE_NORM }${QWENLM_TRITON:+QWENLM_TRITON=$QWENLM_TRITON }qwen bench ${args[*]}"
+    local knobs="" v
+    for v in QWENLM_FUSE QWENLM_FUSE_NORM QWENLM_TRITON QWENLM_GEMV; do [ -n "${!v:-}" ] && knobs+="$v=${!v} "; done
+    log "== ${knobs}qwen bench ${args[*]}"
     fits 540 || return
     timeout -k 5 "$LIMIT" python3 -m qwenlm bench "${args[@]}" --json >"$W/$name.json" 2>"$W/$name.log"
     rc=$?
@@ -127,16 +131,20 @@ for step in $steps; do
             --tokenizer .gpu/tokenizer ;;
     ab)  # what each change since the last measured run is worth, batch-1 decode, one after the other
         bench ab_1.8b --shape 1.8B --gen 2048 --prefill 0
+        QWENLM_GEMV=1 bench ab_1.8b_gemv --shape 1.8B --gen 2048 --prefill 0
         QWENLM_FUSE_NORM=0 bench ab_1.8b_nonorm --shape 1.8B --gen 2048 --prefill 0
         bench ab_7b --shape 7B --gen 2048 --prefill 0
-        QWENLM_FUSE_NORM=0 bench ab_7b_nonorm --shape 7B --gen 2048 --prefill 0
+        QWENLM_GEMV=1 bench ab_7b_gemv --shape 7B --gen 2048 --prefill 0
+        QWENLM_FUSE_NORM=0 bench ab_7b_nonorm --shape 7B --gen 2048 --prefill 0 ;;
+    ab2)  # the earlier decode changes, off
         QWENLM_TRITON=0 bench ab_7b_sdpa --shape 7B --gen 2048 --prefill 0
         QWENLM_FUSE=0 bench ab_7b_unfused --shape 7B --gen 2048 --prefill 0
         QWENLM_TRITON=0 bench ab_1.8b_sdpa --shape 1.8B --gen 2048 --prefill 0
         QWENLM_FUSE=0 bench ab_1.8b_unfused --shape 1.8B --gen 2048 --prefill 0 ;;
     sweep)
-        sweep gptq 330
-        sweep attention 230 ;;
+        sweep gptq 300
+        sweep gemv 200
+        sweep attention 200 ;;
     profile)  # 64 streams at ~256 tokens, 7B: where the 16 ms of a step went on 2026-11-24
         shape=7B rows=64 ctx=256; [ "$DRY" = 1 ] && shape=tiny rows=8 ctx=32
         for graphs in 1 0; do

@@ -1,11 +1,11 @@
 """Time the Triton kernels' launch settings on a GPU, for the shapes of a 7B decode step, so that a short
 GPU session can choose them from one run (`bash benchmarks/gpu_session.sh sweep`).
 
-    python benchmarks/kernel_sweep.py [--quick] [--only gptq|attention] [--json OUT]
+    python benchmarks/kernel_sweep.py [--quick] [--only gptq|attention|gemv] [--json OUT]
     python benchmarks/kernel_sweep.py --dry-run --quick   # no GPU: tiny shapes in Triton's interpreter
 
 For each shape: the bf16 matmul (cuBLAS) as the baseline; then every setting of the GPTQ one-row kernel
-(4 and 8 bits, group 128) and of the decode attention kernel, each first checked against plain torch
+(4 and 8 bits, group 128), of the decode attention kernel and of the float one-row kernel, each first checked against plain torch
 arithmetic (a setting that disagrees is reported, never ranked). Times are CUDA-graph replays of the
 whole host function (its memset and cast included), `triton.testing.do_bench_cudagraph`, cycling
 through copies of the weights (or keys/values) that together exceed the L2 cache, as a decode step
@@ -31,11 +31,15 @@ GPTQ_SHAPES = [(4096, 12288), (4096, 11008), (11008, 4096), (4096, 4096)]
 HEAD = (4096, 151936)
 ATTN = {"heads": 32, "kv_heads": 32, "head_dim": 128}
 ATTN_CASES = [(1, 2048, False), (1, 8192, False), (1, 8192, True), (16, 1024, False), (64, 512, False)]
+# (N, K) of the float one-row products: 7B q/k/v, out, gate/up, down, head; 1.8B q/k/v, out, gate/up, down
+GEMV_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (151936, 4096),
+               (6144, 2048), (2048, 2048), (11008, 2048), (2048, 5504)]
 DEV = "cuda"
 if DRY:  # the script's own logic, on shapes the interpreter gets through in seconds
     GPTQ_SHAPES, HEAD = [(256, 128)], (256, 192)
     ATTN = {"heads": 4, "kv_heads": 2, "head_dim": 64}
     ATTN_CASES = [(1, 96, False), (2, 64, True)]
+    GEMV_SHAPES = [(96, 512), (37, 200)]
     DEV = "cpu"
 
 
@@ -199,11 +203,64 @@ def sweep_attention(quick: bool) -> list[dict]:
     return rows
 
 
+def dense_configs(quick: bool):
+    """The defaults first; then K tile x programs x rows per program x warps."""
+    from qwenlm.kernels import gemv
+
+    grid = {"block_k": [256, 512, 1024], "programs": [1024, 2048], "max_block_n": [8, 16, 32], "num_warps": [4, 8]}
+    if quick:
+        grid = {"block_k": [256, 512], "programs": [1024], "max_block_n": [16], "num_warps": [4]}
+    default = {k: gemv.GEMV[k] for k in grid}
+    out = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
+    return [default] + [c for c in out if c != default]
+
+
+def sweep_gemv(quick: bool) -> list[dict]:
+    """The float one-row kernel (kernels/gemv.py, QWENLM_GEMV=1) against cuBLAS, bf16, on the 7B and
+    1.8B decode step's matrices (q/k/v and gate/up fused as the engines multiply them) and the head."""
+    from qwenlm.kernels.gemv import gemv
+
+    rows = []
+    for n, k in GEMV_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        w = (torch.randn(n, k, generator=g) * 0.02).to(DEV, torch.bfloat16)
+        x = torch.randn(1, k, generator=g).to(DEV, torch.bfloat16)
+        want = x.float() @ w.float().t()
+        nbytes = n * k * 2
+        copies = _copies(nbytes, w)
+        base = _bench_each(lambda t: torch.nn.functional.linear(x, t), copies)
+        print(f"\n{n}x{k} bf16 one row: cuBLAS {base * 1000:.1f} us ({nbytes / base / 1e6:.0f} GB/s)", flush=True)
+        for i, cfg in enumerate(dense_configs(quick)):
+            row = {"kernel": "gemv", "n": n, "k": k, "config": cfg, "default": i == 0, "cublas_us": base * 1000}
+            try:
+                err = ((gemv(x, w, config=cfg).float() - want).abs().max() / want.abs().max()).item()
+                row["rel_error"] = err
+                if err > 2e-2:
+                    row["error"] = f"relative error {err:.3g}"
+                else:
+                    ms = _bench_each(lambda t: gemv(x, t, config=cfg), copies)
+                    row.update(us=ms * 1000, gb_s=nbytes / ms / 1e6, vs_cublas=base / ms)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+        ok = sorted((r for r in rows if (r["n"], r["k"]) == (n, k) and "us" in r), key=lambda r: r["us"])
+        for r in ok[:4]:
+            print(f"  {'*' if r['default'] else ' '} {r['us']:7.1f} us {r['gb_s']:6.0f} GB/s "
+                  f"{r['vs_cublas']:4.2f}x cuBLAS  {r['config']}", flush=True)
+        default = [r for r in ok if r["default"]]
+        if default and default[0] is not ok[0]:
+            print(f"  default: {default[0]['us']:.1f} us ({default[0]['vs_cublas']:.2f}x cuBLAS)", flush=True)
+        del copies, w
+        if not DRY:
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few settings per kernel")
     ap.add_argument("--json", default=None, help="write every row here")
-    ap.add_argument("--only", choices=["gptq", "attention"], default=None)
+    ap.add_argument("--only", choices=["gptq", "attention", "gemv"], default=None)
     ap.add_argument("--dry-run", action="store_true", help="no GPU: tiny shapes in Triton's interpreter")
     args = ap.parse_args()
     if not DRY and not torch.cuda.is_available():
@@ -215,6 +272,8 @@ def main() -> int:
         rows += sweep_gptq(args.quick)
     if args.only in (None, "attention"):
         rows += sweep_attention(args.quick)
+    if args.only in (None, "gemv"):
+        rows += sweep_gemv(args.quick)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -365,6 +365,10 @@ def test_kernel_sweep_script_runs_its_settings(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     rows = json.loads((tmp_path / "s.json").read_text())
-    assert {r["kernel"] for r in rows} == {"gptq_gemv", "decode_attention"}
+    assert {r["kernel"] for r in rows} == {"gptq_gemv", "decode_attention", "gemv"}
     assert all("us" in r and "error" not in r for r in rows)
-    assert sum(r["default"] for r in rows) == 5  # the defaults are among the settings of each case
+    assert sum(r["default"] for r in rows) == 7  # the defaults are among the settings of each case
+    settings = {"gptq_gemv": {"block_n", "split", "magic"}, "gemv": {"max_block_n", "block_k"},
+                "decode_attention": {"block_s", "programs"}}
+    assert all(settings[r["kernel"]] <= r["config"].keys() for r in rows)  # each kernel's own settings
+    assert any(not r["config"]["magic"] for r in rows if r["kernel"] == "gptq_gemv")

@@ -1,5 +1,5 @@
 """Compile the Triton kernels for a GPU that is not here (ahead of time, to a cubin), exactly as the
-launches of `gptq_matmul` / `decode_attention` would specialize them.
+launches of `gptq_matmul` / `decode_attention` / `gemv` would specialize them.
 
 Triton's interpreter (what the CPU tests run) checks a kernel's arithmetic but not that the compiler
 accepts it: loop-carried types, `tl.dot` shapes and dtypes, shared memory and register limits only
@@ -15,7 +15,7 @@ it ships, neither of which needs a GPU or a driver, so this module:
   (nvdisasm, also shipped): where a kernel is limited by issuing rather than by memory (the GPTQ
   one-row kernel), their count per weight is what its speed follows;
 * `python -m qwenlm.kernels.aot [--capability 90 80] [--json]`: all of it for every configuration that
-  `gptq_matmul` and `decode_attention` launch for the shapes the engines use (`launches()`).
+  `gptq_matmul`, `decode_attention` and `gemv` launch for the shapes the engines use (`launches()`).
 
 Run it in a process without TRITON_INTERPRET: in a process where Triton's interpreter has run, the
 compiler can trip over the interpreter's patched language objects.
@@ -201,8 +201,24 @@ def attention_launches() -> list[Launch]:
     return launches
 
 
+def gemv_launches() -> list[Launch]:
+    """The launches of `gemv` (one row times a float weight) for the Qwen v1 7B/1.8B and Qwen2.5-0.5B
+    decode shapes and the head, fp16/bf16/fp32, with and without a bias."""
+    from . import gemv
+
+    with record(gemv, ("_gemv",)) as launches:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (6144, 2048), (2048, 2048),
+                         (1152, 896), (896, 4864), (151936, 4096)):
+                w = torch.empty((n, k), dtype=dtype, device="meta")
+                x = torch.zeros(1, k, dtype=dtype)
+                gemv.gemv(x, w)
+                gemv.gemv(x, w, torch.zeros(n, dtype=dtype))
+    return launches
+
+
 def launches() -> list[Launch]:
-    return gptq_launches() + attention_launches()
+    return gptq_launches() + attention_launches() + gemv_launches()
 
 
 def distinct(items: list[Launch], capability: int = 90) -> list[Launch]:
