@@ -166,6 +166,30 @@ def test_decode_attention_equals_sdpa(int8, b, h, hk, s, d, length):
     assert (out - want).abs().max() < 1e-4
 
 
+def test_decode_attention_with_one_range_is_one_launch(monkeypatch):
+    """Many rows or few slots (one range per row and head): the first kernel writes the output and the
+    merge is not launched; more ranges: the merge adds them (both equal SDPA: the test above)."""
+    from qwenlm.kernels import attention
+
+    merges = []
+    real = attention._decode_merge
+    monkeypatch.setattr(attention, "_decode_merge", type("Spy", (), {
+        "__getitem__": lambda self, grid: (merges.append(grid), real[grid])[1]})())
+    kv = KVStore(1, 2, 2, 512, 64, torch.float32, DEV)
+    kv.store(0, torch.randn(2, 2, 512, 64).to(DEV), torch.randn(2, 2, 512, 64).to(DEV),
+             lambda dst, x: dst.copy_(x), first=True)
+    q = torch.randn(2, 4, 64).to(DEV)
+    start, end = torch.zeros(2, dtype=torch.int32).to(DEV), torch.full((2,), 512, dtype=torch.int32).to(DEV)
+    layer = (kv.k[0], kv.v[0]) + (kv.k_scale[0],) * 4
+    for config, want_merges in (({"programs": 8}, 0), ({"programs": 64, "min_blocks": 1}, 1)):
+        merges.clear()
+        out = attention.decode_attention(q, layer, start, end, 512, config=config)
+        assert len(merges) == want_merges, config
+        ref = F.scaled_dot_product_attention(q[:, :, None], kv.k[0].repeat_interleave(2, 1),
+                                             kv.v[0].repeat_interleave(2, 1))[:, :, 0]
+        assert (out - ref).abs().max() < 1e-4
+
+
 @pytest.fixture(scope="module", params=["v1", "qwen2"])
 def model(request, tmp_path_factory):
     m = tiny_model(request.param, str(tmp_path_factory.mktemp(request.param)))

@@ -5,7 +5,7 @@ dequantized copy of the layer).
 Row b attends to slots [start[b], end[b]). The slots are cut into `splits` ranges, one program per
 (row, query head, range) (flash-decoding: enough programs to fill the GPU at batch 1 and long
 contexts); each keeps a running max, sum and weighted sum of values, and a second kernel merges the
-ranges. Keys of an 8-bit cache are stored centered (k - c, quant/kv.py): every score of a query moves
+ranges (with one range, as with many rows or few slots, the first kernel writes the output itself). Keys of an 8-bit cache are stored centered (k - c, quant/kv.py): every score of a query moves
 by q·c, which softmax ignores, so the center is never read here.
 
 `start`, `end` are device tensors and the grid depends only on `length` (the slots that may be read),
@@ -25,8 +25,8 @@ import triton.language as tl
 def _decode_partial(q_ptr, k_ptr, v_ptr, ks_ptr, kl_ptr, vs_ptr, vl_ptr, start_ptr, end_ptr,
                     acc_ptr, ml_ptr, sm_scale, split_len,
                     stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_sb, stride_sh,
-                    H, GROUPS, SPLITS,
-                    D: tl.constexpr, BLOCK_S: tl.constexpr, INT8: tl.constexpr):
+                    H, GROUPS, SPLITS, out_ptr, stride_ob, stride_oh,
+                    D: tl.constexpr, BLOCK_S: tl.constexpr, INT8: tl.constexpr, DIRECT: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # b * stride_kb passes 2**31 in caches of over 2**31 elements a layer
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -61,10 +61,13 @@ def _decode_partial(q_ptr, k_ptr, v_ptr, ks_ptr, kl_ptr, vs_ptr, vl_ptr, start_p
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new
-    part = (b * H + h) * SPLITS + sp
-    tl.store(acc_ptr + part * D + rd, acc)
-    tl.store(ml_ptr + part * 2, m_i)
-    tl.store(ml_ptr + part * 2 + 1, l_i)
+    if DIRECT:  # one range per row and head: the output itself, no partial sums to merge
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + rd, (acc / l_i).to(out_ptr.dtype.element_ty))
+    else:
+        part = (b * H + h) * SPLITS + sp
+        tl.store(acc_ptr + part * D + rd, acc)
+        tl.store(ml_ptr + part * 2, m_i)
+        tl.store(ml_ptr + part * 2 + 1, l_i)
 
 
 @triton.jit
@@ -119,18 +122,21 @@ def decode_attention(q: torch.Tensor, layer: tuple[torch.Tensor, ...], start: to
         raise ValueError("decode_attention needs a power-of-two head size and contiguous heads")
     int8 = k.dtype == torch.uint8
     splits, per = plan_splits(b, h, length, c)
-    acc = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
-    ml = torch.empty((b, h, splits, 2), dtype=torch.float32, device=q.device)
+    out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
+    direct = splits == 1  # (many rows, or short rows: one launch, no merge)
+    acc = out if direct else torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
+    ml = out if direct else torch.empty((b, h, splits, 2), dtype=torch.float32, device=q.device)
     if not int8:
         ks = kl = vs = vl = k  # unused pointers
     _decode_partial[(b, h, splits)](
         q, k, v, ks, kl, vs, vl, start, end, acc, ml, 1.0 / math.sqrt(d), per,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         ks.stride(0) if int8 else 0, ks.stride(1) if int8 else 0,
-        h, h // hk, splits, D=d, BLOCK_S=c["block_s"], INT8=int8, num_warps=c["num_warps"])
-    out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
-    _decode_merge[(b, h)](acc, ml, out, out.stride(0), out.stride(1), h, splits, D=d,
-                          BLOCK_P=max(2, triton.next_power_of_2(splits)))
+        h, h // hk, splits, out, out.stride(0), out.stride(1),
+        D=d, BLOCK_S=c["block_s"], INT8=int8, DIRECT=direct, num_warps=c["num_warps"])
+    if not direct:
+        _decode_merge[(b, h)](acc, ml, out, out.stride(0), out.stride(1), h, splits, D=d,
+                              BLOCK_P=max(2, triton.next_power_of_2(splits)))
     return out
 
 
