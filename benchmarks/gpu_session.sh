@@ -24,7 +24,8 @@
 #   serve   issue 4: 1/8/32/64 streams, 7B shape
 #   turns   issue 4: next turns, prefix cache on/off
 #   ab      issue 3: batch-1 decode with the newest changes on and off (the float one-row kernel, QWENLM_GEMV=1;
-#           residual adds inside the norms, QWENLM_FUSE_NORM=0)
+#           residual adds inside the norms, QWENLM_FUSE_NORM=0; rotary and cache write in one kernel,
+#           QWENLM_FUSE_ROTARY=0)
 #   ab2     issue 3: the earlier ones off (Triton attention, fused projections)
 #   sweep   Triton launch settings, 7B shapes (GPTQ, the float one-row kernel against cuBLAS, attention)
 #   profile issue 4: the GPU kernels of a 64-row serving decode step (graphs on, then off)
@@ -84,7 +85,7 @@ bench() {  # bench NAME ARGS...: JSON to NAME.json, progress and results to NAME
     local args=("$@")
     if [ "$DRY" = 1 ]; then args=("${args[@]/#7B/tiny}"); args=("${args[@]/#1.8B/tiny}"); fi
     local knobs="" v
-    for v in QWENLM_FUSE QWENLM_FUSE_NORM QWENLM_TRITON QWENLM_GEMV; do [ -n "${!v:-}" ] && knobs+="$v=${!v} "; done
+    for v in QWENLM_FUSE QWENLM_FUSE_NORM QWENLM_FUSE_ROTARY QWENLM_TRITON QWENLM_GEMV; do [ -n "${!v:-}" ] && knobs+="$v=${!v} "; done
     log "== ${knobs}qwen bench ${args[*]}"
     fits 540 || return
     timeout -k 5 "$LIMIT" python3 -m qwenlm bench "${args[@]}" --json >"$W/$name.json" 2>"$W/$name.log"
@@ -133,9 +134,11 @@ for step in $steps; do
         bench ab_1.8b --shape 1.8B --gen 2048 --prefill 0
         QWENLM_GEMV=1 bench ab_1.8b_gemv --shape 1.8B --gen 2048 --prefill 0
         QWENLM_FUSE_NORM=0 bench ab_1.8b_nonorm --shape 1.8B --gen 2048 --prefill 0
+        QWENLM_FUSE_ROTARY=0 bench ab_1.8b_norotary --shape 1.8B --gen 2048 --prefill 0
         bench ab_7b --shape 7B --gen 2048 --prefill 0
         QWENLM_GEMV=1 bench ab_7b_gemv --shape 7B --gen 2048 --prefill 0
-        QWENLM_FUSE_NORM=0 bench ab_7b_nonorm --shape 7B --gen 2048 --prefill 0 ;;
+        QWENLM_FUSE_NORM=0 bench ab_7b_nonorm --shape 7B --gen 2048 --prefill 0
+        QWENLM_FUSE_ROTARY=0 bench ab_7b_norotary --shape 7B --gen 2048 --prefill 0 ;;
     ab2)  # the earlier decode changes, off
         QWENLM_TRITON=0 bench ab_7b_sdpa --shape 7B --gen 2048 --prefill 0
         QWENLM_FUSE=0 bench ab_7b_unfused --shape 7B --gen 2048 --prefill 0

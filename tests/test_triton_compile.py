@@ -55,7 +55,7 @@ def test_every_launched_configuration_compiles_without_spills(compiled, capabili
 
     rows = [r for r in compiled if r["capability"] == capability]
     assert {r["kernel"] for r in rows} == {"_gptq_gemv", "_gptq_reduce", "_gptq_mm", "_gptq_dequant",
-                                          "_decode_partial", "_decode_merge", "_gemv"}
+                                          "_decode_partial", "_decode_merge", "_gemv", "_rotary_store"}
     assert len(rows) >= 40  # bits x groups x dtypes x row regimes, float/int8 caches x head sizes
     errors = [(r["kernel"], r["options"], r["error"][:500]) for r in rows if "error" in r]
     assert not errors, errors

@@ -166,6 +166,38 @@ def test_decode_attention_equals_sdpa(int8, b, h, hk, s, d, length):
     assert (out - want).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("h,hk,logn", [(4, 4, True), (6, 2, False)])
+def test_rotary_store_equals_rotary_then_the_cache_write(h, hk, logn):
+    """kernels/rotary.py: q/k/v as views of one projection's output (as the models make them), rows
+    at their own slots: the query rotated and LogN-scaled, the key rotated and the value copied into
+    the cache, exactly where and as the unfused ops put them; nothing else in the cache changes."""
+    from qwenlm.kernels.rotary import rotary_store
+    from qwenlm.models.layers import _rotary_qk, rotary_cos_sin
+
+    g = torch.Generator().manual_seed(h)
+    b, d, s = 3, 64, 40
+    for dt in (torch.float32, torch.bfloat16):
+        qkv = torch.randn(b, 1, (h + 2 * hk) * d, generator=g).to(dt)
+        q = qkv[..., :h * d].view(b, 1, h, d).transpose(1, 2)
+        k = qkv[..., h * d:(h + hk) * d].view(b, 1, hk, d).transpose(1, 2)
+        v = qkv[..., (h + hk) * d:].view(b, 1, hk, d).transpose(1, 2)
+        slots = torch.tensor([5, 0, 39])
+        cos, sin = rotary_cos_sin(slots[:, None], d, 10000.0)
+        scale = torch.rand(b, 1, generator=g) + 1 if logn else None
+        kc, vc = (torch.randn(b + 1, hk, s, d, generator=g).to(dt) for _ in range(2))
+        want_q, want_k = _rotary_qk(q, k, cos, sin, scale)
+        want_kc, want_vc = kc.clone(), vc.clone()
+        want_kc[torch.arange(b), :, slots] = want_k[:, :, 0]
+        want_vc[torch.arange(b), :, slots] = v[:, :, 0]
+        got_kc, got_vc = kc.to(DEV), vc.to(DEV)
+        out = rotary_store(q.to(DEV), k.to(DEV), v.to(DEV), cos.to(DEV), sin.to(DEV),
+                           None if scale is None else scale.to(DEV), got_kc, got_vc, slots.to(DEV))
+        tol = 1e-6 if dt == torch.float32 else 1e-2
+        torch.testing.assert_close(out.cpu(), want_q[:, :, 0], rtol=tol, atol=tol)
+        torch.testing.assert_close(got_kc.cpu(), want_kc, rtol=tol, atol=tol)
+        assert torch.equal(got_vc.cpu(), want_vc)
+
+
 def test_decode_attention_with_one_range_is_one_launch(monkeypatch):
     """Many rows or few slots (one range per row and head): the first kernel writes the output and the
     merge is not launched; more ranges: the merge adds them (both equal SDPA: the test above)."""
@@ -199,7 +231,15 @@ def model(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kv_cache", ["float", "int8"])
-def test_engines_with_kernel_attention_equal_the_reference(model, kv_cache):
+def test_engines_with_kernel_attention_equal_the_reference(model, kv_cache, monkeypatch):
+    """Both engines' decode steps through the attention kernel; with a float cache the rotary embedding
+    and the cache write are the fused kernel's (kernels/rotary.py), with an 8-bit one they are not."""
+    from qwenlm.kernels import rotary
+
+    fused = []
+    real = rotary._rotary_store
+    monkeypatch.setattr(rotary, "_rotary_store", type("Spy", (), {
+        "__getitem__": lambda self, grid: (fused.append(grid), real[grid])[1]})())
     prompts = random_prompts(3, 12, 30)  # a padded batch; v1: NTK and LogN past 16 tokens
     model.kv_cache = kv_cache
     try:
@@ -215,6 +255,7 @@ def test_engines_with_kernel_attention_equal_the_reference(model, kv_cache):
     finally:
         model.kv_cache = "float"
     assert got == want and batch == want
+    assert bool(fused) == (kv_cache == "float")
 
 
 @pytest.mark.parametrize("n,k", [(96, 1024), (37, 200), (5, 64), (300, 1536)])

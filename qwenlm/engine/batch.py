@@ -586,7 +586,7 @@ class BatchEngine:
                              mask=None, cache=None)
         writer = StepWriter(self.kv, n, pos, length)
         if self._kernel_attention:  # Triton: reads the valid slots (and 8-bit codes) directly
-            ctx.decode = KernelAttention(self.kv, writer.write, torch.zeros_like(pos), pos + 1, length)
+            ctx.decode = KernelAttention(self.kv, writer.write, torch.zeros_like(pos), pos + 1, length, slots=pos)
         else:
             ctx.mask = (torch.arange(length, device=dev)[None] <= pos[:, None])[:, None, None, :]
             ctx.cache = writer

@@ -7,6 +7,7 @@ differs from the original's: quant/kv.py).
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -143,9 +144,19 @@ class KernelAttention:
     new token's key/value with `write(i, k, v)`, then its rows [0, B) attend to their slots
     [start, end) read straight from the store (8-bit codes included). Set as `ForwardContext.decode`."""
 
-    def __init__(self, kv: KVStore, write: Callable, start: torch.Tensor, end: torch.Tensor, length: int):
+    def __init__(self, kv: KVStore, write: Callable, start: torch.Tensor, end: torch.Tensor, length: int,
+                 slots: torch.Tensor | None = None):
         self.kv, self.write, self.length = kv, write, length
         self.start, self.end = start.to(torch.int32), end.to(torch.int32)
+        # `slots` (B,): where each row's new key/value goes. Given, and the cache is float, the rotary
+        # embedding and the write are one kernel (kernels/rotary.py; QWENLM_FUSE_ROTARY=0: not)
+        self.slots = slots if slots is not None and not kv.int8 and os.environ.get("QWENLM_FUSE_ROTARY") != "0" \
+            else None
+
+    @property
+    def rotates(self) -> bool:
+        """Whether `attend_rotating` takes the un-rotated q/k (attend() then skips its own rotary)."""
+        return self.slots is not None
 
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         from ..kernels.attention import decode_attention
@@ -153,6 +164,16 @@ class KernelAttention:
         self.write(i, k, v)
         layer = self.kv.kernel_layer(i, q.shape[0])[:6]  # k, v and their scales (not the key centers)
         return decode_attention(q[:, :, 0], layer, self.start, self.end, self.length)[:, :, None]
+
+    def attend_rotating(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, logn: torch.Tensor | None) -> torch.Tensor:
+        """`attend` for q/k not yet rotated: rotary, LogN and the cache write in one kernel first."""
+        from ..kernels.attention import decode_attention
+        from ..kernels.rotary import rotary_store
+
+        layer = self.kv.kernel_layer(i, q.shape[0])[:6]
+        q = rotary_store(q, k, v, cos, sin, logn, layer[0], layer[1], self.slots)
+        return decode_attention(q, layer, self.start, self.end, self.length)[:, :, None]
 
 
 def kernel_attention_on(device, dtype: torch.dtype, int8: bool, head_dim: int) -> bool:

@@ -309,7 +309,8 @@ class Engine:
         if st["kernel_attention"]:  # Triton: reads slots [start, slot] (and 8-bit codes) directly
             ctx = self._ctx(st, st["pos"], None, None)
             ctx.decode = KernelAttention(cache, lambda i, k, v: cache.store(i, k, v, cache.put_at_write_pos),
-                                         st["start"], (st["slot"] + 1).expand(st["b"]), length)
+                                         st["start"], (st["slot"] + 1).expand(st["b"]), length,
+                                         slots=st["slot"].expand(st["b"]))
         else:
             kpos = torch.arange(length, device=self.device)
             mask = (st["valid"][:, :length] & (kpos <= st["slot"]))[:, None, None, :]  # (B, 1, 1, L)

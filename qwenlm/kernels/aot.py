@@ -1,5 +1,5 @@
 """Compile the Triton kernels for a GPU that is not here (ahead of time, to a cubin), exactly as the
-launches of `gptq_matmul` / `decode_attention` / `gemv` would specialize them.
+launches of `gptq_matmul` / `decode_attention` / `gemv` / `rotary_store` would specialize them.
 
 Triton's interpreter (what the CPU tests run) checks a kernel's arithmetic but not that the compiler
 accepts it: loop-carried types, `tl.dot` shapes and dtypes, shared memory and register limits only
@@ -15,7 +15,7 @@ it ships, neither of which needs a GPU or a driver, so this module:
   (nvdisasm, also shipped): where a kernel is limited by issuing rather than by memory (the GPTQ
   one-row kernel), their count per weight is what its speed follows;
 * `python -m qwenlm.kernels.aot [--capability 90 80] [--json]`: all of it for every configuration that
-  `gptq_matmul`, `decode_attention` and `gemv` launch for the shapes the engines use (`launches()`).
+  `gptq_matmul`, `decode_attention`, `gemv` and `rotary_store` launch for the engines' shapes (`launches()`).
 
 Run it in a process without TRITON_INTERPRET: in a process where Triton's interpreter has run, the
 compiler can trip over the interpreter's patched language objects.
@@ -217,8 +217,26 @@ def gemv_launches() -> list[Launch]:
     return launches
 
 
+def rotary_launches() -> list[Launch]:
+    """The launches of `rotary_store` for Qwen v1 (32 heads of 128, LogN) and Qwen2.5-0.5B (14 query and
+    2 key/value heads of 64), 1 and 64 rows, fp16/bf16/fp32."""
+    from . import rotary
+
+    with record(rotary, ("_rotary_store",)) as launches:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for h, hk, d, logn in ((32, 32, 128, True), (14, 2, 64, False)):
+                for b in (1, 64):
+                    q = torch.zeros(b, h, 1, d, dtype=dtype)
+                    k = torch.zeros(b, hk, 1, d, dtype=dtype)
+                    cos = torch.zeros(b, 1, d)
+                    cache = torch.zeros(b, hk, 8, d, dtype=dtype)
+                    rotary.rotary_store(q, k, k, cos, cos, torch.ones(b, 1) if logn else None, cache, cache,
+                                        torch.zeros(b, dtype=torch.long))
+    return launches
+
+
 def launches() -> list[Launch]:
-    return gptq_launches() + attention_launches() + gemv_launches()
+    return gptq_launches() + attention_launches() + gemv_launches() + rotary_launches()
 
 
 def distinct(items: list[Launch], capability: int = 90) -> list[Launch]:

@@ -311,6 +311,10 @@ def attention_mask_4d(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
            layer: int) -> torch.Tensor:
     """q (B, H, T, D), k/v (B, H_kv, T, D) -> (B, T, H*D): rotary, LogN, cache, SDPA."""
+    if ctx.decode is not None and ctx.decode.rotates:  # rotary and the cache write in its kernel
+        out = ctx.decode.attend_rotating(layer, q, k, v, ctx.cos, ctx.sin, ctx.logn)  # (B, H, 1, D)
+        b, h, t, d = out.shape
+        return out.transpose(1, 2).reshape(b, t, h * d)
     q, k = rotary_qk(q, k, ctx.cos, ctx.sin, ctx.logn)
     if ctx.decode is not None:
         out = ctx.decode.attend(layer, q, k, v)  # (B, H, 1, D)
