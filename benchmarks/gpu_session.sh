@@ -28,7 +28,7 @@
 #           QWENLM_FUSE_ROTARY=0)
 #   ab2     issue 3: the earlier ones off (Triton attention, fused projections)
 #   sweep   Triton launch settings, 7B shapes (GPTQ, the float one-row kernel against cuBLAS, attention)
-#   profile issue 4: the GPU kernels of a 64-row serving decode step (graphs on, then off)
+#   profile issue 4: the GPU kernels of a 64-row serving decode step (graphs on, then off); issue 3: of a 1-row step
 # What comes back: $OUT/steps.log (each command, its exit status and its results as they came: the
 # `  -> ` lines of qwen bench), $OUT/device.txt and $OUT/results.tgz (every JSON and log).
 # GPU_SESSION_DRY=1 runs the steps on a CPU with tiny shapes, to check this script itself.
@@ -157,7 +157,16 @@ for step in $steps; do
                 --rows $rows --context $ctx --json "$W/profile_64_graphs$graphs.json" >"$W/profile_graphs$graphs.log" 2>&1
             log "   exit $? ($(left) s left)"
             grep -v -i -E "warn|USDT" "$W/profile_graphs$graphs.log" | tail -n 26 | tee -a "$OUT/steps.log"
-        done ;;
+        done
+        # one row (issue 3's batch-1 decoding): what the launches between the matmuls cost
+        rows=1 ctx=1024; [ "$DRY" = 1 ] && rows=1 ctx=32
+        log "== QWENLM_GRAPHS=0 profile_step.py --shape $shape --rows $rows --context $ctx"
+        if fits 150; then
+            QWENLM_GRAPHS=0 timeout -k 5 "$LIMIT" python3 benchmarks/profile_step.py --shape $shape --rows $rows \
+                --context $ctx --json "$W/profile_1.json" >"$W/profile_1.log" 2>&1
+            log "   exit $? ($(left) s left)"
+            grep -v -i -E "warn|USDT" "$W/profile_1.log" | tail -n 26 | tee -a "$OUT/steps.log"
+        fi ;;
     esac
     pack
 done
