@@ -84,7 +84,8 @@ def _gptq_case(k, n, bits, group=128):
 
 def gemv_configs(quick: bool):
     """The defaults first; then block sizes x K splits x warps (splits summed by the reduce kernel),
-    the atomic summing at the default block sizes, and the defaults with codes converted to floats."""
+    the atomic and the one-launch "fixup" summing at the default block sizes, and the defaults with codes
+    converted to floats."""
     from qwenlm.kernels import gptq
 
     # (H100, 2026-11-24: wider column blocks and fewer warps were faster all the way to the grid's
@@ -96,6 +97,7 @@ def gemv_configs(quick: bool):
     default = {k: gptq.GEMV[k] for k in (*grid, "split", "magic")}
     out = [{**dict(zip(grid, v)), "split": "reduce", "magic": True} for v in itertools.product(*grid.values())]
     out += [{**default, "programs": p, "split": "atomic"} for p in grid["programs"] if p]
+    out += [{**default, "programs": p, "split": "fixup"} for p in grid["programs"] if p]
     out += [{**default, "magic": False}]  # codes to floats by conversion: what the 2**23 trick saves
     return [default] + [c for c in out if c != default]
 

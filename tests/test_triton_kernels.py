@@ -56,7 +56,7 @@ def _gptq_tensors(k, n, bits, group, seed):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m,k,n,group", [(1, 512, 96, 128), (3, 256, 64, 64), (20, 256, 80, 128), (70, 128, 64, 32),
                                          (1, 2752, 64, 32)])  # K split 10 ways, the last split past K
-@pytest.mark.parametrize("split", ["reduce", "atomic"])
+@pytest.mark.parametrize("split", ["reduce", "atomic", "fixup"])
 @pytest.mark.parametrize("magic", [True, False])
 def test_gptq_matmul_equals_dequantized_matmul(bits, m, k, n, group, split, magic):
     """Every path; the one-row kernel (up to 4 rows) with codes made floats through 2**23's bits or converted."""
@@ -80,6 +80,34 @@ def test_gptq_matmul_equals_dequantized_matmul(bits, m, k, n, group, split, magi
         yb = gptq_matmul(*args, config={"split": split, "magic": magic}, bias=bias.to(DEV, dt)).cpu()
         want = want + bias.to(dt).float()
         assert (yb.float() - want).abs().max() <= tol * want.abs().max(), (dt, "bias")
+
+
+def test_gptq_fixup_split_is_one_launch_and_leaves_its_workspace_clean(monkeypatch):
+    """"fixup": the K splits add into a kept workspace and the last one of each column block finishes,
+    so one kernel and nothing else runs, the workspace and counters are zero again afterwards, and
+    calls one after another (different inputs, a bias, then none) each get their own product."""
+    from qwenlm.kernels import gptq as gptq_kernels
+    from qwenlm.kernels.gptq import _GEMV_ROWS, _WORKSPACES, gptq_matmul
+
+    k, n, bits, group = 1024, 200, 4, 32
+    qweight, scales, zeros, w = _gptq_tensors(k, n, bits, group, seed=3)
+    q = (qweight.to(DEV), scales.to(DEV), zeros.to(DEV), bits, group)
+    launched = []
+    for name in ("_gptq_gemv", "_gptq_reduce"):
+        real = getattr(gptq_kernels, name)
+        monkeypatch.setattr(gptq_kernels, name, type("Spy", (), {
+            "__getitem__": lambda self, grid, real=real, name=name: (launched.append((name, grid)), real[grid])[1]})())
+    config = {"split": "fixup", "block_n": 64, "block_k": 32, "min_k_blocks": 2}
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    for m, b in ((1, None), (3, bias), (1, bias), (_GEMV_ROWS, None)):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEV)
+        launched.clear()
+        y = gptq_matmul(x, *q, config=config, bias=None if b is None else b.to(DEV)).cpu()
+        assert [name for name, _ in launched] == ["_gptq_gemv"] and launched[0][1][1] > 1  # split, one launch
+        want = x.cpu() @ w + (0 if b is None else b)
+        assert (y - want).abs().max() <= 1e-5 * want.abs().max()
+    for ws, cnt in _WORKSPACES.values():
+        assert not ws.any() and not cnt.any()
 
 
 @pytest.mark.parametrize("bits,group", [(4, 128), (8, 32)])

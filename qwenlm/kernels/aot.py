@@ -176,6 +176,7 @@ def gptq_launches() -> list[Launch]:
                     x, bias = torch.zeros(1, k, dtype=dtype), torch.zeros(n, dtype=dtype)
                     gptq.gptq_matmul(x, qweight, scales, scales, bits, group, bias=bias)
                     gptq.gptq_matmul(x, qweight, scales, scales, bits, group, config={"split": "atomic"})
+                    gptq.gptq_matmul(x, qweight, scales, scales, bits, group, bias=bias, config={"split": "fixup"})
                 # one row over a short K: a single split, written without atomics
                 short = 256
                 gptq.gptq_matmul(torch.zeros(1, short, dtype=torch.float16), qweight[:short * bits // 32],

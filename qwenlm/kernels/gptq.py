@@ -36,10 +36,14 @@ def _codes_minus_zeros(q, z, MAGIC: tl.constexpr):
 
 @triton.jit
 def _gptq_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, k_per_split, stride_xm, stride_qk, stride_sg, stride_ym,
-               stride_ys, maxq, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               ATOMIC: tl.constexpr, MAGIC: tl.constexpr):
+               stride_ys, maxq, ws_ptr, cnt_ptr, b_ptr, SPLITS, BITS: tl.constexpr, GROUP: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, MAGIC: tl.constexpr,
+               FIXUP: tl.constexpr, HAS_BIAS: tl.constexpr):
     """One activation row (program axis 2) times a block of columns, over one K split. The split's sum
-    goes to y[split] (stride_ys; 0 with one split), or is added into y with atomics (ATOMIC).
+    goes to y[split] (stride_ys; 0 with one split), or is added into y with atomics (ATOMIC), or (FIXUP)
+    into an fp32 workspace with atomics, after which the program that finds itself the last of its
+    column block's SPLITS (a counter per block and row) takes the total out of the workspace, zeroing
+    it for the next call, adds the bias and writes y in its dtype: one launch, no second kernel.
 
     Decoding reads each weight once, so the instructions spent per weight set the speed once the
     memory keeps up (on an H100 the earlier version issued about ten per weight and ran at a third
@@ -88,11 +92,24 @@ def _gptq_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, k_per_split, stride_xm,
             part += x[:, None] * w
         acc += part * s[None, :]
     out = tl.sum(acc, axis=0)
-    ptr = y_ptr + pid_k * stride_ys + row * stride_ym + rn
-    if ATOMIC:
-        tl.atomic_add(ptr, out, mask=n_ok)
+    if FIXUP:
+        ws = ws_ptr + row * N + rn
+        tl.atomic_add(ws, out, mask=n_ok)
+        tl.debug_barrier()  # every thread's share is in before the block counts itself done
+        counter = cnt_ptr + row * tl.num_programs(0) + pid_n
+        if tl.atomic_add(counter, 1) == SPLITS - 1:
+            total = tl.atomic_add(ws, tl.zeros_like(out), mask=n_ok)  # read at L2, where the sums were made
+            tl.store(ws, tl.zeros_like(out), mask=n_ok)
+            if HAS_BIAS:
+                total += tl.load(b_ptr + rn, mask=n_ok, other=0).to(tl.float32)
+            tl.store(y_ptr + row * stride_ym + rn, total.to(y_ptr.dtype.element_ty), mask=n_ok)
+            tl.atomic_xchg(counter, 0)
     else:
-        tl.store(ptr, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+        ptr = y_ptr + pid_k * stride_ys + row * stride_ym + rn
+        if ATOMIC:
+            tl.atomic_add(ptr, out, mask=n_ok)
+        else:
+            tl.store(ptr, out.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -180,7 +197,8 @@ _DENSE_SLICE = 1 << 25  # weights per dequantized slice (64 MiB in bf16)
 # programs: how many concurrent programs the one-row kernel aims for by splitting K (0: never split;
 # 512 keeps an H100's 132 SMs reading); min_k_blocks: the shortest split, in K blocks; split: how the
 # splits' sums meet, "reduce" (each written apart, then one small kernel adds them, the bias and the
-# cast: two launches) or "atomic" (fp32 atomics into a zeroed buffer, then a cast: three, plus the bias).
+# cast: two launches), "atomic" (fp32 atomics into a zeroed buffer, then a cast: three, plus the bias)
+# or "fixup" (atomics into a kept workspace; the last split of each block finishes: one launch).
 # The defaults are the sweep's best on an H100 (2026-11-24, BENCHMARKS.md "GPTQ speed"): over the 7B
 # shapes, within 6% of each shape's best at 4 bits and the best at 8; the earlier 64-column blocks at
 # 512 programs ran 4-11x slower (and made Int4 decoding 3x slower than bf16).
@@ -198,6 +216,20 @@ def _block_k(group: int, cap: int) -> int:
     while group % b:
         b //= 2
     return b
+
+
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device, m: int, n: int, col_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "fixup" split's fp32 sums (m, n) and counters (m, col_blocks), zero between calls (the last
+    program of each block leaves them so): one pair per shape and device, made once and never freed,
+    so that CUDA graphs captured with them stay valid. Calls on one stream take turns with them."""
+    key = (str(device), m, n, col_blocks)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.zeros((m, n), dtype=torch.float32, device=device),
+                            torch.zeros((m, col_blocks), dtype=torch.int32, device=device))
+    return _WORKSPACES[key]
 
 
 def _gemv_plan(n: int, k: int, block_n: int, block_k: int, programs: int, min_k_blocks: int) -> int:
@@ -222,16 +254,25 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
         split = triton.cdiv(k, k_per_split)
         atomic = split > 1 and c["split"] == "atomic"
-        if split == 1:
+        fixup = split > 1 and c["split"] == "fixup"
+        ws = cnt = None
+        if split == 1 or fixup:
             y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+            if fixup:
+                ws, cnt = _workspace(x.device, m, n, triton.cdiv(n, block_n))
         elif atomic:
             y = torch.zeros((m, n), dtype=torch.float32, device=x.device)
         else:
             y = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         _gptq_gemv[(triton.cdiv(n, block_n), split, m)](
             x, qweight, scales, zeros, y, n, k, k_per_split, x.stride(0), qweight.stride(0), scales.stride(0),
-            y.stride(-2), y.stride(0) if y.dim() == 3 else 0, (1 << bits) - 1, BITS=bits, GROUP=group, BLOCK_N=block_n,
-            BLOCK_K=block_k, ATOMIC=atomic, MAGIC=c["magic"], num_warps=c["num_warps"])
+            y.stride(-2), y.stride(0) if y.dim() == 3 else 0, (1 << bits) - 1, y if ws is None else ws,
+            y if cnt is None else cnt,
+            y if bias is None else bias, split, BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
+            ATOMIC=atomic, MAGIC=c["magic"], FIXUP=fixup, HAS_BIAS=fixup and bias is not None,
+            num_warps=c["num_warps"])
+        if fixup:
+            return y
         if split > 1 and not atomic:
             out = torch.empty((m, n), dtype=x.dtype, device=x.device)
             _gptq_reduce[(triton.cdiv(n, 256), m)](
