@@ -352,6 +352,50 @@ def test_engines_with_the_gemv_kernel_equal_the_reference(model, monkeypatch):
     assert len(calls) == n + 1
 
 
+def test_gptq_layers_sharing_an_input_are_fused_into_one_launch(model, monkeypatch):
+    """GPTQ kernel layers that read one input (v1: gate/up; Qwen2: q/k/v and gate/up) are fused as the
+    float ones are (kernels/gptq.py FusedGPTQ): column slices of one packed matrix, the layers' buffers
+    views into it (no new memory), one launch per group; the engine's tokens equal the unfused
+    model's, and moving a layer's buffers ends the fusion."""
+    from qwenlm.kernels import gptq as gptq_kernels
+    from qwenlm.kernels.gptq import FusedGPTQ, GPTQTritonLinear
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, lin in list(m.block_linears()):
+            m.replace_module(name, GPTQTritonLinear.from_linear(lin, 4, group=32))
+    prompts, short = random_prompts(3, 12), GenerationConfig(do_sample=False, repetition_penalty=1.0,
+                                                             max_new_tokens=5, eos_token_id=None, pad_token_id=0)
+    monkeypatch.setenv("QWENLM_FUSE", "0")
+    want = Engine(copy.deepcopy(m), cuda_graphs=False, bucket=8).generate(prompts, short)
+    buffers = sum(b.numel() * b.element_size() for b in m.buffers())
+    monkeypatch.setenv("QWENLM_FUSE", "1")
+    eng = Engine(m, cuda_graphs=False, bucket=8)
+    mlp = m.blocks[0].mlp
+    fused = mlp.__dict__["_fused"]
+    assert type(fused) is FusedGPTQ and fused.intact()
+    assert sum(b.numel() * b.element_size() for b in m.buffers()) == buffers  # views, not copies
+    calls = []
+    real = gptq_kernels._gptq_gemv
+    monkeypatch.setattr(gptq_kernels, "_gptq_gemv", type("Spy", (), {
+        "__getitem__": lambda self, grid: (calls.append(grid), real[grid])[1]})())
+    x = torch.randn(1, 1, fused.layers[0].in_features, device=DEV)
+    with torch.inference_mode():
+        together = fused(x)
+        apart = [layer(x) for layer in fused.layers]
+    assert len(calls) == 1 + len(fused.layers)  # one launch for the group, then one per layer
+    for a, b in zip(together, apart):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert eng.generate(prompts, short) == want
+    layer = fused.layers[0]
+    layer.qweight = layer.qweight.clone()  # no longer a view at its place: the layers run one by one
+    assert not fused.intact()
+    calls.clear()
+    with torch.inference_mode():
+        fused(x)
+    assert len(calls) == len(fused.layers)
+
+
 @pytest.fixture(scope="module")
 def gptq_pair(tmp_path_factory):
     from helpers import v1_config, v1_state_dict, write_checkpoint

@@ -395,6 +395,53 @@ class GPTQTritonLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+class FusedGPTQ:
+    """GPTQ layers of one module that read the same input (gate and up; q, k and v), multiplied as one:
+    their packed codes, scales and zeros (and biases) stored side by side as column slices of one
+    matrix, each layer's buffers views into it (the kernel takes the row strides), so one launch
+    reads them all and the memory is unchanged. The GPTQ counterpart of models/layers.FusedLinears;
+    it holds while each layer is still the module's attribute and still a view at its place."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...]):
+        layers = [getattr(module, n) for n in names]
+        first = layers[0]
+        if not all(type(layer) is GPTQTritonLinear for layer in layers) or \
+                len({(layer.bits, layer.group, layer.in_features, layer.qweight.device) for layer in layers}) != 1 or \
+                any(layer.perm is not None for layer in layers) or len({layer.bias is None for layer in layers}) != 1:
+            raise ValueError(f"cannot fuse {names}: not GPTQ kernel layers of one format and input, in order")
+        self.module, self.names, self.layers = module, names, layers
+        self.bits, self.group = first.bits, first.group
+        self.sizes = [layer.out_features for layer in layers]
+        with torch.no_grad():
+            self.qweight, self.scales, self.zeros = (torch.cat([getattr(layer, t) for layer in layers], 1)
+                                                     for t in ("qweight", "scales", "zeros"))
+            self.bias = None if first.bias is None else torch.cat([layer.bias.detach() for layer in layers])
+        start = 0
+        for layer, n in zip(layers, self.sizes):
+            for t in ("qweight", "scales", "zeros"):
+                setattr(layer, t, getattr(self, t)[:, start:start + n])  # (registered buffers: views now)
+            if self.bias is not None:
+                layer.bias = nn.Parameter(self.bias[start:start + n], requires_grad=False)
+            start += n
+
+    def intact(self) -> bool:
+        start = 0
+        for name, layer, n in zip(self.names, self.layers, self.sizes):
+            if getattr(self.module, name) is not layer or layer.perm is not None or \
+                    layer.qweight.data_ptr() != self.qweight[:, start:].data_ptr():
+                return False
+            start += n
+        return True
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not self.intact():
+            return [getattr(self.module, n)(x) for n in self.names]
+        shape = x.shape
+        y = gptq_matmul(x.reshape(-1, shape[-1]), self.qweight, self.scales, self.zeros, self.bits, self.group,
+                        bias=self.bias)
+        return list(y.reshape(*shape[:-1], y.shape[-1]).split(self.sizes, dim=-1))
+
+
 def random_layer(k: int, n: int, bits: int, group: int, generator: torch.Generator):
     """A random GPTQ layer on the CPU: (qweight, scales, zeros) as the kernel takes them, and its
     dequantized weight (K, N) in fp32, computed here without the kernel (for checks and the sweep)."""

@@ -202,7 +202,15 @@ def fuse(module: nn.Module, names: tuple[str, ...]) -> bool:
     try:
         module.__dict__["_fused"] = FusedLinears(module, names)
     except ValueError:
-        return False
+        gptq = [type(getattr(module, n)).__name__ == "GPTQTritonLinear" for n in names]
+        if not all(gptq):
+            return False
+        from ..kernels.gptq import FusedGPTQ  # packed GPTQ layers on the GPU kernel: the same, packed
+
+        try:
+            module.__dict__["_fused"] = FusedGPTQ(module, names)
+        except ValueError:
+            return False
     return True
 
 
