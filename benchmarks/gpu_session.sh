@@ -10,12 +10,15 @@
 # opentelemetry-api; for its Python 3.12) and the default model's tokenizer files (the serving benchmark needs one).
 # Then, with the device tool, three calls (timeout_s=600), carrying .gpu, most important first, each
 # started at once when the last returns (a machine idle for 30 s is given back):
-#   run(command="bash benchmarks/gpu_session.sh tests gptq", carry=[".gpu"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh serve profile kv", carry=[".gpu"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh ab sweep", carry=[".gpu"], timeout_s=600)
-# and `engine`/`turns` when there is time left. What each took on 2026-11-24 (H100, machine start
-# about 30 s): tests 95 s; engine 300 s; gptq 430 s (each quantized bench about 100-170 s: quantizing
-# the random 7B); kv 225 s; serve 150 s; sweep 260 s (the old grids).
+#   run(command="bash benchmarks/gpu_session.sh tests ab", carry=[".gpu"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_session.sh gptq sweep", carry=[".gpu"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_session.sh serve profile", carry=[".gpu"], timeout_s=600)
+# and `kv`/`ab2`/`engine`/`turns` when there is time left (a step that no longer fits the budget is
+# skipped and says so). After a run: the sweep's and ab's winners become the defaults (GEMV["split"]
+# "fixup", QWENLM_GEMV, the gemv launch settings), each change tested here first.
+# What each took on 2026-11-24 (H100, machine start about 30 s): tests 95 s; engine 300 s; gptq 430 s
+# (each quantized bench about 100-170 s: quantizing the random 7B); kv 225 s; serve 150 s; sweep 260 s
+# (the old grids: the grids are now about twice as large, and the gemv kernel is new; not yet timed).
 # The steps:
 #   tests   CUDA + compiled Triton tests (correctness of the GPU defaults: run first)
 #   engine  issue 3: 7B/1.8B, the original's protocol, against transformers
@@ -119,8 +122,8 @@ for step in $steps; do
     gptq)
         bench gptq_bf16 --shape 7B --gen 2048 --prefill 2048
         bench gptq_int4 --shape 7B --gen 2048 --prefill 2048 --quantize gptq4
-        bench gptq_int8 --shape 7B --gen 2048 --prefill 2048 --quantize gptq8
-        bench gptq_int4_head8 --shape 7B --gen 2048 --prefill 2048 --quantize gptq4 --quantize-head ;;
+        bench gptq_int4_head8 --shape 7B --gen 2048 --prefill 2048 --quantize gptq4 --quantize-head
+        bench gptq_int8 --shape 7B --gen 2048 --prefill 2048 --quantize gptq8 ;;
     kv)
         bench kv_int8_8192 --shape 7B --gen 8192 --prefill 0 --kv-cache int8
         bench kv_table_7b --shape 7B --kv-table --kv-batches 1,4,16,32,64,100 --kv-lengths 512,1024,2048,4096,8192 ;;
