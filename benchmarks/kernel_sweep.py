@@ -5,8 +5,8 @@ GPU session can choose them from one run (`bash benchmarks/gpu_session.sh sweep`
     python benchmarks/kernel_sweep.py --dry-run --quick   # no GPU: tiny shapes in Triton's interpreter
 
 For each shape: the bf16 matmul (cuBLAS) as the baseline; then every setting of the GPTQ one-row kernel
-(4 and 8 bits, group 128), of the decode attention kernel and of the float one-row kernel, each first checked against plain torch
-arithmetic (a setting that disagrees is reported, never ranked). Times are CUDA-graph replays of the
+(4 and 8 bits, group 128), of the decode attention kernel and of the float one-row kernel, each first
+checked against plain torch arithmetic (a setting that disagrees is reported, never ranked). Times are CUDA-graph replays of the
 whole host function (its memset and cast included), `triton.testing.do_bench_cudagraph`, cycling
 through copies of the weights (or keys/values) that together exceed the L2 cache, as a decode step
 does; bandwidth counts the bytes the call must read. The current defaults are marked `*`.

@@ -5,8 +5,9 @@ dequantized copy of the layer).
 Row b attends to slots [start[b], end[b]). The slots are cut into `splits` ranges, one program per
 (row, query head, range) (flash-decoding: enough programs to fill the GPU at batch 1 and long
 contexts); each keeps a running max, sum and weighted sum of values, and a second kernel merges the
-ranges (with one range, as with many rows or few slots, the first kernel writes the output itself). Keys of an 8-bit cache are stored centered (k - c, quant/kv.py): every score of a query moves
-by q·c, which softmax ignores, so the center is never read here.
+ranges (with one range, as with many rows or few slots, the first kernel writes the output itself).
+Keys of an 8-bit cache are stored centered (k - c, quant/kv.py): every score of a query moves by q·c,
+which softmax ignores, so the center is never read here.
 
 `start`, `end` are device tensors and the grid depends only on `length` (the slots that may be read),
 so a call can be captured in a CUDA graph and replayed as the rows grow.

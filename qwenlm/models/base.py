@@ -15,8 +15,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..generation.api import GenerationMixin
 from ..generation.config import GenerationConfig
-from .layers import (ForwardContext, GemvLinear, KVCache, add_rms_norm, attention_mask_4d, logn_scale, ntk_alpha, residual_fusion,
-                     rotary_cos_sin)
+from .layers import (ForwardContext, GemvLinear, KVCache, add_rms_norm, attention_mask_4d, logn_scale, ntk_alpha,
+                     residual_fusion, rotary_cos_sin)
 
 
 @dataclass
