@@ -214,6 +214,24 @@ def fuse(module: nn.Module, names: tuple[str, ...]) -> bool:
     return True
 
 
+class PreNormBlock(nn.Module):
+    """A decoder block: h + attention(norm(h)), then + mlp(norm(h)). Subclasses name their modules in
+    ROLES: (first norm, attention, second norm, MLP)."""
+
+    ROLES: tuple[str, str, str, str]
+
+    def forward(self, h, ctx: ForwardContext, layer: int):
+        h, out = self.residual_step(h, None, ctx, layer)
+        return h + out
+
+    def residual_step(self, h, add, ctx: ForwardContext, layer: int):
+        """(h + add + attention, the MLP's output not yet added): the adds fused into the norms."""
+        ln1, attn, ln2, mlp = (getattr(self, n) for n in self.ROLES)
+        h, x = add_rms_norm(h, add, ln1)
+        h, x = add_rms_norm(h, attn(x, ctx, layer), ln2)
+        return h, mlp(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

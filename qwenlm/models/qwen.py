@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .base import QwenCausalLM
-from .layers import ForwardContext, RMSNorm, add_rms_norm, attend, fuse, linears, silu_mul
+from .layers import ForwardContext, PreNormBlock, RMSNorm, attend, fuse, linears, silu_mul
 
 
 class QWenAttention(nn.Module):
@@ -41,7 +41,9 @@ class QWenMLP(nn.Module):
         return self.c_proj(silu_mul(gate, up))
 
 
-class QWenBlock(nn.Module):
+class QWenBlock(PreNormBlock):
+    ROLES = ("ln_1", "attn", "ln_2", "mlp")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln_1 = RMSNorm(cfg.hidden_size, cfg.rms_eps)
@@ -58,16 +60,6 @@ class QWenBlock(nn.Module):
     def fuse(self) -> int:
         """Fuse gate and up into one matmul (c_attn is one already); how many groups got fused."""
         return int(fuse(self.mlp, self.mlp.FUSE))
-
-    def forward(self, h, ctx: ForwardContext, layer: int):
-        h, out = self.residual_step(h, None, ctx, layer)
-        return h + out
-
-    def residual_step(self, h, add, ctx: ForwardContext, layer: int):
-        """(h + add + attention, the MLP's output not yet added): the adds fused into the norms."""
-        h, x = add_rms_norm(h, add, self.ln_1)
-        h, x = add_rms_norm(h, self.attn(x, ctx, layer), self.ln_2)
-        return h, self.mlp(x)
 
 
 class QWenModel(nn.Module):

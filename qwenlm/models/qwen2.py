@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .base import QwenCausalLM
-from .layers import ForwardContext, RMSNorm, add_rms_norm, attend, fuse, linears, silu_mul
+from .layers import ForwardContext, PreNormBlock, RMSNorm, attend, fuse, linears, silu_mul
 
 
 class Qwen2Attention(nn.Module):
@@ -48,7 +48,9 @@ class Qwen2MLP(nn.Module):
         return self.down_proj(silu_mul(gate, up))
 
 
-class Qwen2DecoderLayer(nn.Module):
+class Qwen2DecoderLayer(PreNormBlock):
+    ROLES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
@@ -65,16 +67,6 @@ class Qwen2DecoderLayer(nn.Module):
     def fuse(self) -> int:
         """Fuse q/k/v into one matmul and gate/up into another; how many groups got fused."""
         return int(fuse(self.self_attn, self.self_attn.FUSE)) + int(fuse(self.mlp, self.mlp.FUSE))
-
-    def forward(self, h, ctx: ForwardContext, layer: int):
-        h, out = self.residual_step(h, None, ctx, layer)
-        return h + out
-
-    def residual_step(self, h, add, ctx: ForwardContext, layer: int):
-        """(h + add + attention, the MLP's output not yet added): the adds fused into the norms."""
-        h, x = add_rms_norm(h, add, self.input_layernorm)
-        h, x = add_rms_norm(h, self.self_attn(x, ctx, layer), self.post_attention_layernorm)
-        return h, self.mlp(x)
 
 
 class Qwen2Model(nn.Module):
