@@ -5,12 +5,14 @@ bytes) and a decode step reads only those bytes.
 Layout (from the checkpoint, quant/gptq.py): codes packed along the input dimension, 32/bits per
 int32 (`qweight` (K*bits/32, N)); per group of `group` input rows, a scale and a zero per output
 column, kept here as two fp16 (G, N) tensors (the zero unpacked, stored + 1). Act-order checkpoints
-are sorted at load so that groups are contiguous; the activations are permuted to match.
+are sorted at load so that groups are contiguous; the activations are permuted to match. The kernels
+take row strides, so a layer's tensors may be column slices of a wider matrix (FusedGPTQ).
 
 Three kernels:
 * rows <= 4 (decode), `_gptq_gemv`: one program per (column block, K split, row); each packed int32 is
-  loaded once and unpacked in registers; products summed in fp32 without tensor cores; the K splits add
-  into an fp32 output (enough programs to fill the GPU at batch 1);
+  loaded once and unpacked in registers; products summed in fp32 without tensor cores; the K splits
+  (enough programs to fill the GPU at batch 1) summed by a second kernel, by atomics, or by the last
+  split of each column block (GEMV["split"]);
 * more rows (batches), `_gptq_mm`: tiles of rows times columns through `tl.dot` in the activations'
   dtype;
 * from 256 rows (prompts), `_gptq_dequant` writes the weight out once, a slice of columns at a time,
