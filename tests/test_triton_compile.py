@@ -69,15 +69,17 @@ def test_every_launched_configuration_compiles_without_spills(compiled, capabili
 def test_gptq_one_row_kernel_issues_few_instructions_per_weight(compiled):
     """Batch-1 decoding through the GPTQ kernel is limited by the instructions issued per weight, not by
     memory (H100, 2026-11-24: the packed weights streamed at 1.2 TB/s of 3.35): the main loop, compiled
-    for sm_90, must stay under 6 per weight. The version measured then issued 9.3 (4 bits, groups of
-    128, bf16): a round trip of every tile through shared memory and an int-to-float conversion, a
-    subtraction and two multiplications per weight."""
+    for sm_90, must stay under 5.6 instructions per weight with groups of 128 (the released checkpoints'
+    format: 64-deep K blocks) and under 6.5 with groups of 32 (32-deep blocks: the scales' and zeros'
+    loads and the scaling shared by half as many weights). The version measured then issued 9.3 and
+    9.1 (4 bits, bf16/fp16): a round trip of every tile through shared memory and an int-to-float
+    conversion, a subtraction and two multiplications per weight."""
     rows = [r for r in compiled if r["capability"] == 90 and r["kernel"] == "_gptq_gemv"]
     assert {(r["options"]["BITS"], r["options"]["GROUP"]) for r in rows} == {(4, 32), (4, 128), (8, 32), (8, 128)}
     for r in rows:
         o = r["options"]
         per_thread = o["BLOCK_K"] * o["BLOCK_N"] / (32 * o["num_warps"])  # weights per thread and iteration
-        assert r["loop_instructions"] / per_thread < 6.0, r
+        assert r["loop_instructions"] / per_thread < (5.6 if o["GROUP"] >= 128 else 6.5), r
 
 
 def test_loop_instructions_reads_the_longest_loop():
