@@ -127,8 +127,8 @@ class QwenCausalLM(GenerationMixin, nn.Module):
         if residual_fusion(h):  # each block's last residual add is done by the next norm's kernel
             add = None
             for i, block in enumerate(self.blocks):
-                h, add = block.residual_step(h, add, ctx, i)
-            return add_rms_norm(h, add, self.final_norm)[1]
+                h, add = block.residual_step(h, add, ctx, i, True)
+            return add_rms_norm(h, add, self.final_norm, True)[1]
         for i, block in enumerate(self.blocks):
             h = block(h, ctx, i)
         return self.final_norm(h)

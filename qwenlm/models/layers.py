@@ -96,12 +96,13 @@ def _add_rms_norm(h: torch.Tensor, add: torch.Tensor, weight: torch.Tensor, eps:
     return h, _rms_norm(h, weight, eps)
 
 
-def add_rms_norm(h: torch.Tensor, add: torch.Tensor | None, norm: "RMSNorm") -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + add, norm(h + add)): a block's residual add and the next norm, one kernel on CUDA instead
-    of two (`add` None: (h, norm(h)))."""
+def add_rms_norm(h: torch.Tensor, add: torch.Tensor | None, norm: "RMSNorm",
+                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + add, norm(h + add)): a block's residual add and the next norm, with `fused` (residual_fusion)
+    one kernel on CUDA instead of two (`add` None: (h, norm(h)))."""
     if add is None:
         return h, norm(h)
-    if not residual_fusion(h):
+    if not fused:
         h = h + add
         return h, norm(h)
     return FUSED.get("add_rms_norm", _add_rms_norm, h)(h, add, norm.weight, norm.eps)
@@ -221,14 +222,14 @@ class PreNormBlock(nn.Module):
     ROLES: tuple[str, str, str, str]
 
     def forward(self, h, ctx: ForwardContext, layer: int):
-        h, out = self.residual_step(h, None, ctx, layer)
+        h, out = self.residual_step(h, None, ctx, layer, residual_fusion(h))
         return h + out
 
-    def residual_step(self, h, add, ctx: ForwardContext, layer: int):
-        """(h + add + attention, the MLP's output not yet added): the adds fused into the norms."""
+    def residual_step(self, h, add, ctx: ForwardContext, layer: int, fused: bool):
+        """(h + add + attention, the MLP's output not yet added): with `fused`, the adds in the norms."""
         ln1, attn, ln2, mlp = (getattr(self, n) for n in self.ROLES)
-        h, x = add_rms_norm(h, add, ln1)
-        h, x = add_rms_norm(h, attn(x, ctx, layer), ln2)
+        h, x = add_rms_norm(h, add, ln1, fused)
+        h, x = add_rms_norm(h, attn(x, ctx, layer), ln2, fused)
         return h, mlp(x)
 
 
