@@ -28,12 +28,20 @@ from torch import nn
 
 
 @triton.jit
-def _codes_minus_zeros(q, z, MAGIC: tl.constexpr):
-    """code - zero in fp32 for codes q (int32, ..., BLOCK_N) and integer zeros z (fp32, BLOCK_N): with
-    MAGIC, through the float whose bits are those of 2**23 with q in its mantissa (see _gptq_gemv)."""
+def _zero_offset(z, MAGIC: tl.constexpr):
+    """The integer zeros z (fp32, BLOCK_N) as _codes_minus_zeros takes them: + 2**23 with MAGIC."""
     if MAGIC:
-        return (q | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)
-    return q.to(tl.float32) - z
+        return z + 8388608.0
+    return z
+
+
+@triton.jit
+def _codes_minus_zeros(q, zz, MAGIC: tl.constexpr):
+    """code - zero in fp32 for codes q (int32, ..., BLOCK_N) and zeros zz from _zero_offset: with MAGIC,
+    through the float whose bits are those of 2**23 with q in its mantissa (see _gptq_gemv)."""
+    if MAGIC:
+        return (q | 0x4B000000).to(tl.float32, bitcast=True) - zz
+    return q.to(tl.float32) - zz
 
 
 @triton.jit
@@ -79,17 +87,11 @@ def _gptq_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, k_per_split, stride_xm,
         packed = tl.load(qw_ptr + prow[:, None] * stride_qk + rn[None, :], mask=n_ok[None, :], other=0)
         g = k0 // GROUP  # BLOCK_K divides GROUP: the whole K block shares one group
         s = tl.load(s_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
-        z = tl.load(z_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
-        if MAGIC:
-            z = z + 8388608.0
+        z = _zero_offset(tl.load(z_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32), MAGIC)
         xp = x_ptr + row * stride_xm + k0 + rr * PER  # (ROWS,): the activations of code 0 of each row
         part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(PER):  # code j of each int32: k = k0 + r * PER + j
-            q = (packed >> (j * BITS)) & maxq
-            if MAGIC:
-                w = (q | 0x4B000000).to(tl.float32, bitcast=True) - z[None, :]
-            else:
-                w = q.to(tl.float32) - z[None, :]
+            w = _codes_minus_zeros((packed >> (j * BITS)) & maxq, z[None, :], MAGIC)
             x = tl.load(xp + j).to(tl.float32)
             part += x[:, None] * w
         acc += part * s[None, :]
@@ -153,7 +155,7 @@ def _gptq_mm(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_qk, 
         g = k0 // GROUP
         s = tl.load(s_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
         z = tl.load(z_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
-        w = _codes_minus_zeros(q, z, True)  # integers of at most 8 bits: exact in any float dtype
+        w = _codes_minus_zeros(q, _zero_offset(z, True), True)  # integers of at most 8 bits: exact in any float dtype
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
         if IEEE:  # fp32 activations: full-precision products, not TF32
             acc += tl.dot(x, w, input_precision="ieee") * s[None, :]
@@ -183,7 +185,7 @@ def _gptq_dequant(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qk, stride_sg, strid
     g = k0 // GROUP
     s = tl.load(s_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
     z = tl.load(z_ptr + g * stride_sg + rn, mask=n_ok, other=0).to(tl.float32)
-    w = _codes_minus_zeros(q, z, True) * s
+    w = _codes_minus_zeros(q, _zero_offset(z, True), True) * s
     kk = k0 + rr[:, None] * PER + rj[None, :]  # (ROWS, PER)
     tl.store(w_ptr + kk[:, :, None] * stride_wk + rn[None, None, :], w.to(w_ptr.dtype.element_ty),
              mask=(kk < K)[:, :, None] & n_ok[None, None, :])
