@@ -487,6 +487,40 @@ def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch, caplog, tmp_path
     assert kernels.kernel_works("gptq", DEV, torch.float32, bits=4, group=32)  # the other kernel is unaffected
 
 
+def test_a_fused_rotary_kernel_that_fails_its_check_is_not_used(monkeypatch, caplog, tmp_path):
+    """The rotary-and-cache-write kernel is checked on the device like the others: its check catches a
+    wrong cache write, and where it fails, decode steps keep the attention kernel with the unfused
+    rotary and cache writes, and the same tokens."""
+    from qwenlm import kernels
+    from qwenlm.kernels import rotary
+
+    real = rotary.rotary_store
+    for dt in (torch.float32, torch.bfloat16):
+        assert rotary.self_check(torch.device(DEV), dt, 64) is None
+
+    def off_by_one_slot(q, k, v, cos, sin, logn, kc, vc, slots):
+        return real(q, k, v, cos, sin, logn, kc, vc, (slots + 1) % kc.shape[2])  # (in bounds: raw pointers)
+
+    monkeypatch.setattr(rotary, "rotary_store", off_by_one_slot)
+    assert "key cache" in rotary.self_check(torch.device(DEV), torch.float32, 64)
+    kernels._checked.clear()
+    try:
+        with caplog.at_level("WARNING", logger="qwenlm"):
+            assert not kernels.kernel_works("rotary", DEV, torch.float32, head_dim=16)
+        assert "Triton rotary kernel off" in caplog.text
+        model = tiny_model("v1", str(tmp_path)).to(DEV)
+        eng = BatchEngine(model, max_num_seqs=2, max_model_len=64)
+        assert eng._kernel_attention
+        prompts = random_prompts(3, 9)
+        calls = []
+        monkeypatch.setattr(rotary, "rotary_store", lambda *a: calls.append(1) or off_by_one_slot(*a))
+        want = generate(model, prompts, GREEDY)
+        assert drain_batch_engine(eng, prompts, GREEDY) == want and not calls
+        assert Engine(model, cuda_graphs=False, bucket=8).generate(prompts, GREEDY) == want and not calls
+    finally:
+        kernels._checked.clear()
+
+
 def test_kernel_sweep_script_runs_its_settings(tmp_path):
     """benchmarks/kernel_sweep.py (run on the GPU machine, whose time is scarce) in its dry run: every
     launch setting it would time is checked against plain torch arithmetic in the interpreter."""

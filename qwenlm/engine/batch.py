@@ -31,7 +31,7 @@ import torch
 from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, make_generator
 from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, rotary_cos_sin
-from .cache import ExtendWriter, KernelAttention, KVStore, RowWriter, StepWriter, kernel_attention_on
+from .cache import ExtendWriter, KernelAttention, KVStore, RowWriter, StepWriter, fused_rotary_on, kernel_attention_on
 from .engine import common_prefix, fuse_projections, gemv_projections, prompt_alpha
 from .sampler import RowSampler
 
@@ -106,6 +106,8 @@ class BatchEngine:
         self._packs = pack_blocks(model) if self.device.type == "cpu" else None
         self._kernel_attention = not self._packs and kernel_attention_on(self.device, model.dtype, self.kv.int8,
                                                                          c.head_dim)
+        self._fused_rotary = self._kernel_attention and fused_rotary_on(self.device, model.dtype, self.kv.int8,
+                                                                        c.head_dim)
         # Per-op decode steps run at fixed shapes: rows padded to a power of two, slots to a multiple of
         # `bucket`. On CUDA each shape is captured once in a graph and replayed (no launch overhead);
         # `fixed_shapes=True` alone keeps the shapes without capturing (what the CPU tests exercise).
@@ -586,7 +588,8 @@ class BatchEngine:
                              mask=None, cache=None)
         writer = StepWriter(self.kv, n, pos, length)
         if self._kernel_attention:  # Triton: reads the valid slots (and 8-bit codes) directly
-            ctx.decode = KernelAttention(self.kv, writer.write, torch.zeros_like(pos), pos + 1, length, slots=pos)
+            ctx.decode = KernelAttention(self.kv, writer.write, torch.zeros_like(pos), pos + 1, length,
+                                         slots=pos if self._fused_rotary else None)
         else:
             ctx.mask = (torch.arange(length, device=dev)[None] <= pos[:, None])[:, None, None, :]
             ctx.cache = writer

@@ -148,10 +148,9 @@ class KernelAttention:
                  slots: torch.Tensor | None = None):
         self.kv, self.write, self.length = kv, write, length
         self.start, self.end = start.to(torch.int32), end.to(torch.int32)
-        # `slots` (B,): where each row's new key/value goes. Given, and the cache is float, the rotary
-        # embedding and the write are one kernel (kernels/rotary.py; QWENLM_FUSE_ROTARY=0: not)
-        self.slots = slots if slots is not None and not kv.int8 and os.environ.get("QWENLM_FUSE_ROTARY") != "0" \
-            else None
+        # `slots` (B,): where each row's new key/value goes. Given (the engines give it where
+        # `fused_rotary_on`), and the cache is float, the rotary embedding and the write are one kernel
+        self.slots = slots if slots is not None and not kv.int8 else None
 
     @property
     def rotates(self) -> bool:
@@ -174,6 +173,17 @@ class KernelAttention:
         layer = self.kv.kernel_layer(i, q.shape[0])[:6]
         q = rotary_store(q, k, v, cos, sin, logn, layer[0], layer[1], self.slots)
         return decode_attention(q, layer, self.start, self.end, self.length)[:, :, None]
+
+
+def fused_rotary_on(device, dtype: torch.dtype, int8: bool, head_dim: int) -> bool:
+    """Whether the engines' kernel-attention decode steps rotate and write keys/values in one kernel
+    (kernels/rotary.py): float caches, unless QWENLM_FUSE_ROTARY=0 or the kernel fails its check on
+    this device (kernels.kernel_works). Decided when an engine starts, not inside a captured step."""
+    from ..kernels import kernel_works
+
+    if int8 or head_dim & (head_dim - 1) or os.environ.get("QWENLM_FUSE_ROTARY") == "0":
+        return False
+    return kernel_works("rotary", device, dtype, head_dim=head_dim)
 
 
 def kernel_attention_on(device, dtype: torch.dtype, int8: bool, head_dim: int) -> bool:

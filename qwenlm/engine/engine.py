@@ -23,7 +23,7 @@ from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, collect, left_pad, make_generator, record_step
 from ..generation.sampling import next_tokens
 from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, ntk_alpha
-from .cache import KernelAttention, StaticKVCache, kernel_attention_on
+from .cache import KernelAttention, StaticKVCache, fused_rotary_on, kernel_attention_on
 
 log = logging.getLogger("qwenlm")
 
@@ -188,7 +188,8 @@ class Engine:
                 "pos": (torch.tensor(lengths, device=dev) - 1)[:, None].clone(),
                 "start": (w - torch.tensor(lengths, device=dev)).to(torch.int32),  # left padding
                 # decode attention through the Triton kernel (GPU), decided once per generation
-                "kernel_attention": kernel_attention_on(dev, m.dtype, int8, c.head_dim)}
+                "kernel_attention": kernel_attention_on(dev, m.dtype, int8, c.head_dim),
+                "fused_rotary": fused_rotary_on(dev, m.dtype, int8, c.head_dim)}
 
     _GRAPH_INPUTS = ("valid", "cos", "sin", "logn", "table_rows", "tok", "slot", "pos", "start")
 
@@ -310,7 +311,7 @@ class Engine:
             ctx = self._ctx(st, st["pos"], None, None)
             ctx.decode = KernelAttention(cache, lambda i, k, v: cache.store(i, k, v, cache.put_at_write_pos),
                                          st["start"], (st["slot"] + 1).expand(st["b"]), length,
-                                         slots=st["slot"].expand(st["b"]))
+                                         slots=st["slot"].expand(st["b"]) if st["fused_rotary"] else None)
         else:
             kpos = torch.arange(length, device=self.device)
             mask = (st["valid"][:, :length] & (kpos <= st["slot"]))[:, None, None, :]  # (B, 1, 1, L)

@@ -1,5 +1,6 @@
 """GPU kernels written in Triton: GPTQ dequantize-and-multiply (`gptq.py`), decode attention over
-the engines' KV store, float or 8-bit (`attention.py`), and one row times a float weight (`gemv.py`).
+the engines' KV store, float or 8-bit (`attention.py`), one row times a float weight (`gemv.py`), and a
+decode step's rotary embedding with its cache write (`rotary.py`).
 
 They run on CUDA tensors. `QWENLM_TRITON=interpret` runs them on any device in Triton's interpreter
 (the CPU tests do this): that checks their arithmetic, not their speed. `QWENLM_TRITON=0` turns them off.
@@ -45,7 +46,7 @@ _checked: dict[tuple, bool] = {}
 
 
 def kernel_works(kind: str, device, dtype, **options) -> bool:
-    """Run kernel `kind` ("attention", "gptq" or "gemv") once on a small random problem on `device` against
+    """Run kernel `kind` ("attention", "gptq", "gemv" or "rotary") once on a small random problem on `device` against
     plain torch arithmetic; False (with one warning) if it fails to compile, raises or disagrees, so the
     caller keeps its torch path. The answer is remembered per device, dtype and options."""
     if not usable_on(device):
@@ -59,6 +60,8 @@ def kernel_works(kind: str, device, dtype, **options) -> bool:
                 from .attention import self_check
             elif kind == "gemv":
                 from .gemv import self_check
+            elif kind == "rotary":
+                from .rotary import self_check
             else:
                 from .gptq import self_check
             with torch.inference_mode():

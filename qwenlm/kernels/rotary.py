@@ -74,3 +74,32 @@ def rotary_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.T
         slots.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), hk,
         HALF=d // 2, HAS_LOGN=logn is not None, num_warps=1)
     return out
+
+
+def self_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None if the kernel gives `_rotary_qk`'s query and key and the plain cache writes on a small
+    problem with the model's head size (q/k/v as views of one projection, LogN on; see kernels.kernel_works)."""
+    from ..models.layers import _rotary_qk, rotary_cos_sin
+
+    g = torch.Generator().manual_seed(0)
+    b, h, hk, s, d = 2, 4, 2, 16, head_dim
+    qkv = torch.randn(b, 1, (h + 2 * hk) * d, generator=g).to(dtype)
+    q = qkv[..., :h * d].view(b, 1, h, d).transpose(1, 2)
+    k = qkv[..., h * d:(h + hk) * d].view(b, 1, hk, d).transpose(1, 2)
+    v = qkv[..., (h + hk) * d:].view(b, 1, hk, d).transpose(1, 2)
+    slots = torch.tensor([3, 15])
+    cos, sin = rotary_cos_sin(slots[:, None], d, 10000.0)
+    logn = torch.tensor([[1.0], [1.25]])
+    want_q, want_k = _rotary_qk(q, k, cos, sin, logn)
+    kc, vc = (torch.zeros(b, hk, s, d, dtype=dtype, device=device) for _ in range(2))
+    out = rotary_store(q.to(device), k.to(device), v.to(device), cos.to(device), sin.to(device), logn.to(device),
+                       kc, vc, slots.to(device))
+    want_kc, want_vc = (torch.zeros(b, hk, s, d, dtype=dtype) for _ in range(2))
+    want_kc[torch.arange(b), :, slots] = want_k[:, :, 0]
+    want_vc[torch.arange(b), :, slots] = v[:, :, 0]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # (of the largest value: a 16-bit float's rounding)
+    for name, got, want in (("query", out, want_q[:, :, 0]), ("key cache", kc, want_kc), ("value cache", vc, want_vc)):
+        err = ((got.float().cpu() - want.float()).abs().max() / want.float().abs().max()).item()
+        if not err <= tol:
+            return f"{name}: relative error {err:.3g} against the unfused rotary and cache write"
+    return None
