@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import os
+import signal
 import sys
 import time
 
@@ -30,7 +31,8 @@ import torch  # noqa: E402
 GPTQ_SHAPES = [(4096, 12288), (4096, 11008), (11008, 4096), (4096, 4096)]
 HEAD = (4096, 151936)
 ATTN = {"heads": 32, "kv_heads": 32, "head_dim": 128}
-ATTN_CASES = [(1, 2048, False), (1, 8192, False), (1, 8192, True), (16, 1024, False), (64, 512, False)]
+ATTN_CASES = [(1, 2048, False), (1, 8192, False), (1, 8192, True), (16, 1024, False), (64, 512, False),
+              (64, 256, False), (64, 256, True)]  # (64 rows at 256: the serving benchmark's steady state)
 # (N, K) of the float one-row products: 7B q/k/v, out, gate/up, down, head; 1.8B q/k/v, out, gate/up, down
 GEMV_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (151936, 4096),
                (6144, 2048), (2048, 2048), (11008, 2048), (2048, 5504)]
@@ -41,6 +43,14 @@ if DRY:  # the script's own logic, on shapes the interpreter gets through in sec
     ATTN_CASES = [(1, 96, False), (2, 64, True)]
     GEMV_SHAPES = [(96, 512), (37, 200)]
     DEV = "cpu"
+
+
+KEPT: list[dict] = []  # every row so far, written out even when the sweep is stopped part way
+
+
+def _keep(rows: list[dict], row: dict) -> None:
+    rows.append(row)
+    KEPT.append(row)
 
 
 def _bench(fn) -> float:
@@ -140,7 +150,7 @@ def sweep_gptq(quick: bool) -> list[dict]:
                     row.update(us=ms * 1000, gb_s=nbytes / ms / 1e6, vs_bf16=base / ms)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            rows.append(row)
+            _keep(rows, row)
         ok = sorted((r for r in rows if r.get("k") == k and r.get("n") == n and r["bits"] == bits and "us" in r),
                     key=lambda r: r["us"])
         for r in ok[:5]:
@@ -193,7 +203,7 @@ def sweep_attention(quick: bool) -> list[dict]:
                     row.update(us=ms * 1000, gb_s=nbytes / ms / 1e6, vs_sdpa=base / ms)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            rows.append(row)
+            _keep(rows, row)
         ok = sorted((r for r in rows if (r.get("batch"), r.get("length"), r.get("int8")) == (b, length, int8)
                      and "us" in r), key=lambda r: r["us"])
         for r in ok[:5]:
@@ -244,7 +254,7 @@ def sweep_gemv(quick: bool) -> list[dict]:
                     row.update(us=ms * 1000, gb_s=nbytes / ms / 1e6, vs_cublas=base / ms)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            rows.append(row)
+            _keep(rows, row)
         ok = sorted((r for r in rows if (r["n"], r["k"]) == (n, k) and "us" in r), key=lambda r: r["us"])
         for r in ok[:4]:
             print(f"  {'*' if r['default'] else ' '} {r['us']:7.1f} us {r['gb_s']:6.0f} GB/s "
@@ -269,16 +279,20 @@ def main() -> int:
         print("error: kernel_sweep.py times GPU kernels and needs a CUDA GPU (or --dry-run)", file=sys.stderr)
         return 2
     print("dry run (interpreter)" if DRY else torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-    rows = []
-    if args.only in (None, "gptq"):
-        rows += sweep_gptq(args.quick)
-    if args.only in (None, "attention"):
-        rows += sweep_attention(args.quick)
-    if args.only in (None, "gemv"):
-        rows += sweep_gemv(args.quick)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    # stopped by `timeout` (the GPU session's budget): the rows timed so far are still written
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    try:
+        if args.only in (None, "gptq"):
+            sweep_gptq(args.quick)
+        if args.only in (None, "attention"):
+            sweep_attention(args.quick)
+        if args.only in (None, "gemv"):
+            sweep_gemv(args.quick)
+    finally:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(KEPT, f, indent=1)
+    rows = KEPT
     bad = [r for r in rows if "error" in r]
     print(f"\n{len(rows)} settings, {len(bad)} failed or wrong" + (": " + json.dumps(bad[:5]) if bad else ""))
     return 1 if bad else 0
