@@ -14,8 +14,11 @@
 #   run(command="bash benchmarks/gpu_session.sh gptq sweep", carry=[".gpu"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_session.sh serve profile", carry=[".gpu"], timeout_s=600)
 # and `kv`/`ab2`/`engine`/`turns` when there is time left (a step that no longer fits the budget is
-# skipped and says so). After a run: the sweep's and ab's winners become the defaults (GEMV["split"]
-# "fixup", QWENLM_GEMV, the gemv launch settings), each change tested here first.
+# skipped and says so). After a run: unpack each results.tgz into one folder and
+#   python benchmarks/gpu_results.py FOLDER
+# prints every result, the settings with the least time per decode layer, and each target met or not;
+# the sweep's and ab's winners become the defaults (GEMV["split"] "fixup", QWENLM_GEMV, the gemv launch
+# settings), each change tested here first.
 # What each took on 2026-11-24 (H100, machine start about 30 s): tests 95 s; engine 300 s; gptq 430 s
 # (each quantized bench about 100-170 s: quantizing the random 7B); kv 225 s; serve 150 s; sweep 260 s
 # (the old grids: the grids are now about twice as large, and the gemv kernel is new; not yet timed).

@@ -27,8 +27,9 @@ if DRY:  # before Triton is imported: the kernels run interpreted on CPU tensors
 
 import torch  # noqa: E402
 
-# Qwen v1 7B: c_attn, w1 and w2, mlp c_proj, attn c_proj; the head (8 bits with --quantize-head)
-GPTQ_SHAPES = [(4096, 12288), (4096, 11008), (11008, 4096), (4096, 4096)]
+# (K, N) of Qwen v1 7B's GPTQ products, one each per layer: c_attn, w1 and w2 as one (FusedGPTQ), mlp
+# c_proj, attn c_proj; the head (8 bits with --quantize-head)
+GPTQ_SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096), (4096, 4096)]
 HEAD = (4096, 151936)
 ATTN = {"heads": 32, "kv_heads": 32, "head_dim": 128}
 ATTN_CASES = [(1, 2048, False), (1, 8192, False), (1, 8192, True), (16, 1024, False), (64, 512, False),

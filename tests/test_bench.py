@@ -204,3 +204,35 @@ def test_profile_step_script_dry_run(tmp_path):
     assert res["rows"] == 4 and res["step_ms"] > 0 and res["kernels"]
     assert any("mm" in k["name"] for k in res["kernels"])
     assert sum(k["us_per_step"] for k in res["kernels"]) == pytest.approx(res["profiled_us_per_step"], rel=1e-6)
+
+
+def test_gpu_results_picks_the_setting_with_least_total_time(capsys):
+    """benchmarks/gpu_results.py (reads a GPU session's files): of the settings timed on every case, the
+    least total time wins, not the best single case; a setting missing a case is not a candidate; and
+    the stored H100 run of 2026-11-24 reads back with its numbers against the targets."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import gpu_results
+
+    def row(case, cfg, us, default=False):
+        return {"case": case, "config": cfg, "us": us, "default": default}
+
+    rows = [row(1, {"a": 1}, 10.0, True), row(2, {"a": 1}, 10.0, True),
+            row(1, {"a": 2}, 4.0), row(2, {"a": 2}, 17.0),  # best on case 1, worst in total
+            row(1, {"a": 3}, 9.0), row(2, {"a": 3}, 9.0),
+            row(1, {"a": 4}, 1.0)]  # case 2 not timed (failed)
+    pick = gpu_results.best_setting(rows, lambda r: r["case"], {1, 2})
+    assert pick["best"] == {"a": 3} and pick["best_total"] == 18.0
+    assert pick["default"] == {"a": 1} and pick["default_total"] == 20.0
+    assert gpu_results.best_setting(rows, lambda r: r["case"], {3}) is None
+
+    stored = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "h100_2026-11-24")
+    assert gpu_results.main([stored]) == 0
+    out = capsys.readouterr().out
+    with open(os.path.join(stored, "bench_7b.json")) as f:
+        tok = json.load(f)["decode"][0]["tokens_per_s"]
+    assert f"7B bf16 batch-1 tok/s: {tok:.2f} (target 175) NOT met" in out
+    assert "serve_7b: 64 streams 3623.9 tok/s" in out and "7B Int4 (head 8-bit) / bf16: 0.30" in out
+    assert gpu_results.main([os.path.join(stored, "nonexistent")]) == 2
