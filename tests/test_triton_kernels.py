@@ -226,6 +226,71 @@ def test_rotary_store_equals_rotary_then_the_cache_write(h, hk, logn):
         assert torch.equal(got_vc.cpu(), want_vc)
 
 
+@pytest.mark.parametrize("h,hk,logn", [(4, 4, True), (6, 2, False)])
+def test_rotary_store_into_an_8bit_cache_equals_the_unfused_quantization(h, hk, logn):
+    """kernels/rotary.py with an 8-bit cache: the key rotated, less its row's center, and the value
+    quantized exactly as KVStore.store does it (quant/kv.py: the same codes, scales and minimums), at
+    each row's slot; a constant vector (scale 0) and ties of the rounding included; nothing else changes.
+    bf16 exactly only compiled: Triton's interpreter casts fp32 to bf16 by truncation, not rounding."""
+    from qwenlm.engine.cache import KVStore
+    from qwenlm.kernels.rotary import rotary_store
+    from qwenlm.models.layers import _rotary_qk, rotary_cos_sin
+
+    g = torch.Generator().manual_seed(h + 10)
+    b, d, s = 3, 64, 40
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        qkv = torch.randn(b, 1, (h + 2 * hk) * d, generator=g).to(dt)
+        q = qkv[..., :h * d].view(b, 1, h, d).transpose(1, 2)
+        k = qkv[..., h * d:(h + hk) * d].view(b, 1, hk, d).transpose(1, 2)
+        v = qkv[..., (h + hk) * d:].view(b, 1, hk, d).transpose(1, 2)
+        v[1, 0] = 0.75  # a constant vector: scale 0, every code 0
+        v[2, -1, 0, :4] = torch.tensor([0.0, 2.55, 1.275, 0.635])  # (x - low) / scale at halves: ties
+        slots = torch.tensor([5, 0, 39])
+        cos, sin = rotary_cos_sin(slots[:, None], d, 10000.0)
+        scale = torch.rand(b, 1, generator=g) + 1 if logn else None
+        want_q, want_k = _rotary_qk(q, k, cos, sin, scale)
+        got, want = (KVStore(2, b + 1, hk, s, d, dt, "cpu", int8=True) for _ in range(2))
+        for t in range(len(got.tensors)):  # whatever the caches held before; key centers of a real size
+            x = got.tensors[t]
+            fill = torch.randint(0, 256, x.shape, generator=g) if x.dtype == torch.uint8 else \
+                torch.randn(x.shape, generator=g) * 0.5
+            got.tensors[t].copy_(fill)
+            want.tensors[t].copy_(fill)
+        if dt == torch.float32:  # a minimum that fp16 rounds up past half a step (codes below 0 clamped),
+            v[0, 0, 0] = 100.04 + torch.linspace(0, 0.5, d)  # and one it rounds down (above 255)
+            v[0, -1, 0] = 100.02 + torch.linspace(0, 0.5, d)
+        rows = torch.arange(b)
+
+        def put(dst, x):
+            dst[rows, :, slots] = x[:, :, 0]
+
+        want.store(1, want_k, v, put, rows=slice(0, b))
+        dev_kv = KVStore(2, b + 1, hk, s, d, dt, DEV, int8=True)
+        for t, src in zip(dev_kv.tensors, got.tensors):
+            t.copy_(src)
+        layer = dev_kv.kernel_layer(1, b)
+        out = rotary_store(q.to(DEV), k.to(DEV), v.to(DEV), cos.to(DEV), sin.to(DEV),
+                           None if scale is None else scale.to(DEV), layer[0], layer[1], slots.to(DEV),
+                           int8=layer[2:7])
+        tol = 1e-6 if dt == torch.float32 else 1e-2
+        torch.testing.assert_close(out.cpu(), want_q[:, :, 0], rtol=tol, atol=tol)
+        if dt == torch.bfloat16 and DEV == "cpu":  # the interpreter's bf16 key: within one code's step
+            written = lambda t: t[1, rows, :, slots]  # noqa: E731  (row, head[, D]) at each row's slot
+            for i, step in ((0, written(want.k_scale)), (1, written(want.v_scale))):
+                a, w = (kv.load(1, lambda t: t.cpu())[i][rows, :, slots].float() for kv in (dev_kv, want))
+                assert ((a - w).abs() <= 1.01 * step.float()[..., None] + 2e-2 * w.abs()).all()
+            assert torch.equal(dev_kv.v.cpu(), want.v)
+            for a, w in zip(dev_kv.tensors[:-1], want.tensors[:-1]):  # nothing else written
+                a = a.cpu().clone()
+                a[1, rows, :, slots] = w[1, rows, :, slots]
+                assert torch.equal(a, w)
+            continue
+        for name, a, w in zip(("k", "v", "k_scale", "k_low", "v_scale", "v_low", "k_center"),
+                              dev_kv.tensors, want.tensors):
+            assert torch.equal(a.cpu(), w), (dt, name)
+        assert (want.v_scale[1, 1, 0, 0] == 0).item() and not want.v[1, 1, 0, 0].any()
+
+
 def test_decode_attention_with_one_range_is_one_launch(monkeypatch):
     """Many rows or few slots (one range per row and head): the first kernel writes the output and the
     merge is not launched; more ranges: the merge adds them (both equal SDPA: the test above)."""
@@ -260,8 +325,8 @@ def model(request, tmp_path_factory):
 
 @pytest.mark.parametrize("kv_cache", ["float", "int8"])
 def test_engines_with_kernel_attention_equal_the_reference(model, kv_cache, monkeypatch):
-    """Both engines' decode steps through the attention kernel; with a float cache the rotary embedding
-    and the cache write are the fused kernel's (kernels/rotary.py), with an 8-bit one they are not."""
+    """Both engines' decode steps through the attention kernel, the rotary embedding and the cache write
+    (8-bit: the quantization too) in the fused kernel (kernels/rotary.py)."""
     from qwenlm.kernels import rotary
 
     fused = []
@@ -283,7 +348,7 @@ def test_engines_with_kernel_attention_equal_the_reference(model, kv_cache, monk
     finally:
         model.kv_cache = "float"
     assert got == want and batch == want
-    assert bool(fused) == (kv_cache == "float")
+    assert fused
 
 
 @pytest.mark.parametrize("n,k", [(96, 1024), (37, 200), (5, 64), (300, 1536)])
@@ -498,11 +563,12 @@ def test_a_fused_rotary_kernel_that_fails_its_check_is_not_used(monkeypatch, cap
     for dt in (torch.float32, torch.bfloat16):
         assert rotary.self_check(torch.device(DEV), dt, 64) is None
 
-    def off_by_one_slot(q, k, v, cos, sin, logn, kc, vc, slots):
-        return real(q, k, v, cos, sin, logn, kc, vc, (slots + 1) % kc.shape[2])  # (in bounds: raw pointers)
+    def off_by_one_slot(q, k, v, cos, sin, logn, kc, vc, slots, int8=None):
+        return real(q, k, v, cos, sin, logn, kc, vc, (slots + 1) % kc.shape[2], int8)  # (in bounds: raw pointers)
 
     monkeypatch.setattr(rotary, "rotary_store", off_by_one_slot)
-    assert "key cache" in rotary.self_check(torch.device(DEV), torch.float32, 64)
+    for int8 in (False, True):
+        assert "key cache" in rotary.self_check(torch.device(DEV), torch.float32, 64, int8=int8)
     kernels._checked.clear()
     try:
         with caplog.at_level("WARNING", logger="qwenlm"):
@@ -513,7 +579,7 @@ def test_a_fused_rotary_kernel_that_fails_its_check_is_not_used(monkeypatch, cap
         assert eng._kernel_attention
         prompts = random_prompts(3, 9)
         calls = []
-        monkeypatch.setattr(rotary, "rotary_store", lambda *a: calls.append(1) or off_by_one_slot(*a))
+        monkeypatch.setattr(rotary, "rotary_store", lambda *a, **kw: calls.append(1) or off_by_one_slot(*a, **kw))
         want = generate(model, prompts, GREEDY)
         assert drain_batch_engine(eng, prompts, GREEDY) == want and not calls
         assert Engine(model, cuda_graphs=False, bucket=8).generate(prompts, GREEDY) == want and not calls

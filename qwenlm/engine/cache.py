@@ -149,8 +149,8 @@ class KernelAttention:
         self.kv, self.write, self.length = kv, write, length
         self.start, self.end = start.to(torch.int32), end.to(torch.int32)
         # `slots` (B,): where each row's new key/value goes. Given (the engines give it where
-        # `fused_rotary_on`), and the cache is float, the rotary embedding and the write are one kernel
-        self.slots = slots if slots is not None and not kv.int8 else None
+        # `fused_rotary_on`), the rotary embedding and the write (8-bit: the quantization too) are one kernel
+        self.slots = slots
 
     @property
     def rotates(self) -> bool:
@@ -170,20 +170,21 @@ class KernelAttention:
         from ..kernels.attention import decode_attention
         from ..kernels.rotary import rotary_store
 
-        layer = self.kv.kernel_layer(i, q.shape[0])[:6]
-        q = rotary_store(q, k, v, cos, sin, logn, layer[0], layer[1], self.slots)
-        return decode_attention(q, layer, self.start, self.end, self.length)[:, :, None]
+        layer = self.kv.kernel_layer(i, q.shape[0])
+        q = rotary_store(q, k, v, cos, sin, logn, layer[0], layer[1], self.slots,
+                         int8=layer[2:7] if self.kv.int8 else None)
+        return decode_attention(q, layer[:6], self.start, self.end, self.length)[:, :, None]
 
 
 def fused_rotary_on(device, dtype: torch.dtype, int8: bool, head_dim: int) -> bool:
-    """Whether the engines' kernel-attention decode steps rotate and write keys/values in one kernel
-    (kernels/rotary.py): float caches, unless QWENLM_FUSE_ROTARY=0 or the kernel fails its check on
-    this device (kernels.kernel_works). Decided when an engine starts, not inside a captured step."""
+    """Whether the engines' kernel-attention decode steps rotate, quantize (8-bit caches) and write
+    keys/values in one kernel (kernels/rotary.py), unless QWENLM_FUSE_ROTARY=0 or the kernel fails its
+    check on this device (kernels.kernel_works). Decided when an engine starts, not inside a captured step."""
     from ..kernels import kernel_works
 
-    if int8 or head_dim & (head_dim - 1) or os.environ.get("QWENLM_FUSE_ROTARY") == "0":
+    if head_dim & (head_dim - 1) or os.environ.get("QWENLM_FUSE_ROTARY") == "0":
         return False
-    return kernel_works("rotary", device, dtype, head_dim=head_dim)
+    return kernel_works("rotary", device, dtype, head_dim=head_dim, int8=int8)
 
 
 def kernel_attention_on(device, dtype: torch.dtype, int8: bool, head_dim: int) -> bool:

@@ -220,7 +220,8 @@ def gemv_launches() -> list[Launch]:
 
 def rotary_launches() -> list[Launch]:
     """The launches of `rotary_store` for Qwen v1 (32 heads of 128, LogN) and Qwen2.5-0.5B (14 query and
-    2 key/value heads of 64), 1 and 64 rows, fp16/bf16/fp32."""
+    2 key/value heads of 64), 1 and 64 rows, fp16/bf16/fp32, into float and 8-bit caches."""
+    from ..engine.cache import KVStore
     from . import rotary
 
     with record(rotary, ("_rotary_store",)) as launches:
@@ -230,9 +231,11 @@ def rotary_launches() -> list[Launch]:
                     q = torch.zeros(b, h, 1, d, dtype=dtype)
                     k = torch.zeros(b, hk, 1, d, dtype=dtype)
                     cos = torch.zeros(b, 1, d)
-                    cache = torch.zeros(b, hk, 8, d, dtype=dtype)
-                    rotary.rotary_store(q, k, k, cos, cos, torch.ones(b, 1) if logn else None, cache, cache,
-                                        torch.zeros(b, dtype=torch.long))
+                    for int8 in (False, True):
+                        layer = KVStore(1, b, hk, 8, d, dtype, "cpu", int8=int8).kernel_layer(0, b)
+                        rotary.rotary_store(q, k, k, cos, cos, torch.ones(b, 1) if logn else None, layer[0],
+                                            layer[1], torch.zeros(b, dtype=torch.long),
+                                            int8=layer[2:7] if int8 else None)
     return launches
 
 
