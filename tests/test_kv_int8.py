@@ -42,6 +42,30 @@ def test_quantizer_error_is_half_a_step_per_token_and_head():
     assert (q.amin(-1) == 0).float().mean() > 0.99 and (q.amax(-1) == 255).float().mean() > 0.95  # full range used
 
 
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("budget", [1, 1 << 30])
+def test_swap_rows_exchanges_the_filled_slots_of_two_rows(int8, budget, monkeypatch):
+    """KVStore.swap_rows (a finished stream parked, the last row moved into its place): row a's first
+    na slots go to row b and row b's first nb to row a in every layer and tensor, whatever number of
+    layers is moved at a time (budget 1 byte: one at a time); every other slot and row stays."""
+    monkeypatch.setattr(KVStore, "SWAP_BYTES", {"cpu": budget})
+    g = torch.Generator().manual_seed(int8 + 2)
+    kv = KVStore(5, 4, 2, 12, 8, torch.float32, "cpu", int8=int8)
+    for t in kv.tensors:
+        t.copy_(torch.randint(0, 250, t.shape, generator=g).to(t.dtype))
+    a, b, na, nb = 1, 3, 7, 4
+    before = [t.clone() for t in kv.tensors]
+    kv.swap_rows(a, b, na, nb)
+    for i, (t, old) in enumerate(zip(kv.tensors, before)):
+        want = old.clone()
+        if i < 2 or (int8 and i < 6):  # per slot: keys, values (codes) and their scales
+            want[:, a, :, :nb] = old[:, b, :, :nb]
+            want[:, b, :, :na] = old[:, a, :, :na]
+        elif int8:  # the key centers: per row
+            want[:, [a, b]] = old[:, [b, a]]
+        assert torch.equal(t, want), i
+
+
 def test_store_sizes():
     kv = KVStore(2, 3, 4, 16, 64, torch.bfloat16, "cpu", int8=True)
     centers = 2 * 3 * 4 * 64 * 4  # one fp32 key center per layer, row and head
