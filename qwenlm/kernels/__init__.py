@@ -1,6 +1,6 @@
 """GPU kernels written in Triton: GPTQ dequantize-and-multiply (`gptq.py`), decode attention over
 the engines' KV store, float or 8-bit (`attention.py`), one row times a float weight (`gemv.py`), and a
-decode step's rotary embedding with its cache write (`rotary.py`).
+decode step's rotary embedding with its cache write (and an 8-bit cache's quantization: `rotary.py`).
 
 They run on CUDA tensors. `QWENLM_TRITON=interpret` runs them on any device in Triton's interpreter
 (the CPU tests do this): that checks their arithmetic, not their speed. `QWENLM_TRITON=0` turns them off.
