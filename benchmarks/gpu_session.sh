@@ -11,9 +11,10 @@
 # Then, with the device tool, three calls (timeout_s=600), carrying .gpu, most important first, each
 # started at once when the last returns (a machine idle for 30 s is given back):
 #   run(command="bash benchmarks/gpu_session.sh tests ab", carry=[".gpu"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh gptq sweep", carry=[".gpu"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh serve profile", carry=[".gpu"], timeout_s=600)
-# and `kv`/`ab2`/`engine`/`turns` when there is time left (a step that no longer fits the budget is
+#   run(command="bash benchmarks/gpu_session.sh sweep", carry=[".gpu"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_session.sh gptq serve kv", carry=[".gpu"], timeout_s=600)
+# (the budget skips a step's later commands that no longer fit: each step runs its most telling first)
+# and `profile`/`ab2`/`engine`/`turns` when there is time left (a step that no longer fits the budget is
 # skipped and says so). After a run: unpack each results.tgz into one folder and
 #   python benchmarks/gpu_results.py FOLDER
 # prints every result, the settings with the least time per decode layer, and each target met or not;
@@ -26,7 +27,7 @@
 #   tests   CUDA + compiled Triton tests (correctness of the GPU defaults: run first)
 #   engine  issue 3: 7B/1.8B, the original's protocol, against transformers
 #   gptq    issue 5: bf16 vs GPTQ Int4/Int8, 7B shape
-#   kv      issue 5: int8 KV at 8192 tokens, the KV-cache table
+#   kv      issue 5: int8 KV at 8192 tokens beside bf16, the KV-cache table
 #   serve   issue 4: 1/8/32/64 streams, 7B shape; 64 streams with the int8 KV cache
 #   turns   issue 4: next turns, prefix cache on/off
 #   ab      issue 3: batch-1 decode with the newest changes on and off (the float one-row kernel, QWENLM_GEMV=1;
@@ -127,8 +128,9 @@ for step in $steps; do
         bench gptq_bf16 --shape 7B --gen 2048 --prefill 2048
         bench gptq_int8 --shape 7B --gen 2048 --prefill 2048 --quantize gptq8
         bench gptq_int4 --shape 7B --gen 2048 --prefill 2048 --quantize gptq4 ;;
-    kv)
+    kv)  # the int8 cache's decoding (its write now one kernel) beside bf16's, same session
         bench kv_int8_8192 --shape 7B --gen 8192 --prefill 0 --kv-cache int8
+        bench kv_bf16_8192 --shape 7B --gen 8192 --prefill 0
         bench kv_table_7b --shape 7B --kv-table --kv-batches 1,4,16,32,64,100 --kv-lengths 512,1024,2048,4096,8192 ;;
     serve)  # the 7B shape; then a model that costs nothing: the ceiling that serving itself puts on tok/s
         bench serve_7b --shape 7B --serve 1,8,32,64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer
@@ -155,9 +157,9 @@ for step in $steps; do
         QWENLM_TRITON=0 bench ab_1.8b_sdpa --shape 1.8B --gen 2048 --prefill 0
         QWENLM_FUSE=0 bench ab_1.8b_unfused --shape 1.8B --gen 2048 --prefill 0 ;;
     sweep)
-        sweep gptq 300
-        sweep gemv 200
-        sweep attention 200 ;;
+        sweep gptq 240
+        sweep gemv 150
+        sweep attention 150 ;;
     profile)  # 64 streams at ~256 tokens, 7B: where the 16 ms of a step went on 2026-11-24
         shape=7B rows=64 ctx=256; [ "$DRY" = 1 ] && shape=tiny rows=8 ctx=32
         for graphs in 1 0; do
