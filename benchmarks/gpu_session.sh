@@ -12,7 +12,7 @@
 # started at once when the last returns (a machine idle for 30 s is given back):
 #   run(command="bash benchmarks/gpu_session.sh tests ab", carry=[".gpu"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_session.sh sweep", carry=[".gpu"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh gptq serve kv", carry=[".gpu"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_session.sh gptq serve kv gptq2", carry=[".gpu"], timeout_s=600)
 # (the budget skips a step's later commands that no longer fit: each step runs its most telling first)
 # and `profile`/`ab2`/`engine`/`turns` when there is time left (a step that no longer fits the budget is
 # skipped and says so). After a run: unpack each results.tgz into one folder and
@@ -26,7 +26,7 @@
 # The steps:
 #   tests   CUDA + compiled Triton tests (correctness of the GPU defaults: run first)
 #   engine  issue 3: 7B/1.8B, the original's protocol, against transformers
-#   gptq    issue 5: bf16 vs GPTQ Int4/Int8, 7B shape
+#   gptq    issue 5: GPTQ Int4 (8-bit head) vs bf16, 7B shape; gptq2: Int8, Int4 with a bf16 head
 #   kv      issue 5: int8 KV at 8192 tokens beside bf16, the KV-cache table
 #   serve   issue 4: 1/8/32/64 streams, 7B shape; 64 streams with the int8 KV cache
 #   turns   issue 4: next turns, prefix cache on/off
@@ -41,7 +41,7 @@
 # GPU_SESSION_DRY=1 runs the steps on a CPU with tiny shapes, to check this script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh prepare | STEP... (tests engine gptq kv serve turns ab ab2 sweep profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh prepare | STEP... (tests engine gptq gptq2 kv serve turns ab ab2 sweep profile)" >&2; exit 2; }
 
 if [ "$1" = prepare ]; then
     set -e
@@ -60,7 +60,7 @@ fi
 
 steps="$*"
 for s in $steps; do
-    case "$s" in tests|engine|gptq|kv|serve|turns|ab|ab2|sweep|profile) ;; *) echo "unknown step $s" >&2; exit 2 ;; esac
+    case "$s" in tests|engine|gptq|gptq2|kv|serve|turns|ab|ab2|sweep|profile) ;; *) echo "unknown step $s" >&2; exit 2 ;; esac
 done
 
 OUT=${OUT:-/tmp/out}
@@ -123,9 +123,10 @@ for step in $steps; do
     engine)
         bench bench_7b --shape 7B --gen 2048,8192 --prefill 2048 --compare hf --hf-tokens 128
         bench bench_1.8b --shape 1.8B --gen 2048,8192 --prefill 2048 --compare hf --hf-tokens 128 ;;
-    gptq)  # the target's row first (Int4 with the head in 8 bits: weights <= 5 GiB), then its bf16 baseline
+    gptq)  # the target's row (Int4 with the head in 8 bits: weights <= 5 GiB), then its bf16 baseline
         bench gptq_int4_head8 --shape 7B --gen 2048 --prefill 2048 --quantize gptq4 --quantize-head
-        bench gptq_bf16 --shape 7B --gen 2048 --prefill 2048
+        bench gptq_bf16 --shape 7B --gen 2048 --prefill 2048 ;;
+    gptq2)  # the table's other rows
         bench gptq_int8 --shape 7B --gen 2048 --prefill 2048 --quantize gptq8
         bench gptq_int4 --shape 7B --gen 2048 --prefill 2048 --quantize gptq4 ;;
     kv)  # the int8 cache's decoding (its write now one kernel) beside bf16's, same session
