@@ -236,3 +236,88 @@ def test_gpu_results_picks_the_setting_with_least_total_time(capsys):
     assert f"7B bf16 batch-1 tok/s: {tok:.2f} (target 175) NOT met" in out
     assert "serve_7b: 64 streams 3623.9 tok/s" in out and "7B Int4 (head 8-bit) / bf16: 0.30" in out
     assert gpu_results.main([os.path.join(stored, "nonexistent")]) == 2
+
+
+def test_decode_ab_times_each_variant_under_its_own_settings(tmp_path, monkeypatch, capsys):
+    """benchmarks/decode_ab.py (the GPU session's `ab` step: every variant in one process) on the CPU,
+    kernels interpreted: each variant's engine runs what the variant names and nothing of the one before
+    (the float one-row kernel only in `gemv`, the unfused rotary only in `norotary`, the 8-bit cache only
+    in `kv8`), variants on the same weights give the same greedy tokens, and a run stopped part way
+    writes what it timed."""
+    import os
+    import signal
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import decode_ab
+
+    from qwenlm import kernels
+    from qwenlm.kernels import gemv as gemv_module
+    from qwenlm.kernels import gptq as gptq_module
+
+    monkeypatch.setenv("QWENLM_TRITON", "interpret")
+    monkeypatch.setenv("QWENLM_FUSE_ROTARY", "1")  # (the default: set back after `norotary`)
+    kernels.triton_available.cache_clear()
+    monkeypatch.setitem(gemv_module.GEMV, "programs", 1)  # the interpreter runs each program in Python
+    monkeypatch.setitem(gemv_module.GEMV, "max_block_n", 64)
+    monkeypatch.setitem(gptq_module.GEMV, "min_k_blocks", 1)  # K splits even on the tiny shape's layers
+    reduces, running = [], [None]  # the variant running at each launch of the second ("reduce") kernel
+    real, real_time = gptq_module._gptq_reduce, decode_ab.Run.time_one
+    monkeypatch.setattr(gptq_module, "_gptq_reduce", type("Spy", (), {
+        "__getitem__": lambda self, grid: (reduces.append(running[0]), real[grid])[1]})())
+
+    def time_one(self, name, v):
+        running[0] = name
+        return real_time(self, name, v)
+
+    monkeypatch.setattr(decode_ab.Run, "time_one", time_one)
+    out = tmp_path / "ab.json"
+    names = ["base", "gemv", "norotary", "kv8"]
+    try:
+        assert decode_ab.main(["--shape", "tiny", "--device", "cpu", "--tokens", "4", "--rounds", "2",
+                               "--variants", ",".join(names), "--json", str(out)]) == 0
+        rows = {r["variant"]: r for r in json.loads(out.read_text())["summary"]}
+        # the GPTQ kernel is slow in the interpreter: two tokens, one round, with the float baseline first
+        assert decode_ab.main(["--shape", "tiny", "--device", "cpu", "--tokens", "2", "--rounds", "1",
+                               "--variants", "base,gptq4h8,gptq4h8-fixup", "--json", str(out)]) == 0
+    finally:
+        kernels.triton_available.cache_clear()
+    assert os.environ.get("QWENLM_GEMV") is None and os.environ["QWENLM_FUSE_ROTARY"] == "1"
+    assert gptq_module.GEMV["split"] == "reduce" and set(reduces) == {"gptq4h8"}  # none under "fixup"
+    res = json.loads(out.read_text())
+    gptq = {r["variant"]: r for r in res["summary"]}
+    assert list(rows) == names and list(gptq) == ["base", "gptq4h8", "gptq4h8-fixup"] and res["stopped"] is None
+    assert all(len(r["rounds"]) == 2 and r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows["gemv"]["gemv_layers"] > 0
+    assert all(rows[n]["gemv_layers"] == 0 for n in names if n != "gemv")  # the class set back after gemv
+    assert [n for n in rows if not rows[n]["fused_rotary"]] == ["norotary"]
+    assert [n for n in rows if rows[n]["kv_int8"]] == ["kv8"]
+    assert all(r["kernel_attention"] for r in rows.values())
+    for n in ("gemv", "norotary", "kv8"):
+        assert rows[n]["greedy_equal"][0] == "base"
+    assert rows["gemv"]["greedy_equal"][1] == 4 and rows["norotary"]["greedy_equal"][1] == 4
+    assert gptq["gptq4h8"]["weight_gib"] < gptq["base"]["weight_gib"] / 3 and gptq["gptq4h8"]["vs_base"] > 0
+    assert "greedy_equal" not in gptq["gptq4h8"]  # other weights than base's: nothing to compare
+    assert gptq["gptq4h8-fixup"]["greedy_equal"] == ["gptq4h8", 2]
+    assert "base" in capsys.readouterr().out
+
+    # stopped after two timings: both written, and the exit status says so
+    done = []
+
+    def stopping(self, name, v):
+        if len(done) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        done.append(name)
+        return real_time(self, name, v)
+
+    monkeypatch.setattr(decode_ab.Run, "time_one", stopping)
+    try:
+        assert decode_ab.main(["--shape", "tiny", "--device", "cpu", "--tokens", "2", "--variants",
+                               "base,norotary,kv8", "--json", str(out)]) == 1
+    finally:
+        kernels.triton_available.cache_clear()
+    res = json.loads(out.read_text())
+    assert res["stopped"] == "SIGTERM" and [r["variant"] for r in res["summary"]] == ["base", "norotary"]
+    with pytest.raises(SystemExit):
+        decode_ab.main(["--variants", "base,nonsense"])
+    assert "unknown variant(s) nonsense" in capsys.readouterr().err

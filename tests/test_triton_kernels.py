@@ -415,6 +415,13 @@ def test_engines_with_the_gemv_kernel_equal_the_reference(model, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ layer.weight.t())  # no gradients wanted: the kernel
     assert len(calls) == n + 1
+    # and back (benchmarks/decode_ab.py times both on one model): plain layers, nothing through the kernel
+    layer.weight.requires_grad_(False)
+    assert m.use_gemv(False) == 0 and not fused.gemv and type(m.lm_head) is torch.nn.Linear
+    monkeypatch.delenv("QWENLM_GEMV")
+    n = len(calls)
+    assert Engine(m, cuda_graphs=False, bucket=8).generate(prompts[:1], GREEDY) == single
+    assert len(calls) == n
 
 
 def test_gptq_layers_sharing_an_input_are_fused_into_one_launch(model, monkeypatch):

@@ -126,6 +126,17 @@ def streamed_weight_bytes(model) -> int:
         sum(t.numel() * t.element_size() for t in model.embed.parameters()) if tied_head else 0)
 
 
+def decode_bytes_per_step(engine: Engine, n_tokens: int, batch: int = 1, context: int = 1) -> float:
+    """What one step of the engine's last generation (`n_tokens` from `context` tokens per row) read
+    on average: the streamed weights, and the keys/values of the slot buckets its steps attended over."""
+    model, c = engine.model, engine.model.config
+    kv_per_slot = KVStore.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype,
+                                          model.kv_int8) * batch
+    b = engine.bucket
+    kv_read = sum(min(b * math.ceil((context + s + 1) / b), engine.last_max_len) for s in range(n_tokens))
+    return streamed_weight_bytes(model) + kv_per_slot * kv_read / n_tokens
+
+
 def bench_decode(engine: Engine, n_tokens: int, batch: int = 1, context: int = 1, sample: bool = False) -> dict:
     """Generate `n_tokens` (no early stop) from `context` random tokens per row: greedy, or with
     `sample` drawn with the model's own sampling settings (generation_config.json: what chat uses)."""
@@ -154,13 +165,7 @@ def bench_decode(engine: Engine, n_tokens: int, batch: int = 1, context: int = 1
     _sync(dev)
     dt = time.perf_counter() - t0
     assert all(len(r) == n_tokens for r in out)
-    c = model.config
-    kv_per_slot = KVStore.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, model.dtype,
-                                          model.kv_int8) * batch
-    # KV bytes read on average: the buckets the steps attended over
-    b = engine.bucket
-    kv_read = sum(min(b * math.ceil((context + s + 1) / b), engine.last_max_len) for s in range(n_tokens))
-    bytes_per_step = streamed_weight_bytes(model) + kv_per_slot * kv_read / n_tokens
+    bytes_per_step = decode_bytes_per_step(engine, n_tokens, batch, context)
     res = {"tokens": n_tokens, "batch": batch, "seconds": dt, "tokens_per_s": batch * n_tokens / dt,
            "steps_per_s": n_tokens / dt, "ttft_ms": 1000 * ttft, "peak_memory_bytes": _peak(dev),
            "kv_cache_bytes": engine.last_kv_bytes, "bytes_per_step": bytes_per_step}

@@ -133,18 +133,18 @@ class QwenCausalLM(GenerationMixin, nn.Module):
             h = block(h, ctx, i)
         return self.final_norm(h)
 
-    def use_gemv(self) -> int:
+    def use_gemv(self, on: bool = True) -> int:
         """Send the one-row products of every float linear layer of the blocks and of the head through
-        the Triton kernel (layers.GemvLinear: the same modules, their class changed; fused groups too).
-        Returns how many layers now do."""
+        the Triton kernel (layers.GemvLinear: the same modules, their class changed; fused groups too),
+        or with `on=False` back through F.linear. Returns how many layers now use the kernel."""
         n = 0
         for module in [*self.blocks.modules(), self.lm_head]:
-            if type(module) is nn.Linear:
-                module.__class__ = GemvLinear
+            if type(module) is (nn.Linear if on else GemvLinear):
+                module.__class__ = GemvLinear if on else nn.Linear
             n += type(module) is GemvLinear
             fused = module.__dict__.get("_fused")
             if fused is not None:
-                fused.gemv = True
+                fused.gemv = on
         return n
 
     def fuse_projections(self) -> int:
