@@ -10,8 +10,9 @@ when a step is captured stays in its graphs). Round 1 builds each engine, captur
 in an untimed generation, then times one; later rounds time each engine again, in turn, so that a drift
 of the machine's speed spreads over all variants. Reported per variant: tokens/s of each round, their
 median, the ratio to `base` (the first variant), the fraction of the memory-bandwidth roofline, the
-weights read per step, which kernels the engine used, and how many greedy tokens equal those of the first
-variant on the same weights (bf16 rounding may flip near-ties on random weights: a hint, not a test).
+weights' size (the embedding table included), which kernels the engine used, and how many greedy tokens
+equal those of the first variant on the same weights (bf16 rounding may flip near-ties on random
+weights: a hint, not a test).
 Partial results are written when the run is stopped (SIGTERM, SIGINT).
 
 On a CPU (`--device cpu --shape tiny`, with QWENLM_TRITON=interpret for the Triton variants) it checks
@@ -157,7 +158,7 @@ class Run:
                            fused_rotary=bool(st.get("fused_rotary")),
                            kv_int8=bool(st["cache"].int8) if "cache" in st else None,
                            gemv_layers=sum(type(x).__name__ == "GemvLinear" for x in m.modules()),
-                           weight_bytes=B.streamed_weight_bytes(m),
+                           weight_bytes=sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers())),
                            bytes_per_step=B.decode_bytes_per_step(eng, self.tokens))
             return res
         finally:
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                                        ("int8 kv", r["kv_int8"]), (f"{r['gemv_layers']} gemv", r["gemv_layers"])) if on)
         same = f"; greedy = {r['greedy_equal'][0]}'s for {r['greedy_equal'][1]}" if "greedy_equal" in r else ""
         print(f"{r['variant']:>14} {r['tokens_per_s']:>9.1f} {r['vs_base']:>7.2f}x {roof:>9} "
-              f"{r['weight_gib']:>6.2f} GiB  {ks or '-'}{same}")
+              f"{r['weight_gib']:>6.2f} GiB  {ks or 'no Triton kernels'}{same}")
     return 1 if RESULTS["stopped"] else 0
 
 

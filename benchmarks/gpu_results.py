@@ -1,7 +1,7 @@
 """Read a GPU session's results (the JSON files of `gpu_session.sh`, unpacked from results.tgz) and
-print what each says, including the decisions that wait on it: which launch settings of each kernel
-are fastest over a decode step's products, whether the float one-row kernel beats cuBLAS, and how far
-each target is.
+print what each says, including the decisions that wait on it: what each change is worth end to end
+(decode_ab.py), which launch settings of each kernel are fastest over a decode step's products, whether
+the float one-row kernel beats cuBLAS, and how far each target is.
 
     python benchmarks/gpu_results.py DIR            # DIR: where results.tgz was unpacked
 
@@ -128,11 +128,32 @@ def attention_sweep(rows: list[dict]) -> None:
               f"default {pick['default_total'] or float('nan'):.1f} us)")
 
 
+def ab_runs(d: str) -> dict:
+    """benchmarks/decode_ab.py's files (decode_ab_SHAPE.json): each variant against the defaults, same
+    process and weights. Returns {f"ab:{shape}:{variant}": row}."""
+    out = {}
+    for name in sorted(os.listdir(d)):
+        if not (name.startswith("decode_ab") and name.endswith(".json")):
+            continue
+        r = _load(d, name)
+        if not isinstance(r, dict) or not r.get("summary"):
+            continue
+        stop = f", stopped ({r['stopped']})" if r.get("stopped") else ""
+        print(f"\n## {r['shape']} batch-1 decode, {r['tokens']} tokens, each variant in one process ({name}{stop})")
+        for row in r["summary"]:
+            roof = f", {100 * row['roofline_fraction']:.0f}% of roofline" if "roofline_fraction" in row else ""
+            same = f"; greedy = {row['greedy_equal'][0]}'s for {row['greedy_equal'][1]}" if "greedy_equal" in row else ""
+            print(f"  {row['variant']}: {row['tokens_per_s']:.1f} tok/s, {row['vs_base']:.3f}x {r['summary'][0]['variant']}"
+                  f"{roof}, weights {row['weight_gib']:.2f} GiB{same}  ({row['about']})")
+            out[f"ab:{r['shape']}:{row['variant']}"] = row
+    return out
+
+
 def benches(d: str) -> dict:
     print("\n## qwen bench runs")
     out = {}
     for name in sorted(os.listdir(d)):
-        if not name.endswith(".json") or name.startswith("sweep_") or name.startswith("profile"):
+        if not name.endswith(".json") or name.startswith(("sweep_", "profile", "decode_ab")):
             continue
         r = _load(d, name)
         if not isinstance(r, dict):
@@ -154,17 +175,26 @@ def benches(d: str) -> dict:
     return out
 
 
-def targets(tok: dict) -> None:
+def targets(tok: dict, ab: dict | None = None) -> None:
     print("\n## Against the targets")
+    ab = ab or {}
 
-    def line(what, got, want):
+    def line(what, got, want, at_most=False):
         if got is not None:
-            print(f"  {what}: {got:.2f} (target {want}) {'met' if got >= want else 'NOT met'}")
+            met = got <= want if at_most else got >= want
+            print(f"  {what}: {got:.2f} (target {'<=' if at_most else '>='} {want}) {'met' if met else 'NOT met'}")
 
-    line("7B bf16 batch-1 tok/s", tok.get("ab_7b") or tok.get("bench_7b"), 175)
-    line("1.8B bf16 batch-1 tok/s", tok.get("ab_1.8b") or tok.get("bench_1.8b"), 550)
+    def base(shape):
+        return (ab.get(f"ab:{shape}:base") or {}).get("tokens_per_s")
+
+    line("7B bf16 batch-1 tok/s", base("7B") or tok.get("ab_7b") or tok.get("bench_7b"), 175)
+    line("1.8B bf16 batch-1 tok/s", base("1.8B") or tok.get("ab_1.8b") or tok.get("bench_1.8b"), 550)
+    int4 = ab.get("ab:7B:gptq4h8")
+    if int4:  # side by side with bf16, one process
+        line("7B Int4 (head 8-bit) / bf16", int4["vs_base"], 2.0)
+        line("7B Int4 (head 8-bit) weights GiB", int4["weight_gib"], 5.0, at_most=True)
     bf16 = tok.get("gptq_bf16") or tok.get("ab_7b")
-    if bf16 and tok.get("gptq_int4_head8"):
+    if not int4 and bf16 and tok.get("gptq_int4_head8"):
         line("7B Int4 (head 8-bit) / bf16", tok["gptq_int4_head8"] / bf16, 2.0)
     for k in ("serve_7b@64", "serve_7b_kv8@64"):
         line(f"{k} output tok/s", tok.get(k), 8000)
@@ -186,7 +216,8 @@ def main(argv=None) -> int:
         rows = _load(a.dir, name)
         if rows:
             fn(rows)
-    targets(benches(a.dir))
+    ab = ab_runs(a.dir)
+    targets(benches(a.dir), ab)
     return 0
 
 

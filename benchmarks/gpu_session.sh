@@ -1,47 +1,49 @@
 #!/usr/bin/env bash
-# A GPU session's checks and measurements. A session has about 30 minutes of device time, a call at
-# most 10, and at most 8 files come back from a call: so one call runs several steps under one time
-# budget (BUDGET seconds, 560 unless set), in the order given, skipping what no longer fits, and
-# packs everything a step wrote into one archive per call.
+# A GPU session's checks and measurements. A session has 15 minutes of device time in all (the machine's
+# start, about 30-90 s, and its idle time included), a call at most 10, and at most 8 files come back from
+# a call: so one call runs several steps under one time budget (BUDGET seconds, 540 unless set), in the
+# order given, skipping what no longer fits, and packs everything a step wrote into one archive per call.
 #
 # Here, once per session (no GPU needed):
 #   bash benchmarks/gpu_session.sh prepare
 # makes .gpu/ (ignored by git): wheels of what the GPU image lacks (fastapi, uvicorn, httptools, uvloop, pydantic, gguf,
 # opentelemetry-api; for its Python 3.12) and the default model's tokenizer files (the serving benchmark needs one).
-# Then, with the device tool, three calls (timeout_s=600), carrying .gpu, most important first, each
-# started at once when the last returns (a machine idle for 30 s is given back):
-#   run(command="bash benchmarks/gpu_session.sh tests ab", carry=[".gpu"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh sweep", carry=[".gpu"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh gptq serve kv gptq2", carry=[".gpu"], timeout_s=600)
-# (the budget skips a step's later commands that no longer fit: each step runs its most telling first)
-# and `profile`/`ab2`/`engine`/`turns` when there is time left (a step that no longer fits the budget is
-# skipped and says so). After a run: unpack each results.tgz into one folder and
+# Then, with the device tool, carrying .gpu, the decisive measurements first (every open target in one call):
+#   run(command="bash benchmarks/gpu_session.sh ab serve64", carry=[".gpu"], timeout_s=600)
+# and at once (a machine idle for 30 s is given back), with BUDGET = what `status` leaves less about 60 s:
+#   run(command="BUDGET=200 bash benchmarks/gpu_session.sh ab18 tests sweepq", carry=[".gpu"], timeout_s=260)
+# Then give_back. After a run: unpack each results.tgz into one folder and
 #   python benchmarks/gpu_results.py FOLDER
-# prints every result, the settings with the least time per decode layer, and each target met or not;
-# the sweep's and ab's winners become the defaults (GEMV["split"] "fixup", QWENLM_GEMV, the gemv launch
-# settings), each change tested here first.
-# What each took on 2026-11-24 (H100, machine start about 30 s): tests 95 s; engine 300 s; gptq 430 s
-# (each quantized bench about 100-170 s: quantizing the random 7B); kv 225 s; serve 150 s; sweep 260 s
-# (the old grids: the grids are now about twice as large, and the gemv kernel is new; not yet timed).
+# prints every result, each target met or not, what each change is worth, and the settings with the least
+# time per decode layer; winners become the defaults (QWENLM_GEMV, GEMV["split"] "fixup", launch settings),
+# each change tested here first.
+# What steps took on 2026-11-24 (H100): tests 95 s; engine 300 s; gptq 430 s (slow kernels then); kv 225 s;
+# serve 150 s; sweep 260 s (the old grids: now about twice as large). `ab`, `ab18` and `serve64` are new:
+# each capped so that the first call's steps fit its budget.
 # The steps:
-#   tests   CUDA + compiled Triton tests (correctness of the GPU defaults: run first)
-#   engine  issue 3: 7B/1.8B, the original's protocol, against transformers
-#   gptq    issue 5: GPTQ Int4 (8-bit head) vs bf16, 7B shape; gptq2: Int8, Int4 with a bf16 head
+#   ab      issues 3, 5: the 7B shape, 2048 greedy tokens from one (the original's protocol), in ONE process
+#           (benchmarks/decode_ab.py): the defaults; residual adds outside the norms (QWENLM_FUSE_NORM=0);
+#           rotary and cache write unfused (QWENLM_FUSE_ROTARY=0); the float one-row kernel (QWENLM_GEMV=1);
+#           the int8 KV cache with its fused write and without; GPTQ Int4 with an 8-bit head (the <= 5 GiB,
+#           >= 2x bf16 target), with the reduce and the fixup split
+#   ab18    issue 3: the same for the 1.8B shape, float variants
+#   serve64 issue 4: 64 streams, 7B shape, bf16 KV cache then int8 (the 8,000 tok/s target)
+#   tests   CUDA + compiled Triton tests (the engines also check each kernel on the device before use)
+#   sweepq  GPTQ one-row kernel's launch settings alone (the Int4 target's products)
+#   engine  issue 3: 7B/1.8B, the original's whole protocol (8192 tokens, prefill, against transformers)
+#   gptq    issue 5, per process: GPTQ Int4 (8-bit head) vs bf16, 7B shape; gptq2: Int8, Int4 with a bf16 head
 #   kv      issue 5: int8 KV at 8192 tokens beside bf16, the KV-cache table
-#   serve   issue 4: 1/8/32/64 streams, 7B shape; 64 streams with the int8 KV cache
+#   serve   issue 4: 1/8/32/64 streams, 7B shape; 64 streams with the int8 KV cache; the tiny model's ceiling
 #   turns   issue 4: next turns, prefix cache on/off
-#   ab      issue 3: batch-1 decode with the newest changes on and off (the float one-row kernel, QWENLM_GEMV=1;
-#           residual adds inside the norms, QWENLM_FUSE_NORM=0; rotary and cache write in one kernel,
-#           QWENLM_FUSE_ROTARY=0)
-#   ab2     issue 3: the earlier ones off (Triton attention, fused projections)
+#   ab2     issue 3: the earlier decode changes off, a process each (Triton attention, fused projections)
 #   sweep   Triton launch settings, 7B shapes (GPTQ, the float one-row kernel against cuBLAS, attention)
 #   profile issue 4: the GPU kernels of a 64-row serving decode step (graphs on, then off); issue 3: of a 1-row step
 # What comes back: $OUT/steps.log (each command, its exit status and its results as they came: the
-# `  -> ` lines of qwen bench), $OUT/device.txt and $OUT/results.tgz (every JSON and log).
+# `  -> ` lines), $OUT/device.txt and $OUT/results.tgz (every JSON and log).
 # GPU_SESSION_DRY=1 runs the steps on a CPU with tiny shapes, to check this script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh prepare | STEP... (tests engine gptq gptq2 kv serve turns ab ab2 sweep profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh prepare | STEP... (ab serve64 ab18 tests sweepq engine gptq gptq2 kv serve turns ab2 sweep profile)" >&2; exit 2; }
 
 if [ "$1" = prepare ]; then
     set -e
@@ -60,12 +62,12 @@ fi
 
 steps="$*"
 for s in $steps; do
-    case "$s" in tests|engine|gptq|gptq2|kv|serve|turns|ab|ab2|sweep|profile) ;; *) echo "unknown step $s" >&2; exit 2 ;; esac
+    case "$s" in ab|serve64|ab18|tests|sweepq|engine|gptq|gptq2|kv|serve|turns|ab2|sweep|profile) ;; *) echo "unknown step $s" >&2; exit 2 ;; esac
 done
 
 OUT=${OUT:-/tmp/out}
 W=/tmp/gpu-session  # what the steps write; packed into $OUT/results.tgz after each step
-BUDGET=${BUDGET:-560}
+BUDGET=${BUDGET:-540}
 DRY=${GPU_SESSION_DRY:-0}
 t_end=$(( $(date +%s) + BUDGET ))
 rm -rf "$W" && mkdir -p "$OUT" "$W" && : >"$OUT/steps.log"
@@ -94,7 +96,7 @@ bench() {  # bench NAME ARGS...: JSON to NAME.json, progress and results to NAME
     local knobs="" v
     for v in QWENLM_FUSE QWENLM_FUSE_NORM QWENLM_FUSE_ROTARY QWENLM_TRITON QWENLM_GEMV; do [ -n "${!v:-}" ] && knobs+="$v=${!v} "; done
     log "== ${knobs}qwen bench ${args[*]}"
-    fits 540 || return
+    fits "${CAP:-540}" || return
     timeout -k 5 "$LIMIT" python3 -m qwenlm bench "${args[@]}" --json >"$W/$name.json" 2>"$W/$name.log"
     rc=$?
     grep -E -B1 '^  -> ' "$W/$name.log" | grep -v '^--$' | tee -a "$OUT/steps.log"
@@ -108,6 +110,21 @@ sweep() {  # sweep KERNEL CAP: every launch setting checked, then timed; the def
         >"$W/sweep_$1.log" 2>&1
     log "   exit $? ($(left) s left)"
     grep -v -i warn "$W/sweep_$1.log" | tail -n 25 | tee -a "$OUT/steps.log"
+}
+
+decode_ab() {  # decode_ab NAME CAP ARGS...: benchmarks/decode_ab.py, its summary into steps.log
+    local name=$1 cap=$2 rc; shift 2
+    local args=("$@")
+    if [ "$DRY" = 1 ]; then args=(--shape tiny --device cpu --tokens 4 --variants base,norotary,kv8); fi
+    log "== decode_ab.py ${args[*]}"
+    fits "$cap" || return
+    timeout -k 5 "$LIMIT" python3 benchmarks/decode_ab.py "${args[@]}" --json "$W/$name.json" >"$W/$name.out" \
+        2>"$W/$name.log"
+    rc=$?
+    grep '^  -> ' "$W/$name.log" | tee -a "$OUT/steps.log"
+    tee -a "$OUT/steps.log" <"$W/$name.out"
+    [ $rc = 0 ] || tail -n 5 "$W/$name.log" | sed 's/^/   | /' | tee -a "$OUT/steps.log"
+    log "   exit $rc ($(date -u +%T), $(left) s left)"
 }
 
 for step in $steps; do
@@ -143,15 +160,19 @@ for step in $steps; do
     turns)  # conversations growing turn by turn, 7B shape: each turn's wait, with the prefix cache and without
         bench turns_7b --shape 7B --serve 1,16 --serve-turns 4 --serve-tokens 128 --prompt-len 512 \
             --tokenizer .gpu/tokenizer ;;
-    ab)  # what each change since the last measured run is worth, batch-1 decode, one after the other
-        bench ab_1.8b --shape 1.8B --gen 2048 --prefill 0
-        QWENLM_GEMV=1 bench ab_1.8b_gemv --shape 1.8B --gen 2048 --prefill 0
-        QWENLM_FUSE_NORM=0 bench ab_1.8b_nonorm --shape 1.8B --gen 2048 --prefill 0
-        QWENLM_FUSE_ROTARY=0 bench ab_1.8b_norotary --shape 1.8B --gen 2048 --prefill 0
-        bench ab_7b --shape 7B --gen 2048 --prefill 0
-        QWENLM_GEMV=1 bench ab_7b_gemv --shape 7B --gen 2048 --prefill 0
-        QWENLM_FUSE_NORM=0 bench ab_7b_nonorm --shape 7B --gen 2048 --prefill 0
-        QWENLM_FUSE_ROTARY=0 bench ab_7b_norotary --shape 7B --gen 2048 --prefill 0 ;;
+    ab)  # each change on and off, and GPTQ Int4 against bf16, side by side in one process (250-370 s, estimated:
+        # a float variant ~30 s, a GPTQ one 20-80 s), the most telling first
+        decode_ab decode_ab_7b 330 --shape 7B --tokens 2048 --rounds 1 \
+            --variants base,gptq4h8,gemv,norotary,nonorm,kv8,kv8-norotary,gptq4h8-fixup ;;
+    ab18)
+        decode_ab decode_ab_1.8b 120 --shape 1.8B --tokens 2048 --rounds 2 --variants base,nonorm,norotary,gemv ;;
+    serve64)  # 64 streams read ~14.4 GB of weights and ~8.6 GB of bf16 keys/values per step: at 3.35 TB/s that
+        # alone allows ~9,300 tok/s; the 8-bit cache takes the second part to ~4.4 GB
+        CAP=100 bench serve_7b --shape 7B --serve 64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer
+        CAP=100 bench serve_7b_kv8 --shape 7B --serve 64 --serve-tokens 256 --prompt-len 128 --kv-cache int8 \
+            --tokenizer .gpu/tokenizer ;;
+    sweepq)
+        sweep gptq "$(left)" ;;
     ab2)  # the earlier decode changes, off
         QWENLM_TRITON=0 bench ab_7b_sdpa --shape 7B --gen 2048 --prefill 0
         QWENLM_FUSE=0 bench ab_7b_unfused --shape 7B --gen 2048 --prefill 0
