@@ -11,7 +11,7 @@
 # Then, with the device tool, carrying .gpu, the decisive measurements first (every open target in one call):
 #   run(command="bash benchmarks/gpu_session.sh ab serve64", carry=[".gpu"], timeout_s=600)
 # and at once (a machine idle for 30 s is given back), with BUDGET = what `status` leaves less about 60 s:
-#   run(command="BUDGET=200 bash benchmarks/gpu_session.sh ab18 tests sweepq", carry=[".gpu"], timeout_s=260)
+#   run(command="BUDGET=200 bash benchmarks/gpu_session.sh ab18 tests sweepq profile", carry=[".gpu"], timeout_s=260)
 # Then give_back. After a run: unpack each results.tgz into one folder and
 #   python benchmarks/gpu_results.py FOLDER
 # prints every result, each target met or not, what each change is worth, and the settings with the least
