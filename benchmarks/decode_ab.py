@@ -13,7 +13,8 @@ median, the ratio to `base` (the first variant), the fraction of the memory-band
 weights' size (the embedding table included), which kernels the engine used, and how many greedy tokens
 equal those of the first variant on the same weights (bf16 rounding may flip near-ties on random
 weights: a hint, not a test).
-Partial results are written when the run is stopped (SIGTERM, SIGINT).
+Partial results are written when the run is stopped (SIGTERM, SIGINT); a variant that fails (a kernel,
+memory) is reported with its error and the others go on.
 
 On a CPU (`--device cpu --shape tiny`, with QWENLM_TRITON=interpret for the Triton variants) it checks
 its own wiring, not speed (tests/test_bench.py).
@@ -67,7 +68,7 @@ VARIANTS = {
     "gptq4": Variant("GPTQ Int4 decoder layers, head in the model dtype", weights="gptq4"),
     "gptq8": Variant("GPTQ Int8 decoder layers, head in the model dtype", weights="gptq8"),
 }
-DEFAULT = "base,nonorm,norotary,gemv,kv8,kv8-norotary,gptq4h8,gptq4h8-fixup"
+DEFAULT = "base,gptq4h8,gemv,norotary,nonorm,kv8,kv8-norotary,gptq4h8-fixup"  # the most telling first
 
 RESULTS: dict = {}  # written out as the run goes, and when it is stopped
 
@@ -224,13 +225,28 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.clear()
     RESULTS.update(shape=a.shape, tokens=a.tokens, dtype=str(run.dtype).replace("torch.", ""),
                    device=torch.cuda.get_device_name() if device.type == "cuda" else str(device),
-                   variants={}, summary=[], stopped=None)
+                   variants={}, summary=[], stopped=None, failed={})
     old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    failed: dict[str, str] = {}
     try:
         for rnd in range(a.rounds):
             for n in names:
+                if n in failed:
+                    continue
                 print(f"round {rnd + 1}/{a.rounds}: {n}...", file=sys.stderr)
-                res = run.time_one(n, VARIANTS[n])
+                try:
+                    res = run.time_one(n, VARIANTS[n])
+                except Stopped:
+                    raise
+                except Exception as e:  # one variant's failure (a kernel, memory) costs only that variant
+                    failed[n] = f"{type(e).__name__}: {e}"
+                    run.engines.pop(n, None)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    print(f"  -> {n} failed: {failed[n]}", file=sys.stderr)
+                    RESULTS["failed"] = failed
+                    _write(a.json)
+                    continue
                 r = RESULTS["variants"].setdefault(n, {"rounds": []})
                 r["rounds"].append(res.pop("tokens_per_s"))
                 r.update(res)
@@ -253,9 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         ks = ", ".join(k for k, on in (("triton attention", r["kernel_attention"]), ("fused rotary", r["fused_rotary"]),
                                        ("int8 kv", r["kv_int8"]), (f"{r['gemv_layers']} gemv", r["gemv_layers"])) if on)
         same = f"; greedy = {r['greedy_equal'][0]}'s for {r['greedy_equal'][1]}" if "greedy_equal" in r else ""
-        print(f"{r['variant']:>14} {r['tokens_per_s']:>9.1f} {r['vs_base']:>7.2f}x {roof:>9} "
+        vs = "-" if r["vs_base"] is None else f"{r['vs_base']:.2f}x"
+        print(f"{r['variant']:>14} {r['tokens_per_s']:>9.1f} {vs:>8} {roof:>9} "
               f"{r['weight_gib']:>6.2f} GiB  {ks or 'no Triton kernels'}{same}")
-    return 1 if RESULTS["stopped"] else 0
+    for n, err in failed.items():
+        print(f"{n:>14} failed: {err}")
+    return 1 if RESULTS["stopped"] or failed else 0
 
 
 if __name__ == "__main__":

@@ -136,16 +136,19 @@ def ab_runs(d: str) -> dict:
         if not (name.startswith("decode_ab") and name.endswith(".json")):
             continue
         r = _load(d, name)
-        if not isinstance(r, dict) or not r.get("summary"):
+        if not isinstance(r, dict) or not (r.get("summary") or r.get("failed")):
             continue
         stop = f", stopped ({r['stopped']})" if r.get("stopped") else ""
         print(f"\n## {r['shape']} batch-1 decode, {r['tokens']} tokens, each variant in one process ({name}{stop})")
         for row in r["summary"]:
             roof = f", {100 * row['roofline_fraction']:.0f}% of roofline" if "roofline_fraction" in row else ""
             same = f"; greedy = {row['greedy_equal'][0]}'s for {row['greedy_equal'][1]}" if "greedy_equal" in row else ""
-            print(f"  {row['variant']}: {row['tokens_per_s']:.1f} tok/s, {row['vs_base']:.3f}x {r['summary'][0]['variant']}"
-                  f"{roof}, weights {row['weight_gib']:.2f} GiB{same}  ({row['about']})")
+            vs = "" if row["vs_base"] is None else f", {row['vs_base']:.3f}x {r['summary'][0]['variant']}"
+            print(f"  {row['variant']}: {row['tokens_per_s']:.1f} tok/s{vs}{roof}, weights {row['weight_gib']:.2f} GiB"
+                  f"{same}  ({row['about']})")
             out[f"ab:{r['shape']}:{row['variant']}"] = row
+        for variant, err in (r.get("failed") or {}).items():
+            print(f"  {variant}: FAILED: {err}")
     return out
 
 
@@ -190,7 +193,7 @@ def targets(tok: dict, ab: dict | None = None) -> None:
     line("7B bf16 batch-1 tok/s", base("7B") or tok.get("ab_7b") or tok.get("bench_7b"), 175)
     line("1.8B bf16 batch-1 tok/s", base("1.8B") or tok.get("ab_1.8b") or tok.get("bench_1.8b"), 550)
     int4 = ab.get("ab:7B:gptq4h8")
-    if int4:  # side by side with bf16, one process
+    if int4 and int4["vs_base"] is not None:  # side by side with bf16, one process
         line("7B Int4 (head 8-bit) / bf16", int4["vs_base"], 2.0)
         line("7B Int4 (head 8-bit) weights GiB", int4["weight_gib"], 5.0, at_most=True)
     bf16 = tok.get("gptq_bf16") or tok.get("ab_7b")
