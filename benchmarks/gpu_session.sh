@@ -9,8 +9,9 @@
 # makes .gpu/ (ignored by git): wheels of what the GPU image lacks (fastapi, uvicorn, httptools, uvloop, pydantic, gguf,
 # opentelemetry-api; for its Python 3.12) and the default model's tokenizer files (the serving benchmark needs one).
 # Then, with the device tool, carrying .gpu, the decisive measurements first (every open target in one call):
-#   run(command="bash benchmarks/gpu_session.sh ab serve64", carry=[".gpu"], timeout_s=600)
-# and at once (a machine idle for 30 s is given back), with BUDGET = what `status` leaves less about 60 s:
+#   run(command="bash benchmarks/gpu_session.sh ab serve64 ab18 tests", carry=[".gpu"], timeout_s=600)
+# (ab18 and tests run only if ab and serve64 left time) and at once (a machine idle for 30 s is given back),
+# with BUDGET = what `status` leaves less about 60 s, the steps that were skipped or cut short, then more:
 #   run(command="BUDGET=200 bash benchmarks/gpu_session.sh ab18 tests sweepq profile", carry=[".gpu"], timeout_s=260)
 # Then give_back. After a run: unpack each results.tgz into one folder and
 #   python benchmarks/gpu_results.py FOLDER
