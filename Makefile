@@ -43,7 +43,7 @@ triton: setup-test
 	  echo "note: could not install triton; the kernel tests will be skipped"
 
 test: setup-test triton browser    ## the whole test suite (what CI runs)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup-test  ## without the tests that need the real default model
 	$(BIN)/python -m pytest -q -m "not slow"
