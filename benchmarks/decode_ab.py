@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         for n, v in VARIANTS.items():
             print(f"{n:>14}  {v.about}")
         return 0
-    names = [n.strip() for n in a.variants.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in a.variants.split(",") if n.strip()))  # each once, in order
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
         p.error(f"unknown variant(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(VARIANTS)}")
