@@ -255,23 +255,35 @@ def distinct(items: list[Launch], capability: int = 90) -> list[Launch]:
     return out
 
 
-def report(capabilities=(90,)) -> list[dict]:
+_TODO: list[tuple[int, Launch]] = []  # report()'s work, read by its forked workers by index
+
+
+def _report_row(i: int) -> dict:
+    cap, launch = _TODO[i]
+    sig = signature(launch, cap)
+    row = {"capability": cap, "kernel": launch.name, "options": {k: v for k, v in launch.kwargs.items()},
+           "pointers": {k: v for k, v in sig.items() if v.startswith("*")}}
+    try:
+        kernel = compile_launch(launch, cap)
+        row.update(ptxas_report(kernel, cap))
+        row["loop_instructions"] = sum(loop_instructions(sass(kernel)).values())
+    except Exception as e:  # reported, not raised: one bad configuration must not hide the rest
+        row["error"] = f"{type(e).__name__}: {e}"
+    return row
+
+
+def report(capabilities=(90,), jobs: int | None = None) -> list[dict]:
     """One row per (capability, distinct launch): its constexprs/options, argument types, and either the
-    ptxas numbers or the compiler's error."""
-    rows = []
-    for cap in capabilities:
-        for launch in distinct(launches(), cap):
-            sig = signature(launch, cap)
-            row = {"capability": cap, "kernel": launch.name, "options": {k: v for k, v in launch.kwargs.items()},
-                   "pointers": {k: v for k, v in sig.items() if v.startswith("*")}}
-            try:
-                kernel = compile_launch(launch, cap)
-                row.update(ptxas_report(kernel, cap))
-                row["loop_instructions"] = sum(loop_instructions(sass(kernel)).values())
-            except Exception as e:  # reported, not raised: one bad configuration must not hide the rest
-                row["error"] = f"{type(e).__name__}: {e}"
-            rows.append(row)
-    return rows
+    ptxas numbers or the compiler's error. The compilations run in `jobs` forked processes (default: one
+    per core; Triton's compiler and ptxas keep a core busy each), the rows in the same order."""
+    import multiprocessing
+
+    _TODO[:] = [(cap, launch) for cap in capabilities for launch in distinct(launches(), cap)]
+    jobs = min(jobs or os.cpu_count() or 1, len(_TODO))
+    if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [_report_row(i) for i in range(len(_TODO))]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(_report_row, range(len(_TODO)), chunksize=1)
 
 
 def main(argv=None) -> int:
@@ -279,11 +291,12 @@ def main(argv=None) -> int:
                                 description="Compile qwenlm's Triton kernels for NVIDIA GPUs without one.")
     p.add_argument("--capability", type=int, nargs="+", default=[90], help="compute capabilities (90: H100)")
     p.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    p.add_argument("--jobs", type=int, default=None, help="compilations at a time (default: one per core)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: unset TRITON_INTERPRET (the compiler cannot run beside the interpreter)", file=sys.stderr)
         return 2
-    rows = report(tuple(args.capability))
+    rows = report(tuple(args.capability), args.jobs)
     if args.json:
         print(json.dumps(rows))
     else:
