@@ -159,7 +159,7 @@ class Run:
                            fused_rotary=bool(st.get("fused_rotary")),
                            kv_int8=bool(st["cache"].int8) if "cache" in st else None,
                            gemv_layers=sum(type(x).__name__ == "GemvLinear" for x in m.modules()),
-                           weight_bytes=sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers())),
+                           weight_bytes=B.weight_bytes(m),
                            bytes_per_step=B.decode_bytes_per_step(eng, self.tokens))
             return res
         finally:

@@ -192,7 +192,7 @@ def run(args) -> int:
     if args.serve:
         return _serve(args, model, name, path if not args.shape else None)
     engine = Engine(model, cuda_graphs=False if args.no_graphs else None)
-    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    weights = B.weight_bytes(model)
     res = B.BenchResult(device=_device_name(model), dtype=_dtype_name(model), model=name,
                         layers=f"{model.config.num_layers}", weight_bytes=weights, notes=notes,
                         kv_cache=model.kv_cache)

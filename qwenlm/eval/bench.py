@@ -117,6 +117,11 @@ def _bandwidth(device: torch.device) -> float | None:
     return next((bw for k, bw in BANDWIDTH.items() if k in name), None)
 
 
+def weight_bytes(model) -> int:
+    """Bytes of every weight the model holds (quantized layers keep theirs in buffers)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def streamed_weight_bytes(model) -> int:
     """Bytes read per decode step: every weight except the embedding table (one row is read)."""
     table = {id(t) for t in [*model.embed.parameters(), *model.embed.buffers()]}
