@@ -8,6 +8,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from qwenlm.engine.batch import BatchEngine
+from qwenlm.generation.generate import make_generator
 from qwenlm.weights.mapping import qwen_v1_to_qwen2
 
 
@@ -210,3 +212,31 @@ def same_as_the_gguf_package(path: str) -> None:
         assert (a.name, a.tensor_type, list(a.shape)) == (b.name, b.tensor_type, list(b.shape))
         assert (int(a.n_elements), int(a.n_bytes), int(a.data_offset)) == (b.n_elements, b.n_bytes, b.data_offset)
         assert a.data.dtype == b.data.dtype and np.array_equal(np.asarray(a.data), np.asarray(b.data)), a.name
+
+
+class ScriptedEngine(BatchEngine):
+    """Every sequence 'generates' the token ids of `self.script`, then <|im_end|>."""
+
+    script: list[int] = []
+    prompts: list[list[int]] = []
+
+    def _logits(self, seqs):
+        out = torch.full((len(seqs), self.cfg.vocab_size), -1e9)
+        for i, s in enumerate(seqs):
+            k = len(s.generated)
+            out[i, self.script[k] if k < len(self.script) else self.end_id] = 0.0
+        return out
+
+    def _prefill(self, seqs):
+        for seq in seqs:
+            ScriptedEngine.prompts.append(list(seq.prompt))
+            seq.row, seq.cached = len(self.active), len(seq.prompt)
+            seq.generator = make_generator(seq.cfg.seed, self.device)
+            self.active.append(seq)
+        self._sample(seqs, self._logits(seqs))
+
+    def _decode(self):
+        seqs = list(self.active)
+        for s in seqs:
+            s.cached += 1
+        self._sample(seqs, self._logits(seqs))

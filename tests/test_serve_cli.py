@@ -1,6 +1,7 @@
 """`qwen serve` as a command: starts, answers the official client, stops; bad options are one
 `error:` line; and the real default model answers a question through it."""
 
+import json
 import os
 import re
 import socket
@@ -57,7 +58,7 @@ def test_serve_command(v1_chat_dir):
         proc.terminate()
         out = proc.banner + proc.communicate(timeout=30)[0]
     assert "chat page:  http://127.0.0.1:" in out and "key: required" in out
-    assert "'tiny-v1' (cpu, float32)" in out
+    assert "'tiny-v1' (cpu, float32)" in out and "tools in the react format" in out  # (a Qwen v1 tokenizer)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -65,6 +66,7 @@ def test_serve_command(v1_chat_dir):
     (["--max-num-seqs", "100000", "--max-model-len", "32768"], "of KV cache"),
     (["--max-model-len", "40000"], "--max-model-len 40000 is more than the model's context window (32768 tokens)"),
     (["--max-model-len", "8"], "--max-model-len must be at least 16"),
+    (["--tool-format", "hermes"], "--tool-format hermes needs a tokenizer with <tool_call> and </tool_call> tokens"),
 ])
 def test_bad_options_are_one_line(v1_chat_dir, args, message):
     r = subprocess.run([sys.executable, "-m", "qwenlm", "serve", "-m", v1_chat_dir, *args], capture_output=True,
@@ -91,7 +93,8 @@ def test_listen_errors_come_before_the_model_loads(tmp_path):
             assert "Traceback" not in r.stderr and "no model at" not in r.stderr
     for args, message in ((["--port", "70000"], "'70000' is not a port number (0-65535)"),
                           (["--prefill-chunk", "-5"], "'-5' is not a whole number >= 0"),
-                          (["--no-prefix-cache", "yes"], "unrecognized arguments: yes")):
+                          (["--no-prefix-cache", "yes"], "unrecognized arguments: yes"),
+                          (["--tool-format", "json"], "argument --tool-format: invalid choice: 'json'")):
         r = subprocess.run([sys.executable, "-m", "qwenlm", "serve", *args], capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 2 and message in r.stderr
@@ -120,6 +123,14 @@ def test_default_model_answers_through_the_server():
                                            temperature=0, max_tokens=32, stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
         assert any("\u4e00" <= ch <= "\u9fff" for ch in text)  # a Chinese reply
+        # a tool call, in the model's own <tool_call> format (through ReAct this model wrote the tool's
+        # JSON schema as its arguments)
+        tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
+                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+        r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "What's the weather in "
+                                                                  "Paris?"}], tools=tools, temperature=0, max_tokens=64)
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] == "Paris"
     finally:
         proc.terminate()
         proc.communicate(timeout=30)

@@ -8,12 +8,9 @@ import re
 
 import openai
 import pytest
-import torch
 
-from helpers import running_server
+from helpers import ScriptedEngine, running_server
 from qwenlm import load
-from qwenlm.engine.batch import BatchEngine
-from qwenlm.generation.generate import make_generator
 from qwenlm.serve import ServerOptions, create_app
 
 TOOLS = [{"type": "function", "function": {
@@ -23,34 +20,6 @@ CALL = ('Thought: I need the weather of Paris.\nAction: get_weather\nAction Inpu
         'Observation: (the model making things up)')
 ANSWER = "Thought: I now know the final answer\nFinal Answer: It is sunny in Paris, 21 °C."
 Q = [{"role": "user", "content": "What's the weather in Paris?"}]
-
-
-class ScriptedEngine(BatchEngine):
-    """Every sequence 'generates' the token ids of `self.script`, then <|im_end|>."""
-
-    script: list[int] = []
-    prompts: list[list[int]] = []
-
-    def _logits(self, seqs):
-        out = torch.full((len(seqs), self.cfg.vocab_size), -1e9)
-        for i, s in enumerate(seqs):
-            k = len(s.generated)
-            out[i, self.script[k] if k < len(self.script) else self.end_id] = 0.0
-        return out
-
-    def _prefill(self, seqs):
-        for seq in seqs:
-            ScriptedEngine.prompts.append(list(seq.prompt))
-            seq.row, seq.cached = len(self.active), len(seq.prompt)
-            seq.generator = make_generator(seq.cfg.seed, self.device)
-            self.active.append(seq)
-        self._sample(seqs, self._logits(seqs))
-
-    def _decode(self):
-        seqs = list(self.active)
-        for s in seqs:
-            s.cached += 1
-        self._sample(seqs, self._logits(seqs))
 
 
 @pytest.fixture(scope="module")

@@ -169,3 +169,29 @@ def test_reads_tokenizer_json(tmp_path, default_dir, qwen2_tokenizer):
     assert len(t) == len(qwen2_tokenizer) and t.special_tokens == qwen2_tokenizer.special_tokens
     for text in TRICKY:
         assert t.encode(text) == qwen2_tokenizer.encode(text)
+
+
+def test_skip_special_tokens_keeps_added_tokens_that_are_text(tmp_path, default_dir, qwen2_tokenizer):
+    """Qwen2.5's <tool_call> tags are added tokens marked "special": false: whole tokens when read, but
+    text that decoding keeps when it skips special tokens (transformers does the same). From the
+    checkpoint's files, from tokenizer.json, and from the GGUF file (its "user-defined" token type)."""
+    transformers = pytest.importorskip("transformers")
+    from qwenlm import QwenTokenizer
+    from qwenlm.hub import default_gguf_path
+
+    hf = transformers.AutoTokenizer.from_pretrained(default_dir)
+    hf.save_pretrained(str(tmp_path))
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        if (tmp_path / name).exists():
+            (tmp_path / name).unlink()
+    text = "<|im_start|>assistant\n<tool_call>\n{\"name\": \"f\"}\n</tool_call><|im_end|><|endoftext|>"
+    for t in (qwen2_tokenizer, QwenTokenizer.from_pretrained(str(tmp_path)),
+              QwenTokenizer.from_pretrained(default_gguf_path())):
+        ids = t.encode(text, allowed_special="all")
+        assert ids == hf.encode(text, add_special_tokens=False)
+        assert t.special_tokens["<tool_call>"] in ids and t.is_special_id(t.special_tokens["<tool_call>"])
+        for skip in (False, True):
+            assert t.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+        assert t.decode(ids, skip_special_tokens=True) == "assistant\n<tool_call>\n{\"name\": \"f\"}\n</tool_call>"
+        dec = StreamDecoder(t, skip_special_tokens=True)
+        assert "".join(dec.put(i) for i in ids) + dec.flush() == t.decode(ids, skip_special_tokens=True)

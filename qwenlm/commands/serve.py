@@ -38,6 +38,10 @@ def add_parser(sub) -> None:
                         "prompt and generated tokens per second (default 10; 0: never)")
     p.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
                    help="enable CORS for this origin (repeatable; '*' for any)")
+    p.add_argument("--tool-format", choices=("auto", "react", "hermes"), default="auto",
+                   help="how tools are put to the model and its calls read: react (the original Qwen's "
+                        "ReAct prompt), hermes (<tool_call> blocks, what Qwen2.5 models are trained on), "
+                        "auto (default): hermes where the model's chat template uses it, else react")
     p.set_defaults(func=run)
 
 
@@ -154,6 +158,7 @@ def _print_status_lines() -> None:
 def run(args) -> int:
     import uvicorn
 
+    from ..errors import UserError
     from ..serve import ServerOptions, create_app
 
     sock = bind_listener(args.host, args.port)
@@ -164,14 +169,18 @@ def run(args) -> int:
     opts = ServerOptions(served_model_name=name, api_key=args.api_key, max_model_len=length, max_num_seqs=seqs,
                          max_queue=args.max_queue, cors_origins=args.allowed_origins or [],
                          prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache,
-                         status_every=args.status_every, warm_up=args.warm_up)
+                         status_every=args.status_every, warm_up=args.warm_up, tool_format=args.tool_format)
+    if args.tool_format == "hermes" and not {"<tool_call>", "</tool_call>"} <= set(tokenizer.special_tokens):
+        raise UserError("--tool-format hermes needs a tokenizer with <tool_call> and </tool_call> tokens "
+                        "(Qwen2/2.5); this one has none: use --tool-format react")
     _print_status_lines()
     app = create_app(model, tokenizer, opts)
     warmed = app.state.server.warm_up_seconds
     if warmed is not None:
         print(f"qwen serve: warmed up in {warmed:.1f} s (each batch size up to {seqs} once)", flush=True)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"qwen serve: model {name!r} ({describe(model)}), {seqs} slots x {length} tokens\n"
+    print(f"qwen serve: model {name!r} ({describe(model)}), {seqs} slots x {length} tokens, "
+          f"tools in the {app.state.server.tool_format} format\n"
           f"  chat page:  http://{host}:{port}/\n"
           f"  OpenAI API: http://{host}:{port}/v1  (key: {'required' if args.api_key else 'none'})", flush=True)
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning")).run(sockets=[sock])

@@ -27,6 +27,7 @@ from .http import APIError, BodyLimit, Gate, error_response
 from .jobs import INDEX, REASON, TEXT, Job, json_str, reason_json, sse, sse_error, sse_format
 from .logprobs import CompletionLogprobs, TokenText, chat_content
 from .metrics import Metrics
+from . import hermes
 from .prompt import (PromptError, ToolCall, ToolStream, build_chat_prompt, forced_call_prefix, parse_reply,
                      tool_specs)
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -34,6 +35,11 @@ from .status import report
 
 log = logging.getLogger("qwenlm")
 STATIC = os.path.join(os.path.dirname(__file__), "static")
+
+
+def _calls(parsed: "ToolCall | list[ToolCall] | str") -> "list[ToolCall] | str":
+    """A parsed reply as a list of calls (ReAct gives one, the hermes format any number), or its text."""
+    return [parsed] if isinstance(parsed, ToolCall) else parsed
 
 
 @dataclass
@@ -50,6 +56,7 @@ class ServerOptions:
     prefix_cache: bool | None = None  # finished rows kept for prompts that start with their tokens (None: default)
     status_every: float = 0.0  # seconds between status lines while busy (status.py; 0: none)
     warm_up: bool | None = None  # run each batch shape once before serving (BatchEngine.warm_up; None: on a GPU)
+    tool_format: str = "auto"  # "react" (the original's), "hermes" (Qwen2.5's <tool_call>), auto: the model's
 
 
 class Server:
@@ -65,6 +72,12 @@ class Server:
         t = tokenizer
         self.token_text = TokenText(tokenizer)
         self.chat_stop_ids = [i for i in (t.im_end_id, t.im_start_id, t.eod_id) if i is not None]
+        if opts.tool_format not in ("auto", "react", "hermes"):
+            raise ValueError(f"tool format {opts.tool_format!r}: expected auto, react or hermes")
+        self.tool_format = hermes.tool_format(tokenizer) if opts.tool_format == "auto" else opts.tool_format
+        if self.tool_format == "hermes" and not {hermes.OPEN, hermes.CLOSE} <= set(tokenizer.special_tokens):
+            raise ValueError("the hermes tool format needs <tool_call> and </tool_call> tokens, which this "
+                             "tokenizer lacks (a Qwen2/2.5 tokenizer has them)")
         self.created = int(time.time())
 
     # ---- request -> sampling settings ---------------------------------------------------------
@@ -133,24 +146,30 @@ class Server:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         tools = None if req.tool_choice == "none" else [t.model_dump(exclude_none=True) for t in req.tools or []]
         funcs = None if req.function_call == "none" else [f.model_dump(exclude_none=True) for f in req.functions or []]
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        choice = (req.tool_choice if tools is not None else None, req.function_call if funcs is not None else None)
         try:
             specs = tool_specs(tools, funcs)
-            prompt = build_chat_prompt(self.tokenizer, [m.model_dump(exclude_none=True) for m in req.messages],
-                                       specs)
-            forced = forced_call_prefix(req.tool_choice if tools is not None else None,
-                                        req.function_call if funcs is not None else None, specs, prompt.open_thought)
+            fmt = "hermes" if self.tool_format == "hermes" and (specs or hermes.uses_tools(messages)) else "react"
+            if fmt == "hermes":
+                prompt = hermes.build_prompt(self.tokenizer, messages, specs)
+                forced = hermes.forced_prefix(*choice, specs)
+            else:
+                prompt = build_chat_prompt(self.tokenizer, messages, specs)
+                forced = forced_call_prefix(*choice, specs, prompt.open_thought)
         except PromptError as e:
             raise APIError(400, f"Invalid request: {e}", param=e.param) from None
         legacy = bool(funcs) and not tools
         if forced:  # the reply starts inside the call: the model writes only the rest
-            prompt.ids = prompt.ids + self.tokenizer.encode(forced, allowed_special=set())
+            prompt.ids = prompt.ids + (hermes.encode_markup(self.tokenizer, forced) if fmt == "hermes"
+                                       else self.tokenizer.encode(forced, allowed_special=set()))
         max_tokens = req.max_completion_tokens or req.max_tokens
         if req.max_length is not None:
             max_tokens = min(max_tokens or req.max_length, req.max_length - len(prompt.ids))
             if max_tokens < 1:
                 raise APIError(400, f"max_length {req.max_length} leaves no room after the {len(prompt.ids)}-token "
                                     "prompt", param="max_length", code="context_length_exceeded")
-        cfg = self.sampling(req, len(prompt.ids), max_tokens, ["Observation:"] if prompt.tools_on else [])
+        cfg = self.sampling(req, len(prompt.ids), max_tokens, prompt.stop or [])
         names = [f.get("name_for_model", f.get("name")) for f in specs]
         cfgs = self.choice_cfgs(cfg, req.n)
         job = Job(self, [prompt.ids] * req.n, cfgs, [] if req.ignore_eos else self.chat_stop_ids, request,
@@ -162,13 +181,13 @@ class Server:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._chat_stream(job, texts, names, legacy, rid, created, include_usage,
-                                                       forced), media_type="text/event-stream")
+                                                       forced, fmt), media_type="text/event-stream")
         reasons = await job.collect()
         if any(r == "abort" for r in reasons):
             return Response(status_code=499)
         choices = []
         for i, (text, reason) in enumerate(zip(texts, reasons)):
-            msg, reason = self._message(forced + text.text, reason, names, legacy, bool(forced))
+            msg, reason = self._message(forced + text.text, reason, names, legacy, bool(forced), fmt)
             lp = {"content": chat_content(self.token_text, *job.shown_logprobs(i)), "refusal": None} \
                 if job.logprobs else None
             choices.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": lp})
@@ -177,21 +196,22 @@ class Server:
                 "choices": choices, "usage": job.usage()}
 
     @staticmethod
-    def _message(text: str, reason: str, names: list[str], legacy: bool, forced: bool = False) -> tuple[dict, str]:
+    def _message(text: str, reason: str, names: list[str], legacy: bool, forced: bool = False,
+                 fmt: str = "react") -> tuple[dict, str]:
         if not names:
             return {"role": "assistant", "content": text}, reason
-        parsed = parse_reply(text, names)
-        if isinstance(parsed, ToolCall):
-            if forced:  # the thought is the server's words, not the model's
-                parsed.content = ""
-            if legacy:
-                return ({"role": "assistant", "content": parsed.content or None,
-                         "function_call": {"name": parsed.name, "arguments": parsed.arguments}}, "function_call")
-            return ({"role": "assistant", "content": parsed.content or None, "tool_calls": [parsed.openai()]},
-                    "tool_calls")
-        return {"role": "assistant", "content": parsed}, reason
+        calls = _calls(hermes.parse(text, names) if fmt == "hermes" else parse_reply(text, names))
+        if isinstance(calls, str):
+            return {"role": "assistant", "content": calls}, reason
+        content = "" if forced else calls[0].content  # a forced call's ReAct thought is the server's words
+        if legacy:  # one call at a time in the legacy API
+            return ({"role": "assistant", "content": content or None,
+                     "function_call": {"name": calls[0].name, "arguments": calls[0].arguments}}, "function_call")
+        return ({"role": "assistant", "content": content or None, "tool_calls": [c.openai() for c in calls]},
+                "tool_calls")
 
-    async def _chat_stream(self, job: Job, texts, names, legacy, rid, created, include_usage, forced=""):
+    async def _chat_stream(self, job: Job, texts, names, legacy, rid, created, include_usage, forced="",
+                           fmt="react"):
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.opts.served_model_name}
 
         def chunk(i, delta, reason=None, logprobs=None):
@@ -200,9 +220,10 @@ class Server:
 
         text_fmt = sse_format({**head, "choices": [{"index": INDEX, "delta": {"content": TEXT},
                                                      "finish_reason": None, "logprobs": None}]})
-        tool_streams = [ToolStream(names) for _ in texts] if names else None
+        stream_cls = hermes.Stream if fmt == "hermes" else ToolStream
+        tool_streams = [stream_cls(names) for _ in texts] if names else None
         for ts in tool_streams or []:
-            ts.put(forced)  # holds back (it contains "Action:") and parses with the model's part
+            ts.put(forced)  # held back (it holds "Action:" or <tool_call>) and parsed with the model's part
         try:
             yield "".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(len(texts)))
             async for batch in job.batches():
@@ -224,16 +245,17 @@ class Server:
                     if reason in ("abort", "error"):
                         return
                     if tool_streams is not None:
-                        rest = tool_streams[i].finish()
-                        if isinstance(rest, ToolCall):
-                            if rest.content and not forced:
-                                out.append(chunk(i, {"content": rest.content}))
+                        rest = _calls(tool_streams[i].finish())
+                        if not isinstance(rest, str):
+                            if rest[0].content and not forced:
+                                out.append(chunk(i, {"content": rest[0].content}))
                             if legacy:
-                                out.append(chunk(i, {"function_call": {"name": rest.name,
-                                                                       "arguments": rest.arguments}}))
+                                out.append(chunk(i, {"function_call": {"name": rest[0].name,
+                                                                       "arguments": rest[0].arguments}}))
                                 reason = "function_call"
                             else:
-                                out.append(chunk(i, {"tool_calls": [{"index": 0, **rest.openai()}]}))
+                                out.append(chunk(i, {"tool_calls": [{"index": k, **c.openai()}
+                                                                    for k, c in enumerate(rest)]}))
                                 reason = "tool_calls"
                         elif rest:
                             out.append(chunk(i, {"content": rest}))

@@ -113,31 +113,42 @@ class ChatPrompt:
     ids: list[int]
     tools_on: bool
     open_thought: bool = False  # the prompt ends inside the assistant's turn, after "Thought:"
+    stop: list[str] | None = None  # stop strings the format needs (ReAct: "Observation:", written by the tool)
 
 
-def forced_call_prefix(tool_choice, function_call, specs: list[dict], open_thought: bool) -> str:
-    """The start of the assistant's reply that makes it call a tool, or "" when the choice is free.
-    A named function (`tool_choice={"type": "function", "function": {"name": N}}`, legacy
-    `function_call={"name": N}`, or "required" with one tool) is written up to its arguments, so the
-    model only writes those; "required" with several tools is written up to "Action:", so the model
-    names one (the ReAct format has no way to make it name a valid one)."""
+def forced_call_name(tool_choice, function_call, specs: list[dict]) -> tuple[str | None] | None:
+    """Which call `tool_choice` (OpenAI) or `function_call` (legacy) forces: None when the choice is
+    free, (name,) for a named function or "required" with one tool, (None,) for "required" with several
+    (the model names one). Raises PromptError for a choice that names no given tool."""
     choice = tool_choice if tool_choice not in (None, "auto", "none") else function_call
     if choice in (None, "auto", "none"):
-        return ""
+        return None
     param = "tool_choice" if tool_choice not in (None, "auto", "none") else "function_call"
     if not specs:
         raise PromptError(f"{param} asks for a function call, but no tools are given", param)
     names = [f.get("name_for_model", f.get("name")) for f in specs]
     if choice == "required":
-        name = names[0] if len(names) == 1 else None
-    elif isinstance(choice, dict):
+        return (names[0] if len(names) == 1 else None,)
+    if isinstance(choice, dict):
         fn = choice.get("function") if "function" in choice else choice
         name = fn.get("name") if isinstance(fn, dict) else None
         if not isinstance(name, str) or name not in names:
             raise PromptError(f"{param} names the function {name!r}, which is not among the tools "
                               f"({', '.join(names)})", param)
-    else:
-        raise PromptError(f"{param} must be 'none', 'auto', 'required' or a function, not {choice!r}", param)
+        return (name,)
+    raise PromptError(f"{param} must be 'none', 'auto', 'required' or a function, not {choice!r}", param)
+
+
+def forced_call_prefix(tool_choice, function_call, specs: list[dict], open_thought: bool) -> str:
+    """The start of the assistant's ReAct reply that makes it call a tool, or "" when the choice is
+    free. A named function (`tool_choice={"type": "function", "function": {"name": N}}`, legacy
+    `function_call={"name": N}`, or "required" with one tool) is written up to its arguments, so the
+    model only writes those; "required" with several tools is written up to "Action:", so the model
+    names one (the ReAct format has no way to make it name a valid one)."""
+    forced = forced_call_name(tool_choice, function_call, specs)
+    if forced is None:
+        return ""
+    name = forced[0]
     thought = "" if open_thought else "Thought:"
     if name is None:
         return f"{thought} I need to use a tool.\nAction:"
@@ -191,14 +202,15 @@ def build_chat_prompt(tokenizer, messages: list[dict], specs: list[dict]) -> Cha
             ids += end
     if not continue_assistant:
         ids += nl + start + tokenizer.encode("assistant") + nl
-    return ChatPrompt(ids=ids, tools_on=tools_on, open_thought=continue_assistant)
+    return ChatPrompt(ids=ids, tools_on=tools_on, open_thought=continue_assistant,
+                      stop=["Observation:"] if tools_on else [])
 
 
 @dataclass
 class ToolCall:
     name: str
     arguments: str  # JSON text
-    content: str  # the thought before the call
+    content: str = ""  # the text before the call (ReAct: the thought)
 
     def openai(self) -> dict:
         return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",

@@ -19,7 +19,7 @@ class StreamDecoder:
 
     def put(self, token_id: int) -> str:
         if self.tokenizer.is_special_id(token_id):
-            if self.skip_special_tokens:
+            if self.skip_special_tokens and self.tokenizer.is_skipped_id(token_id):
                 return ""
             # a special token is whole text: first flush any dangling bytes
             return self._dec.decode(b"", final=True) + self.tokenizer.decode_bytes(token_id).decode()

@@ -70,6 +70,8 @@ class QwenTokenizer:
         self._valid[list(self.special_tokens.values())] = True
         self._special_ids = np.zeros(n, dtype=bool)
         self._special_ids[list(self.special_tokens.values())] = True
+        self._skipped_ids = self._special_ids.copy()  # what skip_special_tokens drops: not the plain ones
+        self._skipped_ids[[self.special_tokens[t] for t in self.vocab.plain if t in self.special_tokens]] = False
         self.decoder: dict[int, bytes | str] = {v: k for k, v in self.mergeable_ranks.items()}
         self.decoder.update({v: k for k, v in self.special_tokens.items()})
         self.eod_id = self.special_tokens["<|endoftext|>"]
@@ -94,7 +96,7 @@ class QwenTokenizer:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for k in ("_enc", "_valid", "_special_ids", "decoder"):
+        for k in ("_enc", "_valid", "_special_ids", "_skipped_ids", "decoder"):
             state.pop(k)
         return state
 
@@ -214,12 +216,17 @@ class QwenTokenizer:
     def is_special_id(self, token_id: int) -> bool:
         return 0 <= token_id < len(self._special_ids) and bool(self._special_ids[token_id])
 
+    def is_skipped_id(self, token_id: int) -> bool:
+        """Whether decoding with skip_special_tokens drops this id: a control token, not an added token
+        that is text (tokenizer_config.json "special": false, e.g. <tool_call>), as in transformers."""
+        return 0 <= token_id < len(self._skipped_ids) and bool(self._skipped_ids[token_id])
+
     def decode(self, token_ids, skip_special_tokens: bool = False, errors: str | None = None,
                **kwargs: Any) -> str:
         """Text of `token_ids`; an id outside the vocabulary raises ValueError."""
         ids = self._check_ids(_as_id_list(token_ids))
         if skip_special_tokens:
-            ids = [i for i in ids if not self._special_ids[i]]
+            ids = [i for i in ids if not self._skipped_ids[i]]
         return self._enc.decode(ids, errors=errors or self.errors)
 
     def decode_bytes(self, token_id: int) -> bytes:

@@ -32,6 +32,9 @@ class Vocab:
     specials: dict[str, int]
     family: str  # "qwen" (v1 tiktoken file) or "qwen2" (byte-level BPE files)
     config: dict = field(default_factory=dict)  # tokenizer_config.json contents, if any
+    # added tokens that are text, not control tokens ("special": false, e.g. Qwen2.5's <tool_call>):
+    # whole tokens when encoded, like every added token, but kept when decoding skips special tokens
+    plain: frozenset[str] = frozenset()
 
 
 @lru_cache(maxsize=1)
@@ -52,11 +55,21 @@ def byte_encoder() -> dict[int, str]:
     return {b: c for c, b in byte_decoder().items()}
 
 
+@lru_cache(maxsize=1)
+def _decode_table() -> dict[int, int]:
+    """str.translate table: each byte-level character to the character of its byte (code < 256), and
+    every other character below 256 to U+FFFF, so that the latin-1 encoding after it fails on anything
+    that is not a byte-level character (translate leaves characters above 255 as they are)."""
+    table = {c: 0xFFFF for c in range(256)}
+    table.update({ord(c): b for c, b in byte_decoder().items()})
+    return table
+
+
 def unicode_to_bytes(token: str) -> bytes:
-    dec = byte_decoder()
+    # translate + encode run in C: 151k tokens in ~0.05 s instead of ~0.5 s through a generator
     try:
-        return bytes(dec[c] for c in token)
-    except KeyError as e:
+        return token.translate(_decode_table()).encode("latin-1")
+    except UnicodeEncodeError as e:
         raise ValueError(f"token {token!r} is not a byte-level BPE string") from e
 
 
@@ -107,13 +120,14 @@ def read_directory(path: str) -> Vocab:
     tik = os.path.join(path, "qwen.tiktoken")
     if os.path.isfile(tik):
         return Vocab(read_tiktoken_file(tik), _v1_specials(), "qwen", config)
-    added = {
-        v["content"]: int(k) for k, v in config.get("added_tokens_decoder", {}).items()
-    }
+    decl = config.get("added_tokens_decoder", {})
+    added = {v["content"]: int(k) for k, v in decl.items()}
+    plain = {v["content"] for v in decl.values() if v.get("special") is False}
     tj = os.path.join(path, "tokenizer.json")
     if os.path.isfile(tj):
         data = _load_json(tj)
         added.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+        plain |= {t["content"] for t in data.get("added_tokens", []) if t.get("special") is False}
         vocab = _split_byte_level(data["model"]["vocab"], added)
     elif os.path.isfile(os.path.join(path, "vocab.json")):
         vocab = _split_byte_level(_load_json(os.path.join(path, "vocab.json")), added)
@@ -122,6 +136,7 @@ def read_directory(path: str) -> Vocab:
             f"no tokenizer in {path}: expected qwen.tiktoken, tokenizer.json or vocab.json + merges.txt"
         )
     vocab.config = config
+    vocab.plain = frozenset(plain & vocab.specials.keys())
     return vocab
 
 
@@ -129,10 +144,13 @@ def read_directory(path: str) -> Vocab:
 def vocab_from_gguf_tokens(tokens: list[str], types: list[int]) -> Vocab:
     ranks: dict[bytes, int] = {}
     specials: dict[str, int] = {}
+    plain = set()
     for i, (tok, typ) in enumerate(zip(tokens, types)):
         if typ == 1:
             ranks[unicode_to_bytes(tok)] = i
         elif typ in (3, 4):
             specials[tok] = i
+            if typ == 4:  # user-defined: text such as <tool_call>, not a control token
+                plain.add(tok)
         # type 5: llama.cpp's [PAD…] fillers for unused embedding rows: not tokens at all
-    return Vocab(ranks=ranks, specials=specials, family="qwen2")
+    return Vocab(ranks=ranks, specials=specials, family="qwen2", plain=frozenset(plain))
