@@ -74,6 +74,8 @@ class Sequence:
     prompt_logprobs: int | None = None  # the same for prompt tokens 1.. (echo); such a prompt is read whole
     token_logprobs: list = field(default_factory=list)
     prompt_token_logprobs: list = field(default_factory=list)
+    # structured output (generation/grammar.py Constraint): which tokens may come next, told each new one
+    constraint: object | None = None
 
     @property
     def plain_greedy(self) -> bool:

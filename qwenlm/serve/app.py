@@ -23,11 +23,12 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.batch import BatchEngine
+from ..generation import grammar
 from .http import APIError, BodyLimit, Gate, error_response
 from .jobs import INDEX, REASON, TEXT, Job, json_str, reason_json, sse, sse_error, sse_format
 from .logprobs import CompletionLogprobs, TokenText, chat_content
-from .metrics import Metrics
 from . import hermes
+from .metrics import Metrics
 from .prompt import (PromptError, ToolCall, ToolStream, build_chat_prompt, forced_call_prefix, parse_reply,
                      tool_specs)
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -79,6 +80,7 @@ class Server:
             raise ValueError("the hermes tool format needs <tool_call> and </tool_call> tokens, which this "
                              "tokenizer lacks (a Qwen2/2.5 tokenizer has them)")
         self.created = int(time.time())
+        self.grammars = None  # structured output over this tokenizer (made at the first request that asks)
 
     # ---- request -> sampling settings ---------------------------------------------------------
     def sampling(self, req, prompt_len: int, max_tokens: int | None, extra_stops=()):
@@ -101,10 +103,9 @@ class Server:
         stops = [s for s in stops if s] + list(extra_stops)
         kw = {"max_new_tokens": max_tokens, "stop": stops or None, "seed": req.seed,
               "logit_bias": self._logit_bias(req.logit_bias)}
-        if (req.response_format or {}).get("type", "text") != "text":
-            raise APIError(400, f"response_format {req.response_format.get('type')!r} is not supported by this "
-                                "server (replies are free text; ask for JSON in the prompt, or use tools)",
-                           param="response_format")
+        if (req.response_format or {}).get("type", "text") != "text" and not isinstance(req, ChatCompletionRequest):
+            raise APIError(400, f"response_format {req.response_format.get('type')!r}: only chat completions "
+                                "hold a reply to a format", param="response_format")
         if req.temperature is not None:
             kw.update(do_sample=req.temperature > 1e-5, temperature=max(req.temperature, 1e-5))
         for name in ("top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -172,8 +173,9 @@ class Server:
         cfg = self.sampling(req, len(prompt.ids), max_tokens, prompt.stop or [])
         names = [f.get("name_for_model", f.get("name")) for f in specs]
         cfgs = self.choice_cfgs(cfg, req.n)
+        constraints = self._response_format(req.response_format, req.n, bool(specs))
         job = Job(self, [prompt.ids] * req.n, cfgs, [] if req.ignore_eos else self.chat_stop_ids, request,
-                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                  logprobs=(req.top_logprobs or 0) if req.logprobs else None, constraints=constraints)
         job.submit()
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -194,6 +196,34 @@ class Server:
         self.metrics.generation_tokens.inc(job.completion_tokens)
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.opts.served_model_name,
                 "choices": choices, "usage": job.usage()}
+
+    def _response_format(self, fmt: dict | None, n: int, tools: bool) -> list | None:
+        """One grammar constraint per choice for `response_format` json_object / json_schema (None: text)."""
+        kind = (fmt or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind not in ("json_object", "json_schema"):
+            raise APIError(400, f"response_format type {kind!r}: expected text, json_object or json_schema",
+                           param="response_format")
+        if tools:
+            raise APIError(400, "response_format with tools: a reply is held to a format or may call a tool, not "
+                                "both (tool_choice 'none' leaves the tools out)", param="response_format")
+        schema = None
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise APIError(400, "response_format json_schema needs json_schema.schema, a JSON schema object",
+                               param="response_format")
+        if not grammar.available():
+            raise APIError(400, "response_format needs the llguidance package on the server (pip install "
+                                "llguidance)", param="response_format")
+        if self.grammars is None:
+            self.grammars = grammar.Grammars(self.tokenizer, self.model.config.vocab_size, self.tokenizer.im_end_id)
+        try:
+            return [self.grammars.json(schema) for _ in range(n)]
+        except grammar.GrammarError as e:
+            raise APIError(400, str(e), param="response_format") from None
 
     @staticmethod
     def _message(text: str, reason: str, names: list[str], legacy: bool, forced: bool = False,

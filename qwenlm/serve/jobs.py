@@ -24,7 +24,7 @@ class Job:
     """The choices of one request: one engine sequence each, tokens arriving on one queue."""
 
     def __init__(self, server, prompts: list[list[int]], cfgs, extra_stop_ids, request: Request,
-                 logprobs: int | None = None, prompt_logprobs: int | None = None):
+                 logprobs: int | None = None, prompt_logprobs: int | None = None, constraints: list | None = None):
         loop = asyncio.get_running_loop()
         self.server, self.request = server, request
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -37,7 +37,8 @@ class Job:
                 loop.call_soon_threadsafe(self.queue.put_nowait, (i, tok, reason))
             stop = StopChecker(cfg, extra_stop_ids, server.tokenizer)
             self.seqs.append(Sequence(prompt=p, cfg=cfg, stop=stop, emit=emit, logprobs=logprobs,
-                                      prompt_logprobs=prompt_logprobs))
+                                      prompt_logprobs=prompt_logprobs,
+                                      constraint=constraints[i] if constraints else None))
         self.logprobs = logprobs is not None
         self._taken = [0] * len(self.seqs)  # each choice's tokens handed to `take_logprobs` so far
         self.hide_generated = False  # max_tokens 0: one token is generated and shown to nobody

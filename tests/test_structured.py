@@ -1,0 +1,113 @@
+"""Structured output (`response_format` json_object / json_schema, generation/grammar.py): the grammar
+allows exactly the tokens that keep the reply a prefix of a value of the schema, and a tiny random
+model, which left alone writes anything, writes valid values through the server; checked here by
+parsing and by the schema's rules written out by hand."""
+
+import json
+
+import openai
+import pytest
+
+from qwenlm.generation.grammar import GrammarError, Grammars
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["unit", "n", "ok"],
+          "properties": {"unit": {"enum": ["celsius", "fahrenheit"]},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                         "ok": {"type": "boolean"}},
+          "x-guidance": {"whitespace_flexible": False}}  # (a random model would otherwise write spaces forever)
+
+
+def _valid(value) -> bool:
+    return (isinstance(value, dict) and set(value) == {"unit", "n", "ok"} and value["unit"] in ("celsius", "fahrenheit")
+            and type(value["n"]) is int and 0 <= value["n"] <= 99 and type(value["ok"]) is bool)
+
+
+def test_the_grammar_allows_a_valid_value_token_by_token_and_nothing_after(qwen2_tokenizer):
+    tok = qwen2_tokenizer
+    g = Grammars(tok, 151936, tok.im_end_id)
+    c = g.json(SCHEMA)
+    ids = tok.encode('{"unit":"celsius","n":42,"ok":true}')
+    for k, t in enumerate(ids):
+        allowed = c.allowed()
+        assert allowed.shape == (151936,) and allowed[t], tok.decode(ids[:k + 1])
+        assert not c.complete
+        c.advance(t)
+    assert c.complete
+    assert c.allowed().nonzero().flatten().tolist() == [tok.im_end_id]
+    # what would break the value is never allowed
+    c = g.json(SCHEMA)
+    first = c.allowed()
+    for text in ("[", " x", "}", '"', "```"):
+        assert not first[tok.encode(text)[0]], text
+    for t in tok.encode('{"unit":"'):
+        c.advance(t)
+    allowed = c.allowed()
+    assert allowed[tok.encode("c")[0]] and allowed[tok.encode("f")[0]]
+    assert not allowed[tok.encode("k")[0]] and not allowed[tok.im_end_id]
+
+
+def test_any_object_and_bad_schemas(qwen2_tokenizer):
+    tok = qwen2_tokenizer
+    g = Grammars(tok, 151936, tok.im_end_id)
+    c = g.json(None)
+    assert c.allowed()[tok.encode("{")[0]] and not c.allowed()[tok.encode("[")[0]]
+    with pytest.raises(GrammarError, match="Invalid type: objekt"):
+        g.json({"type": "objekt"})
+    with pytest.raises(GrammarError, match="/nope"):
+        g.json({"type": "object", "properties": {"a": {"$ref": "#/nope"}}})
+    with pytest.raises(GrammarError, match="Unsatisfiable"):
+        g.json({"allOf": [{"type": "integer"}, {"type": "string"}]})
+    c = g.json({"oneOf": [{"type": "integer"}, {"enum": ["x"]}]})  # (pydantic writes unions this way)
+    assert c.allowed()[tok.encode("7")[0]] and c.allowed()[tok.encode('"')[0]] and not c.allowed()[tok.encode("{")[0]]
+
+
+def _ask(client, **kw):
+    kw.setdefault("max_tokens", 120)
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather as JSON"}],
+                                          **kw)
+
+
+def test_a_random_model_writes_schema_values_through_the_server(client):
+    free = _ask(client, temperature=0).choices[0].message.content
+    with pytest.raises(ValueError):
+        json.loads(free)  # the control: unconstrained, this model writes no JSON at all
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA}}
+    r = _ask(client, temperature=0, response_format=fmt)
+    assert r.choices[0].finish_reason == "stop" and _valid(json.loads(r.choices[0].message.content))
+    r = _ask(client, temperature=1.0, seed=5, n=3, response_format=fmt)  # sampled, each choice its own grammar
+    values = [json.loads(ch.message.content) for ch in r.choices]
+    assert all(_valid(v) for v in values) and all(ch.finish_reason == "stop" for ch in r.choices)
+    chunks = [c for c in _ask(client, temperature=0, response_format=fmt, stream=True) if c.choices]
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert len(pieces) > 3 and _valid(json.loads("".join(pieces)))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_json_object_mode(client):
+    r = _ask(client, temperature=0, response_format={"type": "json_object"}, max_tokens=200)
+    if r.choices[0].finish_reason == "stop":  # a random model may write one long string: then it is cut
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    else:
+        assert r.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize("fmt,message", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}},
+     "the JSON schema is not usable: Invalid type: objekt"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "needs json_schema.schema"),
+    ({"type": "yaml"}, "response_format type 'yaml': expected text, json_object or json_schema"),
+])
+def test_bad_formats_are_a_400(client, fmt, message):
+    with pytest.raises(openai.BadRequestError, match=message) as e:
+        _ask(client, response_format=fmt)
+    assert e.value.body["param"] == "response_format"
+
+
+def test_formats_with_tools_or_completions_are_a_400(client):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError, match="held to a format or may call a tool"):
+        _ask(client, response_format={"type": "json_object"}, tools=tools, max_tokens=8)
+    assert _ask(client, response_format={"type": "json_object"}, tools=tools, tool_choice="none", max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="only chat completions"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body={
+            "response_format": {"type": "json_object"}})
