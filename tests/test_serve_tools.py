@@ -80,7 +80,9 @@ def test_final_answer_after_tool_result(setup):
     assert "".join(deltas) == "It is sunny in Paris, 21 °C." and len(deltas) > 1  # streamed, not in one piece
 
 
-ARGS_ONLY = ' {"city": "Paris"}\nObservation: (the model making things up)'
+# a forced call's rest is held to the tool's parameters (test_structured.py): what the script writes past
+# the arguments cannot be written, and the reply ends there
+ARGS_ONLY = ' {"city": "Paris"} and then the model making things up'
 
 
 @pytest.mark.parametrize("script,choice", [(CALL, {}), (ARGS_ONLY, {"function_call": {"name": "get_weather"}})],
@@ -131,7 +133,7 @@ def test_forced_tool_choice(setup, choice, stream):
 
 def test_required_with_several_tools_lets_the_model_name_one(setup):
     client, tok = setup
-    _script(tok, ' get_time\nAction Input: {"zone": "CET"}\nObservation: x')
+    _script(tok, ' get_time\nAction Input: {"zone": "CET"} and more')
     clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
     r = client.chat.completions.create(model="tiny", messages=Q, tools=TOOLS + [clock], tool_choice="required",
                                        temperature=0)

@@ -111,3 +111,75 @@ def test_formats_with_tools_or_completions_are_a_400(client):
     with pytest.raises(openai.BadRequestError, match="only chat completions"):
         client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body={
             "response_format": {"type": "json_object"}})
+
+
+WEATHER = {"name": "get_weather", "parameters": SCHEMA}
+CLOCK = {"name": "get_time", "parameters": {"type": "object", "additionalProperties": False,
+                                            "properties": {"24h": {"type": "boolean"}}, "required": ["24h"],
+                                            "x-guidance": {"whitespace_flexible": False}}}
+TOOLS = [{"type": "function", "function": f} for f in (WEATHER, CLOCK)]
+
+
+@pytest.fixture(scope="module", params=["react", "hermes"])
+def tool_client(request, model_tok, qwen2_tokenizer):
+    """The tiny random model behind the v1 tokenizer (ReAct) and behind the Qwen2.5 one (<tool_call>)."""
+    from helpers import running_server
+    from qwenlm.serve import ServerOptions, create_app
+
+    model, v1_tok = model_tok
+    tok = v1_tok if request.param == "react" else qwen2_tokenizer
+    app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=1024, max_num_seqs=4))
+    assert app.state.server.tool_format == request.param
+    with running_server(app) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streaming"])
+def test_a_forced_call_has_arguments_valid_for_the_tool(tool_client, stream):
+    """tool_choice naming a tool, or "required" with several: the rest of the call is held to the tools'
+    parameter schemas, so even a random model's call names a tool and has valid arguments."""
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS, max_tokens=100,
+               temperature=1.0, seed=1)
+    free = tool_client.chat.completions.create(**ask).choices[0]
+    assert free.finish_reason != "tool_calls"  # the control: left alone, this model calls nothing
+    for choice, n in (({"type": "function", "function": {"name": "get_weather"}}, 3), ("required", 4)):
+        if stream:
+            chunks = [c for c in tool_client.chat.completions.create(stream=True, tool_choice=choice, n=n, **ask)
+                      if c.choices]
+            calls = {}
+            for c in chunks:
+                for tc in c.choices[0].delta.tool_calls or []:
+                    calls[c.choices[0].index] = tc.function
+            calls = [calls[i] for i in range(n)]
+        else:
+            r = tool_client.chat.completions.create(tool_choice=choice, n=n, **ask)
+            assert all(c.finish_reason == "tool_calls" for c in r.choices)
+            calls = [c.message.tool_calls[0].function for c in r.choices]
+        for call in calls:
+            args = json.loads(call.arguments)
+            if choice == "required":
+                assert call.name in ("get_weather", "get_time")
+            else:
+                assert call.name == "get_weather"
+            assert _valid(args) if call.name == "get_weather" else (set(args) == {"24h"} and type(args["24h"]) is bool)
+
+
+@pytest.mark.parametrize("fmt,start", [("react", " "), ("hermes", "")])
+def test_a_named_call_is_held_to_that_tools_parameters(model_tok, qwen2_tokenizer, fmt, start):
+    from qwenlm.serve import ServerOptions
+    from qwenlm.serve.app import Server
+
+    model, v1_tok = model_tok
+    tok = v1_tok if fmt == "react" else qwen2_tokenizer
+    server = Server(model, tok, ServerOptions(max_model_len=256, max_num_seqs=1))
+    (c,) = server._forced_arguments(fmt, ("get_time",), [WEATHER, CLOCK], 1)
+    for t in tok.encode(start + '{"'):
+        assert c.allowed()[t]
+        c.advance(t)
+    assert c.allowed()[tok.encode("24")[0]] and not c.allowed()[tok.encode("unit")[0]]
+    (c,) = server._forced_arguments(fmt, (None,), [WEATHER, CLOCK], 1)  # "required": the model names one
+    before = " get_time\nAction Input: " if fmt == "react" else 'get_time", "arguments": '
+    for t in tok.encode(before + '{"'):
+        assert c.allowed()[t], tok.decode([t])
+        c.advance(t)
+    assert c.allowed()[tok.encode("24")[0]] and not c.allowed()[tok.encode("unit")[0]]

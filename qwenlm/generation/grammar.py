@@ -9,6 +9,7 @@ still picks among the allowed tokens with the request's own sampling settings.
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -25,6 +26,15 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _schema(schema: dict | None) -> dict:
+    """The schema as given (None: any object), with oneOf read as anyOf (how pydantic writes unions: a
+    value of one branch is a value of the union), unless the schema's own x-guidance says otherwise."""
+    schema = {"type": "object"} if schema is None else schema
+    if isinstance(schema, dict):
+        schema = {**schema, "x-guidance": {"coerce_one_of": True, **(schema.get("x-guidance") or {})}}
+    return schema
 
 
 class Grammars:
@@ -49,10 +59,26 @@ class Grammars:
         """A constraint to one JSON value of `schema` (None: any JSON object)."""
         import llguidance
 
-        try:  # oneOf read as anyOf (pydantic's unions): a value of one branch is a value of the union
-            grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"} if schema is None else schema,
-                                                                    defaults={"coerce_one_of": True})
-            matcher = llguidance.LLMatcher(self._tokenizer(), grammar)
+        return self._matcher(lambda: llguidance.LLMatcher.grammar_from_json_schema(_schema(schema)))
+
+    def choice(self, options: list[tuple[str, dict | None, str]]) -> "Constraint":
+        """A constraint to one of `options`, each (text before, JSON schema of a value, text after): a
+        tool call whose start the server wrote, the model writing the rest (which tool, if several, and
+        arguments valid for that tool's parameters)."""
+        import llguidance
+
+        rules = ["start: " + " | ".join(f"o{k}" for k in range(len(options)))]
+        for k, (before, schema, after) in enumerate(options):
+            parts = [json.dumps(t) for t in (before,) if t] + [f"v{k}"] + [json.dumps(t) for t in (after,) if t]
+            rules.append(f"o{k}: " + " ".join(parts))
+            rules.append(f"v{k}: %json " + json.dumps(_schema(schema)))
+        return self._matcher(lambda: llguidance.LLMatcher.grammar_from_lark("\n".join(rules)))
+
+    def _matcher(self, make_grammar) -> "Constraint":
+        import llguidance
+
+        try:
+            matcher = llguidance.LLMatcher(self._tokenizer(), make_grammar())
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # (a panic in the Rust library is a BaseException: still the schema's fault)

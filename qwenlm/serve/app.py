@@ -9,6 +9,7 @@ what to change.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -29,8 +30,8 @@ from .jobs import INDEX, REASON, TEXT, Job, json_str, reason_json, sse, sse_erro
 from .logprobs import CompletionLogprobs, TokenText, chat_content
 from . import hermes
 from .metrics import Metrics
-from .prompt import (PromptError, ToolCall, ToolStream, build_chat_prompt, forced_call_prefix, parse_reply,
-                     tool_specs)
+from .prompt import (PromptError, ToolCall, ToolStream, build_chat_prompt, forced_call_name, forced_call_prefix,
+                     parse_reply, tool_specs)
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .status import report
 
@@ -174,6 +175,8 @@ class Server:
         names = [f.get("name_for_model", f.get("name")) for f in specs]
         cfgs = self.choice_cfgs(cfg, req.n)
         constraints = self._response_format(req.response_format, req.n, bool(specs))
+        if forced:
+            constraints = self._forced_arguments(fmt, forced_call_name(*choice, specs), specs, req.n)
         job = Job(self, [prompt.ids] * req.n, cfgs, [] if req.ignore_eos else self.chat_stop_ids, request,
                   logprobs=(req.top_logprobs or 0) if req.logprobs else None, constraints=constraints)
         job.submit()
@@ -218,12 +221,36 @@ class Server:
         if not grammar.available():
             raise APIError(400, "response_format needs the llguidance package on the server (pip install "
                                 "llguidance)", param="response_format")
-        if self.grammars is None:
-            self.grammars = grammar.Grammars(self.tokenizer, self.model.config.vocab_size, self.tokenizer.im_end_id)
         try:
-            return [self.grammars.json(schema) for _ in range(n)]
+            return [self._grammars().json(schema) for _ in range(n)]
         except grammar.GrammarError as e:
             raise APIError(400, str(e), param="response_format") from None
+
+    def _grammars(self) -> grammar.Grammars:
+        if self.grammars is None:
+            self.grammars = grammar.Grammars(self.tokenizer, self.model.config.vocab_size, self.tokenizer.im_end_id)
+        return self.grammars
+
+    def _forced_arguments(self, fmt: str, forced: tuple, specs: list[dict], n: int) -> list | None:
+        """For a call the server forced (tool_choice named or "required"): one constraint per choice that
+        holds the rest of the call, the tool's name where the model picks it and its arguments, to the
+        tools' parameter schemas. None (the model writes freely) without llguidance or for a schema the
+        grammar engine cannot use."""
+        if not grammar.available():
+            return None
+        tools = [(f.get("name_for_model", f.get("name")), f.get("parameters")) for f in specs]
+        if forced[0] is not None:
+            tools = [t for t in tools if t[0] == forced[0]][:1]
+        if fmt == "hermes":  # the reply so far: <tool_call>\n{"name": "NAME", "arguments":   (or {"name": ")
+            options = [("" if forced[0] else json.dumps(name)[1:] + ', "arguments": ', schema, "}\n")
+                       for name, schema in tools]
+        else:  # ReAct, so far: Action: NAME\nAction Input:   (or Action:)
+            options = [(" " if forced[0] else f" {name}\nAction Input: ", schema, "") for name, schema in tools]
+        try:
+            return [self._grammars().choice(options) for _ in range(n)]
+        except grammar.GrammarError as e:
+            log.warning("tool call arguments left free: %s", e)
+            return None
 
     @staticmethod
     def _message(text: str, reason: str, names: list[str], legacy: bool, forced: bool = False,
