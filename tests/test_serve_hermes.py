@@ -271,3 +271,16 @@ def test_react_can_be_chosen(v1_chat_dir, qwen2_tokenizer, v1_tokenizer):
     assert app.state.server.tool_format == "react"
     with pytest.raises(ValueError, match="needs <tool_call> and </tool_call>"):
         create_app(model, v1_tokenizer, ServerOptions(max_model_len=256, tool_format="hermes"), engine=eng)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streaming"])
+def test_parallel_tool_calls_false_keeps_the_first(setup, stream):
+    client, tok = setup
+    _script(tok, TWO_CALLS)
+    args = dict(model="tiny", messages=Q, tools=TOOLS, temperature=0, parallel_tool_calls=False)
+    if stream:
+        chunks = [c for c in client.chat.completions.create(stream=True, **args) if c.choices]
+        calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    else:
+        calls = client.chat.completions.create(**args).choices[0].message.tool_calls
+    assert [tc.function.name for tc in calls] == ["get_weather"]

@@ -39,9 +39,32 @@ log = logging.getLogger("qwenlm")
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 
 
-def _calls(parsed: "ToolCall | list[ToolCall] | str") -> "list[ToolCall] | str":
-    """A parsed reply as a list of calls (ReAct gives one, the hermes format any number), or its text."""
-    return [parsed] if isinstance(parsed, ToolCall) else parsed
+@dataclass
+class ToolReplies:
+    """How the replies of one chat request are read for tool calls."""
+
+    names: list[str]  # the tools' names; empty: no tools, replies are text
+    fmt: str = "react"  # or "hermes" (serve/hermes.py)
+    legacy: bool = False  # functions/function_call: the first call, in the legacy fields
+    forced: str = ""  # the start of each reply, written by the server to force a call
+    single: bool = False  # parallel_tool_calls false: the first call only
+
+    def stream(self):
+        return (hermes.Stream if self.fmt == "hermes" else ToolStream)(self.names)
+
+    def calls(self, parsed: "ToolCall | list[ToolCall] | str") -> "list[ToolCall] | str":
+        """A parsed reply as its list of calls (ReAct gives one, the hermes format any number), or its text."""
+        calls = [parsed] if isinstance(parsed, ToolCall) else parsed
+        return calls[:1] if not isinstance(calls, str) and (self.legacy or self.single) else calls
+
+    def parse(self, text: str) -> "list[ToolCall] | str":
+        return self.calls(hermes.parse(text, self.names) if self.fmt == "hermes" else parse_reply(text, self.names))
+
+    def delta(self, calls: "list[ToolCall]") -> tuple[dict, str]:
+        """The message fields of `calls` and the finish reason."""
+        if self.legacy:
+            return {"function_call": {"name": calls[0].name, "arguments": calls[0].arguments}}, "function_call"
+        return {"tool_calls": [c.openai() for c in calls]}, "tool_calls"
 
 
 @dataclass
@@ -161,7 +184,8 @@ class Server:
                 forced = forced_call_prefix(*choice, specs, prompt.open_thought)
         except PromptError as e:
             raise APIError(400, f"Invalid request: {e}", param=e.param) from None
-        legacy = bool(funcs) and not tools
+        replies = ToolReplies([f.get("name_for_model", f.get("name")) for f in specs], fmt, bool(funcs) and not tools,
+                              forced, req.parallel_tool_calls is False)
         if forced:  # the reply starts inside the call: the model writes only the rest
             prompt.ids = prompt.ids + (hermes.encode_markup(self.tokenizer, forced) if fmt == "hermes"
                                        else self.tokenizer.encode(forced, allowed_special=set()))
@@ -172,7 +196,6 @@ class Server:
                 raise APIError(400, f"max_length {req.max_length} leaves no room after the {len(prompt.ids)}-token "
                                     "prompt", param="max_length", code="context_length_exceeded")
         cfg = self.sampling(req, len(prompt.ids), max_tokens, prompt.stop or [])
-        names = [f.get("name_for_model", f.get("name")) for f in specs]
         cfgs = self.choice_cfgs(cfg, req.n)
         constraints = self._response_format(req.response_format, req.n, bool(specs))
         if forced:
@@ -185,14 +208,14 @@ class Server:
         texts = job.texts
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._chat_stream(job, texts, names, legacy, rid, created, include_usage,
-                                                       forced, fmt), media_type="text/event-stream")
+            return StreamingResponse(self._chat_stream(job, texts, replies, rid, created, include_usage),
+                                     media_type="text/event-stream")
         reasons = await job.collect()
         if any(r == "abort" for r in reasons):
             return Response(status_code=499)
         choices = []
         for i, (text, reason) in enumerate(zip(texts, reasons)):
-            msg, reason = self._message(forced + text.text, reason, names, legacy, bool(forced), fmt)
+            msg, reason = self._message(forced + text.text, reason, replies)
             lp = {"content": chat_content(self.token_text, *job.shown_logprobs(i)), "refusal": None} \
                 if job.logprobs else None
             choices.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": lp})
@@ -253,22 +276,15 @@ class Server:
             return None
 
     @staticmethod
-    def _message(text: str, reason: str, names: list[str], legacy: bool, forced: bool = False,
-                 fmt: str = "react") -> tuple[dict, str]:
-        if not names:
-            return {"role": "assistant", "content": text}, reason
-        calls = _calls(hermes.parse(text, names) if fmt == "hermes" else parse_reply(text, names))
+    def _message(text: str, reason: str, replies: ToolReplies) -> tuple[dict, str]:
+        calls = replies.parse(text) if replies.names else text
         if isinstance(calls, str):
             return {"role": "assistant", "content": calls}, reason
-        content = "" if forced else calls[0].content  # a forced call's ReAct thought is the server's words
-        if legacy:  # one call at a time in the legacy API
-            return ({"role": "assistant", "content": content or None,
-                     "function_call": {"name": calls[0].name, "arguments": calls[0].arguments}}, "function_call")
-        return ({"role": "assistant", "content": content or None, "tool_calls": [c.openai() for c in calls]},
-                "tool_calls")
+        content = "" if replies.forced else calls[0].content  # a forced call's ReAct thought is the server's words
+        fields, reason = replies.delta(calls)
+        return {"role": "assistant", "content": content or None, **fields}, reason
 
-    async def _chat_stream(self, job: Job, texts, names, legacy, rid, created, include_usage, forced="",
-                           fmt="react"):
+    async def _chat_stream(self, job: Job, texts, replies: ToolReplies, rid, created, include_usage):
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.opts.served_model_name}
 
         def chunk(i, delta, reason=None, logprobs=None):
@@ -277,10 +293,9 @@ class Server:
 
         text_fmt = sse_format({**head, "choices": [{"index": INDEX, "delta": {"content": TEXT},
                                                      "finish_reason": None, "logprobs": None}]})
-        stream_cls = hermes.Stream if fmt == "hermes" else ToolStream
-        tool_streams = [stream_cls(names) for _ in texts] if names else None
+        tool_streams = [replies.stream() for _ in texts] if replies.names else None
         for ts in tool_streams or []:
-            ts.put(forced)  # held back (it holds "Action:" or <tool_call>) and parsed with the model's part
+            ts.put(replies.forced)  # held back (it holds "Action:" or <tool_call>), parsed with the model's part
         try:
             yield "".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(len(texts)))
             async for batch in job.batches():
@@ -302,18 +317,14 @@ class Server:
                     if reason in ("abort", "error"):
                         return
                     if tool_streams is not None:
-                        rest = _calls(tool_streams[i].finish())
+                        rest = replies.calls(tool_streams[i].finish())
                         if not isinstance(rest, str):
-                            if rest[0].content and not forced:
+                            if rest[0].content and not replies.forced:
                                 out.append(chunk(i, {"content": rest[0].content}))
-                            if legacy:
-                                out.append(chunk(i, {"function_call": {"name": rest[0].name,
-                                                                       "arguments": rest[0].arguments}}))
-                                reason = "function_call"
-                            else:
-                                out.append(chunk(i, {"tool_calls": [{"index": k, **c.openai()}
-                                                                    for k, c in enumerate(rest)]}))
-                                reason = "tool_calls"
+                            fields, reason = replies.delta(rest)
+                            for k, call in enumerate(fields.get("tool_calls", [])):
+                                call["index"] = k
+                            out.append(chunk(i, fields))
                         elif rest:
                             out.append(chunk(i, {"content": rest}))
                     out.append(chunk(i, {}, reason))

@@ -137,9 +137,7 @@ def build_prompt(tokenizer, messages: list[dict], specs: list[dict]) -> ChatProm
             if m.get("function_call"):
                 calls.append(m["function_call"])
             out.markup("<|im_start|>").text("assistant")
-            if not calls:
-                out.text("\n" + text)
-            elif text:
+            if text or not calls:  # (the template writes a newline before the text only if there is text or no call)
                 out.text("\n" + text)
             for c in calls:
                 out.text("\n").markup(OPEN).text('\n{"name": ' + _json(c.get("name", "")) + ', "arguments": '

@@ -81,6 +81,7 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
     functions: Optional[list[FunctionDef]] = None
     function_call: Union[Literal["none", "auto"], dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = Field(None, description="false: at most one tool call per reply")
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
