@@ -183,3 +183,28 @@ def test_a_named_call_is_held_to_that_tools_parameters(model_tok, qwen2_tokenize
         assert c.allowed()[t], tok.decode([t])
         c.advance(t)
     assert c.allowed()[tok.encode("24")[0]] and not c.allowed()[tok.encode("unit")[0]]
+
+
+def test_held_and_free_requests_in_one_batch_each_get_what_they_get_alone(client):
+    """Rows held to a grammar and free rows decode together (the sampler masks only the held rows, by
+    their place in the batch): every reply equals the same request served alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA}}
+    asks = [dict(response_format=fmt), {}, dict(response_format={"type": "json_object"}, max_tokens=60),
+            dict(response_format=fmt, temperature=1.0, seed=9), dict(max_tokens=30), dict(response_format=fmt)]
+    asks = [{"temperature": 0, "max_tokens": 80, **a} for a in asks]
+    prompts = [f"Weather report number {k}" for k in range(len(asks))]
+
+    def run(k):
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompts[k]}],
+                                           **asks[k])
+        return r.choices[0].message.content, r.choices[0].finish_reason
+
+    alone = [run(k) for k in range(len(asks))]
+    with ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(run, range(len(asks))))
+    assert together == alone
+    for (text, reason), a in zip(alone, asks):
+        if a.get("response_format") == fmt:
+            assert reason == "stop" and _valid(json.loads(text))
