@@ -25,10 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.batch import BatchEngine
 from ..generation import grammar
+from . import hermes
 from .http import APIError, BodyLimit, Gate, error_response
 from .jobs import INDEX, REASON, TEXT, Job, json_str, reason_json, sse, sse_error, sse_format
 from .logprobs import CompletionLogprobs, TokenText, chat_content
-from . import hermes
 from .metrics import Metrics
 from .prompt import (PromptError, ToolCall, ToolStream, build_chat_prompt, forced_call_name, forced_call_prefix,
                      parse_reply, tool_specs)
@@ -169,26 +169,8 @@ class Server:
     async def chat(self, req: ChatCompletionRequest, request: Request):
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        tools = None if req.tool_choice == "none" else [t.model_dump(exclude_none=True) for t in req.tools or []]
-        funcs = None if req.function_call == "none" else [f.model_dump(exclude_none=True) for f in req.functions or []]
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        choice = (req.tool_choice if tools is not None else None, req.function_call if funcs is not None else None)
-        try:
-            specs = tool_specs(tools, funcs)
-            fmt = "hermes" if self.tool_format == "hermes" and (specs or hermes.uses_tools(messages)) else "react"
-            if fmt == "hermes":
-                prompt = hermes.build_prompt(self.tokenizer, messages, specs)
-                forced = hermes.forced_prefix(*choice, specs)
-            else:
-                prompt = build_chat_prompt(self.tokenizer, messages, specs)
-                forced = forced_call_prefix(*choice, specs, prompt.open_thought)
-        except PromptError as e:
-            raise APIError(400, f"Invalid request: {e}", param=e.param) from None
-        replies = ToolReplies([f.get("name_for_model", f.get("name")) for f in specs], fmt, bool(funcs) and not tools,
-                              forced, req.parallel_tool_calls is False)
-        if forced:  # the reply starts inside the call: the model writes only the rest
-            prompt.ids = prompt.ids + (hermes.encode_markup(self.tokenizer, forced) if fmt == "hermes"
-                                       else self.tokenizer.encode(forced, allowed_special=set()))
+        prompt, replies, specs, forced_call = self._chat_prompt(req)
+        forced = replies.forced
         max_tokens = req.max_completion_tokens or req.max_tokens
         if req.max_length is not None:
             max_tokens = min(max_tokens or req.max_length, req.max_length - len(prompt.ids))
@@ -199,7 +181,7 @@ class Server:
         cfgs = self.choice_cfgs(cfg, req.n)
         constraints = self._response_format(req.response_format, req.n, bool(specs))
         if forced:
-            constraints = self._forced_arguments(fmt, forced_call_name(*choice, specs), specs, req.n)
+            constraints = self._forced_arguments(replies.fmt, forced_call, specs, req.n)
         job = Job(self, [prompt.ids] * req.n, cfgs, [] if req.ignore_eos else self.chat_stop_ids, request,
                   logprobs=(req.top_logprobs or 0) if req.logprobs else None, constraints=constraints)
         job.submit()
@@ -222,6 +204,32 @@ class Server:
         self.metrics.generation_tokens.inc(job.completion_tokens)
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.opts.served_model_name,
                 "choices": choices, "usage": job.usage()}
+
+    def _chat_prompt(self, req: ChatCompletionRequest):
+        """The prompt's token ids (with the start of a forced call at their end), how its replies are read
+        for tool calls, the tools, and which call is forced (prompt.forced_call_name; None: none)."""
+        tools = None if req.tool_choice == "none" else [t.model_dump(exclude_none=True) for t in req.tools or []]
+        funcs = None if req.function_call == "none" else [f.model_dump(exclude_none=True) for f in req.functions or []]
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        choice = (req.tool_choice if tools is not None else None, req.function_call if funcs is not None else None)
+        try:
+            specs = tool_specs(tools, funcs)
+            fmt = "hermes" if self.tool_format == "hermes" and (specs or hermes.uses_tools(messages)) else "react"
+            if fmt == "hermes":
+                prompt = hermes.build_prompt(self.tokenizer, messages, specs)
+                forced = hermes.forced_prefix(*choice, specs)
+            else:
+                prompt = build_chat_prompt(self.tokenizer, messages, specs)
+                forced = forced_call_prefix(*choice, specs, prompt.open_thought)
+            forced_call = forced_call_name(*choice, specs)
+        except PromptError as e:
+            raise APIError(400, f"Invalid request: {e}", param=e.param) from None
+        replies = ToolReplies([f.get("name_for_model", f.get("name")) for f in specs], fmt, bool(funcs) and not tools,
+                              forced, req.parallel_tool_calls is False)
+        if forced:  # the reply starts inside the call: the model writes only the rest
+            prompt.ids = prompt.ids + (hermes.encode_markup(self.tokenizer, forced) if fmt == "hermes"
+                                       else self.tokenizer.encode(forced, allowed_special=set()))
+        return prompt, replies, specs, forced_call
 
     def _response_format(self, fmt: dict | None, n: int, tools: bool) -> list | None:
         """One grammar constraint per choice for `response_format` json_object / json_schema (None: text)."""
