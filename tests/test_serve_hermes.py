@@ -94,6 +94,15 @@ def test_other_tokenizers_keep_react(v1_tokenizer):
     assert tool_format(v1_tokenizer) == "react"
 
 
+def test_a_tokenizer_read_from_the_gguf_file_knows_its_format(qwen2_tokenizer):
+    from qwenlm import QwenTokenizer
+    from qwenlm.hub import default_gguf_path
+
+    gguf = QwenTokenizer.from_pretrained(default_gguf_path())
+    assert tool_format(gguf) == "hermes"
+    assert build_prompt(gguf, Q, [WEATHER]).ids == build_prompt(qwen2_tokenizer, Q, [WEATHER]).ids
+
+
 def test_bad_conversations(qwen2_tokenizer):
     with pytest.raises(PromptError, match="before role tool"):
         build_prompt(qwen2_tokenizer, Q + [{"role": "user", "content": "x"}, {"role": "tool", "content": "1"}], [])

@@ -86,7 +86,11 @@ def read_gguf_vocab(path_or_reader) -> Vocab:
         raise GGUFError("the GGUF file has no tokenizer.ggml.tokens / token_type vocabulary")
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
         raise GGUFError("only byte-level BPE ('gpt2') GGUF vocabularies are supported")
-    return vocab_from_gguf_tokens(tokens, types)
+    vocab = vocab_from_gguf_tokens(tokens, types)
+    template = _field(reader, "tokenizer.chat_template")
+    if template:  # (the tool format is read from it: serve/hermes.py)
+        vocab.config = {"chat_template": template}
+    return vocab
 
 
 def gguf_metadata(reader) -> dict:
