@@ -21,6 +21,7 @@ import torch
 from ..errors import ContextLengthError
 from ..generation.config import GenerationConfig
 from ..generation.generate import StopChecker, collect, left_pad, make_generator, record_step
+from ..generation.grammar import advance, hold
 from ..generation.sampling import next_tokens
 from ..models.layers import ForwardContext, attention_mask_4d, logn_scale, ntk_alpha
 from .cache import KernelAttention, StaticKVCache, fused_rotary_on, kernel_attention_on
@@ -357,16 +358,19 @@ class Engine:
     @torch.inference_mode()
     def generate_steps(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
                        stop: StopChecker | None = None, vocab_limit: int | None = None,
-                       sync_every: int = 1) -> Iterator[list[int | None]]:
+                       sync_every: int = 1, constraints: list | None = None) -> Iterator[list[int | None]]:
         """Yield each row's new token per step (None once finished), like the reference loop.
-        With `sync_every > 1` the GPU runs ahead and the host checks stops every that many steps."""
+        With `sync_every > 1` the GPU runs ahead and the host checks stops every that many steps.
+        `constraints`: each row's grammar (generation/grammar.py; None: free), told every token."""
+        if constraints is not None and len(constraints) != len(prompts):
+            raise ValueError(f"{len(constraints)} constraints for {len(prompts)} prompts")
         try:
-            yield from self._steps(prompts, cfg, stop, vocab_limit, sync_every)
+            yield from self._steps(prompts, cfg, stop, vocab_limit, sync_every, constraints)
         finally:
             if not self.keep_state and self._kept is None:
                 self.release()  # free the KV cache as soon as the generation ends
 
-    def _steps(self, prompts, cfg, stop, vocab_limit, sync_every):
+    def _steps(self, prompts, cfg, stop, vocab_limit, sync_every, constraints=None):
         started = time.perf_counter()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -391,7 +395,7 @@ class Engine:
         first = None
         try:
             for step in self._token_loop(st, cfg, stop, vocab_limit, sync_every, n_new, seen, generator, out_tokens,
-                                         generated, finished):
+                                         generated, finished, constraints):
                 if first is None:
                     first = time.perf_counter()
                 yield step
@@ -403,7 +407,7 @@ class Engine:
                                               first - started, end - first)
 
     def _token_loop(self, st, cfg, stop, vocab_limit, sync_every, n_new, seen, generator, out_tokens, generated,
-                    finished):
+                    finished, constraints=None):
         b, w, dev, vocab = st["b"], st["w"], self.device, self.cfg.vocab_size
         max_len = st["valid"].shape[1]
         rows = torch.arange(b, device=dev)
@@ -412,7 +416,11 @@ class Engine:
         for step in range(n_new):
             if vocab_limit is not None and vocab_limit < vocab:
                 logits[:, vocab_limit:] = float("-inf")
+            if constraints is not None:
+                hold(logits, constraints)
             tok = next_tokens(logits, seen, cfg, generator)
+            if constraints is not None:
+                advance(constraints, tok.tolist())
             out_tokens[:, step] = tok
             last = step == n_new - 1
             if (step + 1) % sync_every == 0 or last:
@@ -435,12 +443,12 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
                  stop: StopChecker | None = None, vocab_limit: int | None = None,
-                 sync_every: int | None = None) -> list[list[int]]:
+                 sync_every: int | None = None, constraints: list | None = None) -> list[list[int]]:
         """New token ids of each row. On CUDA the GPU runs 16 steps ahead of the stop checks;
         on CPU every step is checked (a wasted step there costs real time)."""
         if sync_every is None:
             sync_every = 16 if self.device.type == "cuda" else 1
-        return collect(self.generate_steps(prompts, cfg, stop, vocab_limit, sync_every), len(prompts))
+        return collect(self.generate_steps(prompts, cfg, stop, vocab_limit, sync_every, constraints), len(prompts))
 
 
 def get_engine(model) -> Engine:

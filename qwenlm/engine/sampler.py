@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..generation.grammar import advance, hold
 from ..generation.sampling import apply_logit_bias, apply_presence_frequency, choose, uniforms
 
 
@@ -38,15 +39,8 @@ class RowSampler:
         for i, s in enumerate(seqs):  # each row's own bias, before anything reads the logits
             if s.cfg.logit_bias:
                 apply_logit_bias(logits[i:i + 1], s.cfg.logit_bias)
-        held = [i for i, s in enumerate(seqs) if s.constraint is not None]
-        if held:  # structured output: what the grammar does not allow next cannot be chosen (one write)
-            allowed = torch.stack([seqs[i].constraint.allowed() for i in held]).to(logits.device)
-            rows = torch.tensor(held, device=logits.device)
-            width = min(allowed.shape[1], logits.shape[1])
-            part = logits[rows]
-            part[:, :width].masked_fill_(~allowed[:, :width], float("-inf"))
-            part[:, width:] = float("-inf")
-            logits[rows] = part
+        constraints = [s.constraint for s in seqs]
+        hold(logits, constraints)  # structured output: what a row's grammar does not allow cannot be chosen
         chosen: list[int | None] = [None] * len(seqs)
         greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]
         if greedy:
@@ -84,6 +78,5 @@ class RowSampler:
             flat = torch.cat([t for _, t in picked]).tolist()
             for i, t in zip([i for rows, _ in picked for i in rows], flat):
                 chosen[i] = t
-        for i in held:
-            seqs[i].constraint.advance(chosen[i])
+        advance(constraints, chosen)
         return chosen

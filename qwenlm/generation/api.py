@@ -12,6 +12,7 @@ import torch
 from ..tokenizer.chatml import BAD_CHAT_FORMAT, History, make_context, reply_ids
 from .config import GenerationConfig
 from .generate import StopChecker, split_on_stop, prompts_from_tensor, stream_text
+from .grammar import grammars_for, requested_schema
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -35,6 +36,7 @@ BEAMS = ("beam search (num_beams={}) is not supported by qwenlm: greedy or sampl
 
 
 def _chat_setup(model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs):
+    response_format = kwargs.pop("response_format", None)
     cfg = _config(model, generation_config, kwargs)
     if cfg.chat_format != "chatml":
         raise ValueError(BAD_CHAT_FORMAT)
@@ -45,7 +47,9 @@ def _chat_setup(model, tokenizer, query, history, system, stop_words_ids, genera
     # the caller's list is copied, never extended (the original mutated it)
     cfg.stop_words_ids = list(cfg.stop_words_ids or []) + list(stop_words_ids or [])
     control = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
-    return cfg, context, control
+    held, schema = requested_schema(response_format)  # (OpenAI's response_format: json_object / json_schema)
+    constraint = grammars_for(tokenizer, model.config.vocab_size, tokenizer.im_end_id).json(schema) if held else None
+    return cfg, context, control, constraint
 
 
 def chat(model, tokenizer, query: str, history: History | None = None,
@@ -54,10 +58,11 @@ def chat(model, tokenizer, query: str, history: History | None = None,
     """One chat turn: returns `(response, history + [(query, response)])`; history is copied."""
     if "stream" in kwargs:
         raise ValueError("chat(stream=...) is not supported: use model.chat_stream(...) instead")
-    cfg, context, control = _chat_setup(model, tokenizer, query, history, system, stop_words_ids,
-                                        generation_config, kwargs)
+    cfg, context, control, constraint = _chat_setup(model, tokenizer, query, history, system, stop_words_ids,
+                                                    generation_config, kwargs)
     stop = StopChecker(cfg, control, tokenizer)
-    new = _engine(model).generate([context], cfg, stop, vocab_limit=tokenizer.id_limit)[0]
+    new = _engine(model).generate([context], cfg, stop, vocab_limit=tokenizer.id_limit,
+                                  constraints=None if constraint is None else [constraint])[0]
     text = tokenizer.decode(reply_ids(new, set(control) | set(cfg.eos_ids())), errors="replace")
     response = split_on_stop(text, [x for x in (cfg.stop or []) if x], final=True)[1].strip()
     history = copy.deepcopy(history) if history else []
@@ -70,10 +75,10 @@ def chat_stream(model, tokenizer, query: str, history: History | None = None,
                 generation_config: GenerationConfig | None = None, **kwargs: Any) -> Iterator[str]:
     """Yield the cumulative response text, like the original; history is neither copied nor
     appended (the caller appends)."""
-    cfg, context, control = _chat_setup(model, tokenizer, query, history, system, stop_words_ids,
-                                        generation_config, kwargs)
+    cfg, context, control, constraint = _chat_setup(model, tokenizer, query, history, system, stop_words_ids,
+                                                    generation_config, kwargs)
     text = ""
-    for delta in stream_text(model, tokenizer, context, cfg, control):
+    for delta in stream_text(model, tokenizer, context, cfg, control, constraint=constraint):
         text += delta
         yield text
 

@@ -15,6 +15,7 @@ import torch
 
 from ..tokenizer.stream import StreamDecoder
 from .config import GenerationConfig
+from .grammar import advance, hold
 from .sampling import next_tokens
 
 
@@ -94,9 +95,10 @@ def make_generator(seed: int | None, device) -> torch.Generator:
 
 @torch.inference_mode()
 def generate_steps(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
-                   stop: StopChecker | None = None, vocab_limit: int | None = None
-                   ) -> Iterator[list[int | None]]:
-    """Yield, per decoding step, each row's new token (None once that row has finished)."""
+                   stop: StopChecker | None = None, vocab_limit: int | None = None,
+                   constraints: list | None = None) -> Iterator[list[int | None]]:
+    """Yield, per decoding step, each row's new token (None once that row has finished).
+    `constraints`: each row's grammar (generation/grammar.py; None: free), told every token."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     stop = stop or StopChecker(cfg)
@@ -116,7 +118,12 @@ def generate_steps(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfi
         logits = out.logits[:, -1].float()
         if vocab_limit is not None and vocab_limit < vocab:
             logits[:, vocab_limit:] = float("-inf")
-        step = record_step(next_tokens(logits, seen, cfg, generator).tolist(), generated, finished, stop)
+        if constraints is not None:
+            hold(logits, constraints)
+        tokens = next_tokens(logits, seen, cfg, generator).tolist()
+        if constraints is not None:
+            advance(constraints, tokens)
+        step = record_step(tokens, generated, finished, stop)
         yield step
         if all(finished):
             return
@@ -137,9 +144,10 @@ def collect(steps: Iterator[list[int | None]], n_rows: int) -> list[list[int]]:
 
 
 def generate(model, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
-             stop: StopChecker | None = None, vocab_limit: int | None = None) -> list[list[int]]:
+             stop: StopChecker | None = None, vocab_limit: int | None = None,
+             constraints: list | None = None) -> list[list[int]]:
     """New token ids of each row (stop token included, like transformers)."""
-    return collect(generate_steps(model, prompts, cfg, stop, vocab_limit), len(prompts))
+    return collect(generate_steps(model, prompts, cfg, stop, vocab_limit, constraints), len(prompts))
 
 
 class TextAssembler:
@@ -182,16 +190,18 @@ class TextAssembler:
 
 def stream_text(model, tokenizer, prompt: Sequence[int], cfg: GenerationConfig,
                 extra_stop_ids: Sequence[int] = (), skip_special_tokens: bool = True,
-                on_token=None, steps_fn=None) -> Iterator[str]:
+                on_token=None, steps_fn=None, constraint=None) -> Iterator[str]:
     """Text deltas of one completion (see TextAssembler).
-    `steps_fn(prompts, cfg, stop, vocab_limit)` produces the tokens (default: the engine)."""
+    `steps_fn(prompts, cfg, stop, vocab_limit)` produces the tokens (default: the engine);
+    `constraint` holds the reply to a grammar (generation/grammar.py)."""
     if steps_fn is None:
         from ..engine import get_engine
 
         steps_fn = get_engine(model).generate_steps
     stop = StopChecker(cfg, extra_stop_ids, tokenizer)
     text = TextAssembler(tokenizer, stop.ids, cfg.stop or [], skip_special_tokens)
-    for step in steps_fn([prompt], cfg, stop, vocab_limit=tokenizer.id_limit):
+    held = {} if constraint is None else {"constraints": [constraint]}
+    for step in steps_fn([prompt], cfg, stop, vocab_limit=tokenizer.id_limit, **held):
         t = step[0]
         if t is None:
             break

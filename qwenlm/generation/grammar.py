@@ -11,13 +11,71 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 
 import numpy as np
 import torch
 
 
 class GrammarError(ValueError):
-    """A schema the grammar engine rejects (answered with 400)."""
+    """A response format or schema that cannot be used (the server answers 400)."""
+
+
+def requested_schema(response_format: dict | None) -> tuple[bool, dict | None]:
+    """OpenAI's `response_format` -> (held to JSON?, the schema; None: any JSON object)."""
+    if response_format is None:
+        return False, None
+    if not isinstance(response_format, dict):
+        raise GrammarError(f"response_format must be a dict such as {{'type': 'json_object'}}, not {response_format!r}")
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return False, None
+    if kind == "json_object":
+        return True, None
+    if kind != "json_schema":
+        raise GrammarError(f"response_format type {kind!r}: expected text, json_object or json_schema")
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise GrammarError("response_format json_schema needs json_schema.schema, a JSON schema object")
+    return True, schema
+
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def grammars_for(tokenizer, vocab_size: int, end_id: int) -> "Grammars":
+    """The Grammars of a tokenizer (one per tokenizer, vocabulary size and end token: each reads the
+    vocabulary once)."""
+    if not available():
+        raise GrammarError("structured output needs the llguidance package (pip install llguidance)")
+    per = _CACHE.setdefault(tokenizer, {})
+    key = (vocab_size, end_id)
+    if key not in per:
+        per[key] = Grammars(tokenizer, vocab_size, end_id)
+    return per[key]
+
+
+def hold(logits: torch.Tensor, constraints: list) -> None:
+    """In each row of `logits` (B, V) whose constraint is not None, set what it does not allow next to
+    -inf (one write for all of them)."""
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return
+    allowed = torch.stack([constraints[i].allowed() for i in rows]).to(logits.device)
+    idx = torch.tensor(rows, device=logits.device)
+    width = min(allowed.shape[1], logits.shape[1])
+    part = logits[idx]
+    part[:, :width].masked_fill_(~allowed[:, :width], float("-inf"))
+    part[:, width:] = float("-inf")
+    logits[idx] = part
+
+
+def advance(constraints: list, tokens: list[int]) -> None:
+    """Tell each constraint (None: none) the token its row got."""
+    for c, t in zip(constraints, tokens):
+        if c is not None:
+            c.advance(t)
 
 
 def available() -> bool:

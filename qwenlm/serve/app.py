@@ -104,7 +104,6 @@ class Server:
             raise ValueError("the hermes tool format needs <tool_call> and </tool_call> tokens, which this "
                              "tokenizer lacks (a Qwen2/2.5 tokenizer has them)")
         self.created = int(time.time())
-        self.grammars = None  # structured output over this tokenizer (made at the first request that asks)
 
     # ---- request -> sampling settings ---------------------------------------------------------
     def sampling(self, req, prompt_len: int, max_tokens: int | None, extra_stops=()):
@@ -233,34 +232,19 @@ class Server:
 
     def _response_format(self, fmt: dict | None, n: int, tools: bool) -> list | None:
         """One grammar constraint per choice for `response_format` json_object / json_schema (None: text)."""
-        kind = (fmt or {}).get("type", "text")
-        if kind == "text":
-            return None
-        if kind not in ("json_object", "json_schema"):
-            raise APIError(400, f"response_format type {kind!r}: expected text, json_object or json_schema",
-                           param="response_format")
-        if tools:
-            raise APIError(400, "response_format with tools: a reply is held to a format or may call a tool, not "
-                                "both (tool_choice 'none' leaves the tools out)", param="response_format")
-        schema = None
-        if kind == "json_schema":
-            spec = fmt.get("json_schema")
-            schema = spec.get("schema") if isinstance(spec, dict) else None
-            if not isinstance(schema, dict):
-                raise APIError(400, "response_format json_schema needs json_schema.schema, a JSON schema object",
-                               param="response_format")
-        if not grammar.available():
-            raise APIError(400, "response_format needs the llguidance package on the server (pip install "
-                                "llguidance)", param="response_format")
         try:
+            held, schema = grammar.requested_schema(fmt)
+            if not held:
+                return None
+            if tools:
+                raise grammar.GrammarError("response_format with tools: a reply is held to a format or may call a "
+                                           "tool, not both (tool_choice 'none' leaves the tools out)")
             return [self._grammars().json(schema) for _ in range(n)]
         except grammar.GrammarError as e:
             raise APIError(400, str(e), param="response_format") from None
 
     def _grammars(self) -> grammar.Grammars:
-        if self.grammars is None:
-            self.grammars = grammar.Grammars(self.tokenizer, self.model.config.vocab_size, self.tokenizer.im_end_id)
-        return self.grammars
+        return grammar.grammars_for(self.tokenizer, self.model.config.vocab_size, self.tokenizer.im_end_id)
 
     def _forced_arguments(self, fmt: str, forced: tuple, specs: list[dict], n: int) -> list | None:
         """For a call the server forced (tool_choice named or "required"): one constraint per choice that
