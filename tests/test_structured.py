@@ -4,6 +4,7 @@ model, which left alone writes anything, writes valid values through the server;
 parsing and by the schema's rules written out by hand."""
 
 import json
+import re
 
 import openai
 import pytest
@@ -103,15 +104,45 @@ def test_bad_formats_are_a_400(client, fmt, message):
     assert e.value.body["param"] == "response_format"
 
 
-def test_formats_with_tools_or_completions_are_a_400(client):
+def test_formats_with_tools_are_a_400(client):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     with pytest.raises(openai.BadRequestError, match="held to a format or may call a tool"):
         _ask(client, response_format={"type": "json_object"}, tools=tools, max_tokens=8)
     assert _ask(client, response_format={"type": "json_object"}, tools=tools, tool_choice="none", max_tokens=4)
-    with pytest.raises(openai.BadRequestError, match="only chat completions"):
-        client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body={
-            "response_format": {"type": "json_object"}})
 
+
+def test_vllm_guided_decoding_and_completions(client):
+    """vLLM's guided_json / guided_regex / guided_choice (extra_body), in chat and in completions (where
+    the reply ends with <|endoftext|>), and response_format in completions too."""
+    r = _ask(client, temperature=1.0, seed=2, n=3, extra_body={"guided_regex": "[0-9]{3}-[0-9]{4}"})
+    assert all(re.fullmatch("[0-9]{3}-[0-9]{4}", c.message.content) for c in r.choices)
+    r = _ask(client, temperature=1.0, seed=2, n=4, extra_body={"guided_choice": ["sunny", "rain", "snow (heavy)"]})
+    assert {c.message.content for c in r.choices} <= {"sunny", "rain", "snow (heavy)"}
+    assert all(c.finish_reason == "stop" for c in r.choices)
+    r = _ask(client, temperature=0, extra_body={"guided_json": json.dumps(SCHEMA)})
+    assert _valid(json.loads(r.choices[0].message.content))
+    for body in ({"guided_json": SCHEMA}, {"response_format": {"type": "json_schema",
+                                                               "json_schema": {"name": "w", "schema": SCHEMA}}}):
+        r = client.completions.create(model="tiny", prompt="The weather as JSON:", max_tokens=80, temperature=0,
+                                      extra_body=body)
+        assert r.choices[0].finish_reason == "stop" and _valid(json.loads(r.choices[0].text))
+    r = client.completions.create(model="tiny", prompt=["a", "bb"], n=2, max_tokens=20, temperature=1.0, seed=1,
+                                  extra_body={"guided_choice": ["yes", "no"]})
+    assert len(r.choices) == 4 and {c.text for c in r.choices} <= {"yes", "no"}
+
+
+@pytest.mark.parametrize("body,param,message", [
+    ({"guided_regex": "((("}, "guided_regex", "the regular expression is not usable"),
+    ({"guided_choice": []}, "guided_choice", "the choices must be a list of non-empty strings"),
+    ({"guided_json": "{not json"}, "guided_json", "guided_json is not JSON"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex", "guided_regex, guided_choice: one at a time"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex",
+     "guided_regex, response_format: one at a time"),
+])
+def test_bad_guides_are_a_400(client, body, param, message):
+    with pytest.raises(openai.BadRequestError, match=re.escape(message)) as e:
+        _ask(client, extra_body=body)
+    assert e.value.body["param"] == param
 
 WEATHER = {"name": "get_weather", "parameters": SCHEMA}
 CLOCK = {"name": "get_time", "parameters": {"type": "object", "additionalProperties": False,

@@ -119,6 +119,21 @@ class Grammars:
 
         return self._matcher(lambda: llguidance.LLMatcher.grammar_from_json_schema(_schema(schema)))
 
+    def regex(self, pattern: str) -> "Constraint":
+        """A constraint to text that the regular expression matches whole (Rust regex syntax)."""
+        import llguidance
+
+        return self._matcher(lambda: llguidance.LLMatcher.grammar_from_regex(pattern), "regular expression")
+
+    def one_of(self, texts: list[str]) -> "Constraint":
+        """A constraint to exactly one of `texts`."""
+        import llguidance
+
+        if not texts or not all(isinstance(t, str) and t for t in texts):
+            raise GrammarError("the choices must be a list of non-empty strings")
+        lark = "start: " + " | ".join(json.dumps(t) for t in texts)
+        return self._matcher(lambda: llguidance.LLMatcher.grammar_from_lark(lark), "choice")
+
     def choice(self, options: list[tuple[str, dict | None, str]]) -> "Constraint":
         """A constraint to one of `options`, each (text before, JSON schema of a value, text after): a
         tool call whose start the server wrote, the model writing the rest (which tool, if several, and
@@ -132,17 +147,17 @@ class Grammars:
             rules.append(f"v{k}: %json " + json.dumps(_schema(schema)))
         return self._matcher(lambda: llguidance.LLMatcher.grammar_from_lark("\n".join(rules)))
 
-    def _matcher(self, make_grammar) -> "Constraint":
+    def _matcher(self, make_grammar, what: str = "JSON schema") -> "Constraint":
         import llguidance
 
         try:
             matcher = llguidance.LLMatcher(self._tokenizer(), make_grammar())
         except (KeyboardInterrupt, SystemExit):
             raise
-        except BaseException as e:  # (a panic in the Rust library is a BaseException: still the schema's fault)
-            raise GrammarError(f"the JSON schema is not usable: {e}") from None
+        except BaseException as e:  # (a panic in the Rust library is a BaseException: still the input's fault)
+            raise GrammarError(f"the {what} is not usable: {e}") from None
         if matcher.is_error():
-            raise GrammarError(f"the JSON schema is not usable: {matcher.get_error()}")
+            raise GrammarError(f"the {what} is not usable: {matcher.get_error()}")
         return Constraint(matcher, self.vocab_size, self.end_id)
 
 

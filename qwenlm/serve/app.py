@@ -126,9 +126,6 @@ class Server:
         stops = [s for s in stops if s] + list(extra_stops)
         kw = {"max_new_tokens": max_tokens, "stop": stops or None, "seed": req.seed,
               "logit_bias": self._logit_bias(req.logit_bias)}
-        if (req.response_format or {}).get("type", "text") != "text" and not isinstance(req, ChatCompletionRequest):
-            raise APIError(400, f"response_format {req.response_format.get('type')!r}: only chat completions "
-                                "hold a reply to a format", param="response_format")
         if req.temperature is not None:
             kw.update(do_sample=req.temperature > 1e-5, temperature=max(req.temperature, 1e-5))
         for name in ("top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -178,7 +175,7 @@ class Server:
                                     "prompt", param="max_length", code="context_length_exceeded")
         cfg = self.sampling(req, len(prompt.ids), max_tokens, prompt.stop or [])
         cfgs = self.choice_cfgs(cfg, req.n)
-        constraints = self._response_format(req.response_format, req.n, bool(specs))
+        constraints = self._constraints(req, req.n, self.tokenizer.im_end_id, tools=bool(specs))
         if forced:
             constraints = self._forced_arguments(replies.fmt, forced_call, specs, req.n)
         job = Job(self, [prompt.ids] * req.n, cfgs, [] if req.ignore_eos else self.chat_stop_ids, request,
@@ -230,18 +227,35 @@ class Server:
                                        else self.tokenizer.encode(forced, allowed_special=set()))
         return prompt, replies, specs, forced_call
 
-    def _response_format(self, fmt: dict | None, n: int, tools: bool) -> list | None:
-        """One grammar constraint per choice for `response_format` json_object / json_schema (None: text)."""
+    def _constraints(self, req, n: int, end_id: int, tools: bool = False) -> list | None:
+        """One grammar constraint per choice for `response_format` (json_object, json_schema) or vLLM's
+        guided_json / guided_regex / guided_choice; None: free text."""
+        asked = [name for name in ("guided_json", "guided_regex", "guided_choice") if getattr(req, name) is not None]
+        param = asked[0] if asked else "response_format"
         try:
-            held, schema = grammar.requested_schema(fmt)
-            if not held:
+            held, schema = grammar.requested_schema(req.response_format)
+            if len(asked) + held > 1:
+                raise grammar.GrammarError(f"{', '.join(asked + ['response_format'] * held)}: one at a time")
+            if not (asked or held):
                 return None
             if tools:
-                raise grammar.GrammarError("response_format with tools: a reply is held to a format or may call a "
-                                           "tool, not both (tool_choice 'none' leaves the tools out)")
-            return [self._grammars().json(schema) for _ in range(n)]
+                raise grammar.GrammarError(f"{param} with tools: a reply is held to a format or may call a tool, "
+                                           "not both (tool_choice 'none' leaves the tools out)")
+            grammars = grammar.grammars_for(self.tokenizer, self.model.config.vocab_size, end_id)
+            if param == "guided_json":
+                schema = req.guided_json
+                if isinstance(schema, str):
+                    try:
+                        schema = json.loads(schema)
+                    except ValueError as e:
+                        raise grammar.GrammarError(f"guided_json is not JSON: {e}") from None
+            if param in ("guided_json", "response_format"):
+                return [grammars.json(schema) for _ in range(n)]
+            if param == "guided_regex":
+                return [grammars.regex(req.guided_regex) for _ in range(n)]
+            return [grammars.one_of(req.guided_choice) for _ in range(n)]
         except grammar.GrammarError as e:
-            raise APIError(400, str(e), param="response_format") from None
+            raise APIError(400, str(e), param=param) from None
 
     def _grammars(self) -> grammar.Grammars:
         return grammar.grammars_for(self.tokenizer, self.model.config.vocab_size, self.tokenizer.im_end_id)
@@ -369,8 +383,9 @@ class Server:
             all_prompts += [p] * req.n
             cfgs += self.choice_cfgs(cfg, req.n)
         k = req.logprobs
+        constraints = None if zero else self._constraints(req, len(all_prompts), self.tokenizer.eod_id)
         job = Job(self, all_prompts, cfgs, [] if req.ignore_eos else [self.tokenizer.eod_id], request,
-                  logprobs=k, prompt_logprobs=k if req.echo else None)
+                  logprobs=k, prompt_logprobs=k if req.echo else None, constraints=constraints)
         job.hide_generated = zero
         job.prompt_tokens = sum(len(p) for p in prompts)
         job.submit()

@@ -68,6 +68,10 @@ class _Sampling(_Lenient):
     seed: Optional[int] = None
     logit_bias: Optional[dict[str, float]] = None
     response_format: Optional[dict[str, Any]] = None
+    # vLLM's names for the same (one of them, or response_format, per request)
+    guided_json: Union[dict[str, Any], str, None] = Field(None, description="a JSON schema the reply is held to")
+    guided_regex: Optional[str] = Field(None, description="a regular expression the reply is held to")
+    guided_choice: Optional[list[str]] = Field(None, description="the reply is exactly one of these")
     user: Optional[str] = None
     ignore_eos: bool = Field(False, description="keep generating past end-of-text tokens (benchmarks; as vLLM)")
 
