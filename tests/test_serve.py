@@ -443,7 +443,7 @@ def test_logit_bias(client, model_tok):
 @pytest.mark.parametrize("extra,param", [
     ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"999999999": 1}}, "logit_bias"),
-    ({"response_format": {"type": "json_object"}}, "response_format"), ({"best_of": 3}, "best_of"),
+    ({"response_format": {"type": "yaml"}}, "response_format"), ({"best_of": 3}, "best_of"),
 ])
 def test_unsupported_or_bad_settings_are_a_400(server, extra, param):
     r = httpx.post(server + "/v1/completions", json={"prompt": "hi", "max_tokens": 2, **extra})

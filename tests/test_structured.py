@@ -295,3 +295,36 @@ def test_qwen_generate_json_schema(tmp_path, v1_chat_dir):
         r = subprocess.run([sys.executable, "-m", "qwenlm", "generate", "-m", "/no/such/model", "--json-schema",
                             str(path), "x"], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_grammar_too_slow_to_prepare_is_a_400_and_stalls_nobody(client, monkeypatch):
+    """A choice of one 100,000-character string takes seconds to build a lexer for: the request is
+    refused after the time budget, and a request already streaming keeps streaming meanwhile (the
+    grammar is prepared off the event loop and the engine, with the interpreter free)."""
+    import threading
+    import time
+
+    from qwenlm.serve.app import Server
+
+    monkeypatch.setattr(Server, "GRAMMAR_SECONDS", 0.3)
+    gaps, done = [], threading.Event()
+
+    def stream():
+        last = time.perf_counter()
+        for _ in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=200, stream=True, extra_body={"ignore_eos": True}):
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        done.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(0.3)
+    started = time.perf_counter()
+    with pytest.raises(openai.BadRequestError, match="takes too long to prepare") as e:
+        _ask(client, extra_body={"guided_choice": ["a" * 100_000]})
+    assert time.perf_counter() - started < 3
+    assert e.value.status_code == 400
+    t.join(60)
+    assert done.is_set() and max(gaps[1:]) < 1.0  # no step waited for the grammar

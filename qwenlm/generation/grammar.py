@@ -166,18 +166,24 @@ class Constraint:
 
     def __init__(self, matcher, vocab_size: int, end_id: int):
         self.matcher, self.vocab_size, self.end_id = matcher, vocab_size, end_id
+        self._allowed: torch.Tensor | None = None  # the next step's, once computed
 
     def allowed(self) -> torch.Tensor:
         """(vocab_size,) bool: the tokens that may come next. If the grammar is stuck (it should not
-        be), only the end token: the reply ends instead of going on unconstrained."""
-        words = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        bits = np.unpackbits(words, bitorder="little")[:self.vocab_size].astype(bool)
-        if self.matcher.is_error() or not bits.any():
-            bits = np.zeros(self.vocab_size, dtype=bool)
-            bits[self.end_id] = True
-        return torch.from_numpy(bits)
+        be), only the end token: the reply ends instead of going on unconstrained. The first call of a
+        grammar can take long (its lexer is built then; llguidance releases the GIL meanwhile): the
+        server makes it before the sequence joins the batch (serve/app.py)."""
+        if self._allowed is None:
+            words = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+            bits = np.unpackbits(words, bitorder="little")[:self.vocab_size].astype(bool)
+            if self.matcher.is_error() or not bits.any():
+                bits = np.zeros(self.vocab_size, dtype=bool)
+                bits[self.end_id] = True
+            self._allowed = torch.from_numpy(bits)
+        return self._allowed
 
     def advance(self, token: int) -> None:
+        self._allowed = None
         if not self.matcher.is_stopped():
             self.matcher.consume_token(token)
 

@@ -178,6 +178,7 @@ class Server:
         constraints = self._constraints(req, req.n, self.tokenizer.im_end_id, tools=bool(specs))
         if forced:
             constraints = self._forced_arguments(replies.fmt, forced_call, specs, req.n)
+        await self._prepare(constraints)
         job = Job(self, [prompt.ids] * req.n, cfgs, [] if req.ignore_eos else self.chat_stop_ids, request,
                   logprobs=(req.top_logprobs or 0) if req.logprobs else None, constraints=constraints)
         job.submit()
@@ -256,6 +257,21 @@ class Server:
             return [grammars.one_of(req.guided_choice) for _ in range(n)]
         except grammar.GrammarError as e:
             raise APIError(400, str(e), param=param) from None
+
+    GRAMMAR_SECONDS = 5.0  # the most a grammar's first step may take before its request is refused
+
+    async def _prepare(self, constraints: list | None) -> None:
+        """Each grammar's first step, computed off the event loop and before the engine sees it: a grammar
+        whose first step takes longer than GRAMMAR_SECONDS (a regular expression such as a{100000000}
+        builds a lexer for tens of seconds) is a 400, and never stalls the batch it would have joined."""
+        if not constraints:
+            return
+        work = asyncio.to_thread(lambda: [c.allowed() for c in constraints if c is not None])
+        try:
+            await asyncio.wait_for(work, self.GRAMMAR_SECONDS)
+        except asyncio.TimeoutError:
+            raise APIError(400, f"the requested format takes too long to prepare (more than {self.GRAMMAR_SECONDS:g} "
+                                "s for its first token): simplify the schema, expression or choices") from None
 
     def _grammars(self) -> grammar.Grammars:
         return grammar.grammars_for(self.tokenizer, self.model.config.vocab_size, self.tokenizer.im_end_id)
@@ -384,6 +400,7 @@ class Server:
             cfgs += self.choice_cfgs(cfg, req.n)
         k = req.logprobs
         constraints = None if zero else self._constraints(req, len(all_prompts), self.tokenizer.eod_id)
+        await self._prepare(constraints)
         job = Job(self, all_prompts, cfgs, [] if req.ignore_eos else [self.tokenizer.eod_id], request,
                   logprobs=k, prompt_logprobs=k if req.echo else None, constraints=constraints)
         job.hide_generated = zero
