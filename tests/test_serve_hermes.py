@@ -133,7 +133,16 @@ def test_parse_bare_json_calls():
     assert isinstance(r, list) and r[0].name == "get_weather" and json.loads(r[0].arguments) == {"city": "Paris"}
     r = parse('[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "X"}}]', NAMES)
     assert [c.name for c in r] == ["get_time", "get_weather"]
+    # one object per line (the default model wrote two calls so after a tool result)
+    r = parse('{"name": "get_weather", "arguments": {"city": "Paris"}}\n{"name": "get_time", "arguments": {}}\n',
+              NAMES)
+    assert [c.name for c in r] == ["get_weather", "get_time"]
+    r = parse('<tool_call>\n{"name": "get_time", "arguments": {}}\n{"name": "get_weather", "arguments": {}}\n'
+              '</tool_call>', NAMES)
+    assert [c.name for c in r] == ["get_time", "get_weather"]
     for text in ('{"name": "add", "arguments": {"a": 1}}', '{"answer": 42}', "[1, 2]", "Paris is sunny.",
+                 '{"name": "get_time", "arguments": {}}\nand then some text',
+                 '{"name": "get_time", "arguments": {}}\n{"name": "nope", "arguments": {}}',
                  '[{"name": "get_time"}, {"name": "nope"}]', "```python\nprint(1)\n```"):
         assert parse(text, NAMES) == text
 

@@ -182,29 +182,38 @@ def _call(obj, names: list[str] | None) -> ToolCall | None:
     return ToolCall(name=name, arguments=_json(args))
 
 
+def _objects(body: str) -> list | None:
+    """The JSON object(s) of a call's text: one value (an object or a list of them), or one object per
+    line (some models write parallel calls so); None if it is neither."""
+    body = _unfence(body)
+    try:
+        value = json.loads(body)
+        return value if isinstance(value, list) else [value]
+    except ValueError:
+        pass
+    lines = [line for line in body.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return None
+    try:
+        return [json.loads(line) for line in lines]
+    except ValueError:
+        return None
+
+
 def parse(text: str, names: list[str] | None = None) -> list[ToolCall] | str:
     """A reply -> its tool calls (the first carries the text before them as `content`), or the text
     itself when it calls nothing it may call."""
     if OPEN in text:
         head, _, rest = text.partition(OPEN)
         calls = []
-        for block in (OPEN + rest).split(OPEN)[1:]:
-            body = _unfence(block.split(CLOSE)[0])
-            try:
-                call = _call(json.loads(body), names)
-            except ValueError:
-                call = None
-            if call is not None:
-                calls.append(call)
+        for block in rest.split(OPEN):
+            found = [_call(o, names) for o in _objects(block.split(CLOSE)[0]) or []]
+            calls += [c for c in found if c is not None]
         if not calls:
             return text
         calls[0].content = head.strip()
         return calls
-    try:
-        obj = json.loads(_unfence(text))
-    except ValueError:
-        return text
-    calls = [_call(o, names) for o in (obj if isinstance(obj, list) else [obj])]
+    calls = [_call(o, names) for o in _objects(text) or []]
     if not calls or any(c is None for c in calls):
         return text
     return calls
