@@ -159,7 +159,7 @@ def run(args) -> int:
     import uvicorn
 
     from ..errors import UserError
-    from ..serve import ServerOptions, create_app
+    from ..serve import ServerOptions, create_app, hermes
 
     sock = bind_listener(args.host, args.port)
     port = sock.getsockname()[1]
@@ -170,7 +170,7 @@ def run(args) -> int:
                          max_queue=args.max_queue, cors_origins=args.allowed_origins or [],
                          prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache,
                          status_every=args.status_every, warm_up=args.warm_up, tool_format=args.tool_format)
-    if args.tool_format == "hermes" and not {"<tool_call>", "</tool_call>"} <= set(tokenizer.special_tokens):
+    if args.tool_format == "hermes" and not hermes.has_tags(tokenizer):
         raise UserError("--tool-format hermes needs a tokenizer with <tool_call> and </tool_call> tokens "
                         "(Qwen2/2.5); this one has none: use --tool-format react")
     _print_status_lines()

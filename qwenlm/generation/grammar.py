@@ -62,13 +62,9 @@ def hold(logits: torch.Tensor, constraints: list) -> None:
     rows = [i for i, c in enumerate(constraints) if c is not None]
     if not rows:
         return
-    allowed = torch.stack([constraints[i].allowed() for i in rows]).to(logits.device)
+    allowed = torch.stack([constraints[i].allowed() for i in rows]).to(logits.device)  # (rows, V): V the model's
     idx = torch.tensor(rows, device=logits.device)
-    width = min(allowed.shape[1], logits.shape[1])
-    part = logits[idx]
-    part[:, :width].masked_fill_(~allowed[:, :width], float("-inf"))
-    part[:, width:] = float("-inf")
-    logits[idx] = part
+    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
 
 
 def advance(constraints: list, tokens: list[int]) -> None:

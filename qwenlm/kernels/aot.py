@@ -261,7 +261,7 @@ _TODO: list[tuple[int, Launch]] = []  # report()'s work, read by its forked work
 def _report_row(i: int) -> dict:
     cap, launch = _TODO[i]
     sig = signature(launch, cap)
-    row = {"capability": cap, "kernel": launch.name, "options": {k: v for k, v in launch.kwargs.items()},
+    row = {"capability": cap, "kernel": launch.name, "options": dict(launch.kwargs),
            "pointers": {k: v for k, v in sig.items() if v.startswith("*")}}
     try:
         kernel = compile_launch(launch, cap)

@@ -100,7 +100,7 @@ class Server:
         if opts.tool_format not in ("auto", "react", "hermes"):
             raise ValueError(f"tool format {opts.tool_format!r}: expected auto, react or hermes")
         self.tool_format = hermes.tool_format(tokenizer) if opts.tool_format == "auto" else opts.tool_format
-        if self.tool_format == "hermes" and not {hermes.OPEN, hermes.CLOSE} <= set(tokenizer.special_tokens):
+        if self.tool_format == "hermes" and not hermes.has_tags(tokenizer):
             raise ValueError("the hermes tool format needs <tool_call> and </tool_call> tokens, which this "
                              "tokenizer lacks (a Qwen2/2.5 tokenizer has them)")
         self.created = int(time.time())
@@ -214,11 +214,11 @@ class Server:
             fmt = "hermes" if self.tool_format == "hermes" and (specs or hermes.uses_tools(messages)) else "react"
             if fmt == "hermes":
                 prompt = hermes.build_prompt(self.tokenizer, messages, specs)
-                forced = hermes.forced_prefix(*choice, specs)
             else:
                 prompt = build_chat_prompt(self.tokenizer, messages, specs)
-                forced = forced_call_prefix(*choice, specs, prompt.open_thought)
             forced_call = forced_call_name(*choice, specs)
+            forced = hermes.forced_prefix(forced_call) if fmt == "hermes" else \
+                forced_call_prefix(forced_call, prompt.open_thought)
         except PromptError as e:
             raise APIError(400, f"Invalid request: {e}", param=e.param) from None
         replies = ToolReplies([f.get("name_for_model", f.get("name")) for f in specs], fmt, bool(funcs) and not tools,
@@ -273,9 +273,6 @@ class Server:
             raise APIError(400, f"the requested format takes too long to prepare (more than {self.GRAMMAR_SECONDS:g} "
                                 "s for its first token): simplify the schema, expression or choices") from None
 
-    def _grammars(self) -> grammar.Grammars:
-        return grammar.grammars_for(self.tokenizer, self.model.config.vocab_size, self.tokenizer.im_end_id)
-
     def _forced_arguments(self, fmt: str, forced: tuple, specs: list[dict], n: int) -> list | None:
         """For a call the server forced (tool_choice named or "required"): one constraint per choice that
         holds the rest of the call, the tool's name where the model picks it and its arguments, to the
@@ -292,7 +289,8 @@ class Server:
         else:  # ReAct, so far: Action: NAME\nAction Input:   (or Action:)
             options = [(" " if forced[0] else f" {name}\nAction Input: ", schema, "") for name, schema in tools]
         try:
-            return [self._grammars().choice(options) for _ in range(n)]
+            grammars = grammar.grammars_for(self.tokenizer, self.model.config.vocab_size, self.tokenizer.im_end_id)
+            return [grammars.choice(options) for _ in range(n)]
         except grammar.GrammarError as e:
             log.warning("tool call arguments left free: %s", e)
             return None

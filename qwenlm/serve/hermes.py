@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import re
 
-from .prompt import DEFAULT_SYSTEM, ChatPrompt, PromptError, ToolCall, _known_name, _text, forced_call_name
+from ..generation.generate import split_on_stop
+from .prompt import DEFAULT_SYSTEM, ChatPrompt, PromptError, ToolCall, _known_name, _text
 
 TOOLS_HEAD = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
               "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
@@ -31,14 +32,18 @@ TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with f
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
+def has_tags(tokenizer) -> bool:
+    """Whether the vocabulary has <tool_call> and </tool_call> as tokens (Qwen2/2.5), as this format needs."""
+    return {OPEN, CLOSE} <= set(getattr(tokenizer, "special_tokens", {}))
+
+
 def tool_format(tokenizer) -> str:
     """"hermes" when the tokenizer's chat template writes <tool_call> blocks and the vocabulary has the
     tags as tokens (Qwen2/2.5), else "react" (Qwen v1, Qwen1.5, anything without such a template)."""
     template = (getattr(getattr(tokenizer, "vocab", None), "config", None) or {}).get("chat_template") or ""
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
         template = " ".join(t.get("template", "") for t in template if isinstance(t, dict))
-    specials = getattr(tokenizer, "special_tokens", {})
-    return "hermes" if OPEN in str(template) and OPEN in specials and CLOSE in specials else "react"
+    return "hermes" if OPEN in str(template) and has_tags(tokenizer) else "react"
 
 
 def uses_tools(messages: list[dict]) -> bool:
@@ -95,13 +100,13 @@ class _Ids:
         return self.ids
 
 
-def forced_prefix(tool_choice, function_call, specs: list[dict]) -> str:
-    """The start of a reply that makes the model call a tool ("" when the choice is free): a named
-    function is written up to its arguments; "required" up to the name (the model picks one)."""
-    choice = forced_call_name(tool_choice, function_call, specs)
-    if choice is None:
+def forced_prefix(forced: tuple[str | None] | None) -> str:
+    """The start of a reply that makes the model call a tool ("" when the choice is free; `forced`: what
+    prompt.forced_call_name gives): a named function is written up to its arguments; "required" with
+    several tools up to the name (the model picks one)."""
+    if forced is None:
         return ""
-    name = choice[0]
+    name = forced[0]
     if name is None:
         return OPEN + '\n{"name": "'
     return OPEN + '\n{"name": ' + _json(name) + ', "arguments": '
@@ -155,7 +160,7 @@ def build_prompt(tokenizer, messages: list[dict], specs: list[dict]) -> ChatProm
         else:
             raise PromptError(f"Incorrect role {role}.", "messages")
     out.markup("<|im_start|>").text("assistant\n")
-    return ChatPrompt(ids=out.done(), tools_on=bool(specs), stop=[])
+    return ChatPrompt(ids=out.done(), stop=[])
 
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.S)
@@ -251,12 +256,8 @@ class Stream:
             end = tag
         elif self.sent == 0 and _may_start_call(self.buf):
             end = 0
-        else:
-            end = len(self.buf)
-            for k in range(min(len(OPEN) - 1, len(self.buf)), 0, -1):  # a tail that may begin the tag
-                if OPEN.startswith(self.buf[-k:]):
-                    end -= k
-                    break
+        else:  # all but a tail that may begin the tag (held as a stop string's start is)
+            end = len(self.buf) - len(split_on_stop(self.buf[self.sent:], [OPEN])[0])
         end = max(end, self.sent)
         out, self.sent = self.buf[self.sent:end], end
         return out

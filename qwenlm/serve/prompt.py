@@ -111,7 +111,6 @@ def _assistant_text(msg: dict, tools_on: bool) -> str:
 @dataclass
 class ChatPrompt:
     ids: list[int]
-    tools_on: bool
     open_thought: bool = False  # the prompt ends inside the assistant's turn, after "Thought:"
     stop: list[str] | None = None  # stop strings the format needs (ReAct: "Observation:", written by the tool)
 
@@ -139,13 +138,13 @@ def forced_call_name(tool_choice, function_call, specs: list[dict]) -> tuple[str
     raise PromptError(f"{param} must be 'none', 'auto', 'required' or a function, not {choice!r}", param)
 
 
-def forced_call_prefix(tool_choice, function_call, specs: list[dict], open_thought: bool) -> str:
+def forced_call_prefix(forced: tuple[str | None] | None, open_thought: bool) -> str:
     """The start of the assistant's ReAct reply that makes it call a tool, or "" when the choice is
-    free. A named function (`tool_choice={"type": "function", "function": {"name": N}}`, legacy
-    `function_call={"name": N}`, or "required" with one tool) is written up to its arguments, so the
-    model only writes those; "required" with several tools is written up to "Action:", so the model
-    names one (the ReAct format has no way to make it name a valid one)."""
-    forced = forced_call_name(tool_choice, function_call, specs)
+    free (`forced`: what forced_call_name gives). A named function (`tool_choice={"type": "function",
+    "function": {"name": N}}`, legacy `function_call={"name": N}`, or "required" with one tool) is
+    written up to its arguments, so the model only writes those; "required" with several tools is
+    written up to "Action:", so the model names one (the ReAct format has no way to make it name a
+    valid one)."""
     if forced is None:
         return ""
     name = forced[0]
@@ -202,8 +201,7 @@ def build_chat_prompt(tokenizer, messages: list[dict], specs: list[dict]) -> Cha
             ids += end
     if not continue_assistant:
         ids += nl + start + tokenizer.encode("assistant") + nl
-    return ChatPrompt(ids=ids, tools_on=tools_on, open_thought=continue_assistant,
-                      stop=["Observation:"] if tools_on else [])
+    return ChatPrompt(ids=ids, open_thought=continue_assistant, stop=["Observation:"] if tools_on else [])
 
 
 @dataclass

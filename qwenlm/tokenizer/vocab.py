@@ -66,7 +66,7 @@ def _decode_table() -> dict[int, int]:
 
 
 def unicode_to_bytes(token: str) -> bytes:
-    # translate + encode run in C: 151k tokens in ~0.05 s instead of ~0.5 s through a generator
+    # translate + encode run in C: the default model's 151k tokens in ~0.07 s, ~0.15 s through a generator
     try:
         return token.translate(_decode_table()).encode("latin-1")
     except UnicodeEncodeError as e:
