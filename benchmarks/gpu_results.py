@@ -201,6 +201,8 @@ def targets(tok: dict, ab: dict | None = None) -> None:
         line("7B Int4 (head 8-bit) / bf16", tok["gptq_int4_head8"] / bf16, 2.0)
     for k in ("serve_7b@64", "serve_7b_kv8@64"):
         line(f"{k} output tok/s", tok.get(k), 8000)
+    if tok.get("serve_7b@64") and tok.get("serve_7b_sync@64"):  # (two runs of one session, one after the other)
+        print(f"  serve_7b@64, decode steps run ahead / not: {tok['serve_7b@64'] / tok['serve_7b_sync@64']:.3f}x")
     for k, v in sorted(tok.items()):
         base = k.rsplit("_", 1)[0]
         if k.startswith("ab_") and base in tok and base != k:

@@ -12,7 +12,7 @@
 #   run(command="bash benchmarks/gpu_session.sh ab serve64 ab18 tests", carry=[".gpu"], timeout_s=600)
 # (ab18 and tests run only if ab and serve64 left time) and at once (a machine idle for 30 s is given back),
 # with BUDGET = what `status` leaves less about 60 s, the steps that were skipped or cut short, then more:
-#   run(command="BUDGET=200 bash benchmarks/gpu_session.sh ab18 tests sweepq profile", carry=[".gpu"], timeout_s=260)
+#   run(command="BUDGET=200 bash benchmarks/gpu_session.sh ab18 tests pipe sweepq profile", carry=[".gpu"], timeout_s=260)
 # Then give_back. After a run: unpack each results.tgz into one folder and
 #   python benchmarks/gpu_results.py FOLDER
 # prints every result, each target met or not, what each change is worth, and the settings with the least
@@ -29,6 +29,7 @@
 #           >= 2x bf16 target), with the reduce and the fixup split
 #   ab18    issue 3: the same for the 1.8B shape, float variants
 #   serve64 issue 4: 64 streams, 7B shape, bf16 KV cache then int8 (the 8,000 tok/s target)
+#   pipe    issue 4: serve64's bf16 run with decode steps not run ahead (QWENLM_PIPELINE=0): what running ahead is worth
 #   tests   CUDA + compiled Triton tests (the engines also check each kernel on the device before use)
 #   sweepq  GPTQ one-row kernel's launch settings alone (the Int4 target's products)
 #   engine  issue 3: 7B/1.8B, the original's whole protocol (8192 tokens, prefill, against transformers)
@@ -44,7 +45,7 @@
 # GPU_SESSION_DRY=1 runs the steps on a CPU with tiny shapes, to check this script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh prepare | STEP... (ab serve64 ab18 tests sweepq engine gptq gptq2 kv serve turns ab2 sweep profile)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh prepare | STEP... (ab serve64 ab18 tests pipe sweepq engine gptq gptq2 kv serve turns ab2 sweep profile)" >&2; exit 2; }
 
 if [ "$1" = prepare ]; then
     set -e
@@ -63,7 +64,7 @@ fi
 
 steps="$*"
 for s in $steps; do
-    case "$s" in ab|serve64|ab18|tests|sweepq|engine|gptq|gptq2|kv|serve|turns|ab2|sweep|profile) ;; *) echo "unknown step $s" >&2; exit 2 ;; esac
+    case "$s" in ab|serve64|ab18|tests|pipe|sweepq|engine|gptq|gptq2|kv|serve|turns|ab2|sweep|profile) ;; *) echo "unknown step $s" >&2; exit 2 ;; esac
 done
 
 OUT=${OUT:-/tmp/out}
@@ -95,7 +96,7 @@ bench() {  # bench NAME ARGS...: JSON to NAME.json, progress and results to NAME
     local args=("$@")
     if [ "$DRY" = 1 ]; then args=("${args[@]/#7B/tiny}"); args=("${args[@]/#1.8B/tiny}"); fi
     local knobs="" v
-    for v in QWENLM_FUSE QWENLM_FUSE_NORM QWENLM_FUSE_ROTARY QWENLM_TRITON QWENLM_GEMV; do [ -n "${!v:-}" ] && knobs+="$v=${!v} "; done
+    for v in QWENLM_FUSE QWENLM_FUSE_NORM QWENLM_FUSE_ROTARY QWENLM_TRITON QWENLM_GEMV QWENLM_PIPELINE; do [ -n "${!v:-}" ] && knobs+="$v=${!v} "; done
     log "== ${knobs}qwen bench ${args[*]}"
     fits "${CAP:-540}" || return
     timeout -k 5 "$LIMIT" python3 -m qwenlm bench "${args[@]}" --json >"$W/$name.json" 2>"$W/$name.log"
@@ -171,6 +172,9 @@ for step in $steps; do
         # alone allows ~9,300 tok/s; the 8-bit cache takes the second part to ~4.4 GB
         CAP=100 bench serve_7b --shape 7B --serve 64 --serve-tokens 256 --prompt-len 128 --tokenizer .gpu/tokenizer
         CAP=100 bench serve_7b_kv8 --shape 7B --serve 64 --serve-tokens 256 --prompt-len 128 --kv-cache int8 \
+            --tokenizer .gpu/tokenizer ;;
+    pipe)  # the host's work on a step's tokens done after the next step is queued, or before (the old way)
+        QWENLM_PIPELINE=0 CAP=100 bench serve_7b_sync --shape 7B --serve 64 --serve-tokens 256 --prompt-len 128 \
             --tokenizer .gpu/tokenizer ;;
     sweepq)
         sweep gptq "$(left)" ;;

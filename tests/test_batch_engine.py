@@ -125,8 +125,9 @@ def test_queue_full_and_too_long_prompt(model):
     assert len(eng.waiting) == 2
 
 
-def test_threaded_loop_serves_concurrent_submissions(model):
-    eng = BatchEngine(model, max_num_seqs=4, max_model_len=64).start()
+@pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "ahead"])
+def test_threaded_loop_serves_concurrent_submissions(model, pipeline):
+    eng = BatchEngine(model, max_num_seqs=4, max_model_len=64, pipeline=pipeline).start()
     try:
         prompts = random_prompts(*range(3, 13))
         outs, done = [], []
@@ -675,3 +676,116 @@ def test_warm_up_runs_every_padded_row_count_and_leaves_no_trace(model):
             eng.warm_up()
     finally:
         eng.shutdown()
+
+
+# ---- decode steps run one ahead (the GPU's default, BatchEngine.pipeline) ----------------------------
+def _ahead_or_not(model, scenario, **kw):
+    """`scenario(engine)` on an engine whose decode steps run one ahead and on one whose do not: the
+    same outputs. Returns the first engine (it must have run ahead)."""
+    ahead = BatchEngine(model, pipeline=True, **kw)
+    if ahead._packs:
+        pytest.skip("the fused 4-bit CPU path does not run ahead")
+    got = scenario(ahead)
+    want = scenario(BatchEngine(model, pipeline=False, **kw))
+    assert got == want
+    assert ahead.stats["steps_ahead"] > 0 and ahead._ahead is None
+    return ahead, got
+
+
+def _stopping(model, prompt, at, cfg=GREEDY):
+    """`cfg` with an end token that `prompt`'s greedy reply meets at its token `at` (not before)."""
+    solo = generate(model, [prompt], cfg)[0]
+    stop = next(t for t in solo[at:] if t not in solo[:at])
+    return cfg.update(eos_token_id=stop)
+
+
+@pytest.mark.parametrize("shapes", [dict(prefill_chunk=8), dict(fixed_shapes=True, bucket=16)],
+                         ids=["plain", "fixed-shapes"])
+def test_steps_run_ahead_give_every_sequence_its_tokens(model, shapes):
+    """Rows that stop at a token (mid-batch: the step run ahead had them for nothing, and a later row
+    moves into their place while its own step is in flight), rows that end by their budget or the
+    context (padding rows of the step ahead, while other rows go on), sampled rows, a repetition
+    penalty, and arrivals that make the engine hand out the step in flight first (on the plain path
+    the last is a long prompt, read in chunks over several steps)."""
+    prompts = random_prompts(5, 11, 8, 14, 3, 15)
+    arrivals = {0: [(prompts[0], _stopping(model, prompts[0], 3)),
+                    (prompts[1], GREEDY.update(max_new_tokens=5)),
+                    (prompts[2], SAMPLED.update(max_new_tokens=20)),
+                    (prompts[3], GREEDY.update(max_new_tokens=40))],  # ends by the context (48)
+                4: [(prompts[4], _stopping(model, prompts[4], 6, GREEDY.update(repetition_penalty=1.2)))],
+                9: [(prompts[5], GREEDY.update(max_new_tokens=60))]}  # ends by the context after [3]
+    eng, outs = _ahead_or_not(model, lambda e: _run(e, arrivals), max_num_seqs=4, max_model_len=48,
+                              prefix_cache=False, **shapes)
+    assert eng.stats["finished_stop"] == 2 and eng.stats["finished_length"] == 4
+    assert [o["reason"] for o in outs] == ["stop", "length", "length", "length", "stop", "length"]
+    assert eng.stats["generation_tokens"] == sum(len(o["tokens"]) for o in outs)
+
+
+def test_a_row_that_stops_while_a_step_runs_ahead_parks_what_it_holds(model):
+    """With the prefix cache on, a row that stops mid-batch is swapped with the last row, whose step
+    in flight has written one more slot than its tokens handed out: the next turns of both
+    conversations, reading only their rests from the parked rows, get the reference's tokens."""
+    p1, p2 = random_prompts(6, 10)
+    c1 = _stopping(model, p1, 4)
+    c2 = GREEDY.update(max_new_tokens=9)
+
+    def scenario(eng):
+        eng.prefix_min = 4
+        first = _run(eng, {0: [(p1, c1), (p2, c2)]})
+        again = [p1 + first[0]["tokens"] + [7, 8, 9], p2 + first[1]["tokens"] + [5, 6]]
+        second = _run(eng, {0: [(again[0], GREEDY), (again[1], GREEDY)]})
+        return first, second, eng.stats["prompt_tokens_reused"], again
+
+    _, (first, second, reused, again) = _ahead_or_not(model, scenario, max_num_seqs=3, max_model_len=64,
+                                                      prefix_cache=True)
+    assert first[0]["reason"] == "stop" and reused > 0
+    assert [o["tokens"] for o in second] == [generate(model, [p], GREEDY)[0] for p in again]
+
+
+def test_an_abort_waits_for_the_step_in_flight_and_the_others_go_on(model):
+    p1, p2 = random_prompts(7, 13)
+    eng = BatchEngine(model, max_num_seqs=2, max_model_len=64, pipeline=True)
+    if eng._packs:
+        pytest.skip("the fused 4-bit CPU path does not run ahead")
+    o1, o2 = {"tokens": [], "reason": None}, {"tokens": [], "reason": None}
+    s1, s2 = _seq(p1, GREEDY, o1), _seq(p2, GREEDY, o2)
+    with torch.inference_mode():
+        eng.step([s1, s2])
+        eng.step()
+        eng.step()
+        assert eng._ahead is not None and len(o1["tokens"]) == 3  # (the prefill's and two steps'; one in flight)
+        eng.abort(s1)
+        eng.step()
+        assert o1["reason"] == "abort" and len(eng.active) == 1 and s2.row == 0
+        while not eng.idle:
+            eng.step()
+    assert o2["tokens"] == generate(model, [p2], GREEDY)[0]
+    assert o1["tokens"] == generate(model, [p1], GREEDY)[0][:4]  # the step in flight's token, then nothing
+
+
+def test_rows_that_need_their_tokens_on_the_host_do_not_run_ahead(model):
+    """Log-probabilities, OpenAI's penalties and a logit bias need each token before the next step:
+    while such a row runs, no step runs ahead; the outputs are the same."""
+    p1, p2 = random_prompts(5, 9)
+    for cfg in (GREEDY.update(presence_penalty=0.5), GREEDY.update(logit_bias={3: 5.0})):
+        eng = BatchEngine(model, max_num_seqs=2, max_model_len=64, pipeline=True)
+        if eng._packs:
+            pytest.skip("the fused 4-bit CPU path does not run ahead")
+        out = _run(eng, {0: [(p1, cfg), (p2, GREEDY)]})
+        assert eng.stats["steps_ahead"] == 0
+        assert out == _run(BatchEngine(model, max_num_seqs=2, max_model_len=64), {0: [(p1, cfg), (p2, GREEDY)]})
+
+
+@pytest.mark.parametrize("limit", ["budget", "context", "stop"])
+def test_a_step_run_ahead_is_not_queued_for_a_row_it_would_end(model, limit):
+    """A row that the step in flight ends by its budget or the context is known to end: the engine runs
+    as many steps as the plain one (one fewer than tokens, the prefill's being the first). An end
+    token cannot be known: one step more, whose token is dropped, and nothing is left in flight."""
+    p = random_prompts(6)[0]
+    cfg = {"budget": GREEDY.update(max_new_tokens=7), "context": GREEDY.update(max_new_tokens=50),
+           "stop": _stopping(model, p, 6)}[limit]
+    eng, outs = _ahead_or_not(model, lambda e: _run(e, {0: [(p, cfg)]}), max_num_seqs=2,
+                              max_model_len=13 if limit == "context" else 64)
+    n = len(outs[0]["tokens"])
+    assert outs[0]["reason"] == ("stop" if limit == "stop" else "length") and n >= 7
+    assert eng.stats["steps"] == eng.stats["steps_ahead"] == (n if limit == "stop" else n - 1)

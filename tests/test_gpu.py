@@ -221,3 +221,56 @@ def test_warm_up_on_cuda_captures_each_row_count_before_the_first_request(tmp_pa
         assert captured >= 3  # 1, 2 and 4 rows
         _served_like_the_reference(eng, model, [[5, 9, 11, 3, 8], [7, 2, 6], [4, 4, 1, 9, 2, 7]], cfg)
         assert eng.stats["graphs"] == captured
+
+
+def test_decode_steps_run_ahead_on_cuda_without_waiting_for_the_device(tmp_path):
+    """The serving engine's CUDA default runs each decode step one ahead of the host's work on the
+    tokens: a steady step (no request joining or leaving before it) queues its work without a host
+    synchronization (torch's sync debug mode raises on one, such as a plain copy from a Python list),
+    and every request gets the tokens the engine gives without running ahead (greedy, penalised and
+    sampled rows; rows ending by an end token, their budget and the context)."""
+    from qwenlm.engine.batch import BatchEngine, Sequence
+    from qwenlm.generation import StopChecker
+
+    sampled = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.1,
+                               max_new_tokens=30, seed=3, eos_token_id=None, pad_token_id=0)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 9, 12, 7)]
+    for path in _checkpoints(tmp_path):
+        model = load_model(path, dtype="float32", device="cuda")
+        solo = generate(model, [prompts[0]], GREEDY)[0]
+        cfgs = [GREEDY.update(eos_token_id=next(t for t in solo[6:] if t not in solo[:6])),
+                GREEDY.update(repetition_penalty=1.2, max_new_tokens=17), sampled, GREEDY.update(max_new_tokens=60)]
+
+        def run(eng, checked: bool):
+            outs = [{"tokens": [], "reason": None} for _ in prompts]
+
+            def emit(t, r, o):
+                if t is not None:
+                    o["tokens"].append(t)
+                o["reason"] = r or o["reason"]
+            seqs = [Sequence(p, c, StopChecker(c), emit=lambda t, r, o=o: emit(t, r, o))
+                    for p, c, o in zip(prompts, cfgs, outs)]
+            steady = 0
+            with torch.inference_mode():
+                eng.step(seqs)
+                while not eng.idle:
+                    if checked and eng._ahead is not None:
+                        torch.cuda.set_sync_debug_mode("error")
+                        try:
+                            eng.step()
+                        finally:
+                            torch.cuda.set_sync_debug_mode(0)
+                        steady += 1
+                    else:
+                        eng.step()
+            return outs, steady
+
+        ahead = BatchEngine(model, max_num_seqs=4, max_model_len=64, bucket=16)
+        assert ahead.pipeline and ahead.cuda_graphs
+        first, _ = run(ahead, False)  # (every graph captured: capturing one waits for the device)
+        again, steady = run(ahead, True)
+        plain, _ = run(BatchEngine(model, max_num_seqs=4, max_model_len=64, bucket=16, pipeline=False), False)
+        assert first == again == plain
+        assert [o["reason"] for o in plain] == ["stop", "length", "length", "length"]
+        assert steady > 20 and ahead._ahead is None

@@ -48,14 +48,17 @@ def test_chat_equals_reference(client, model_tok):
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
 
 
-def test_long_prompts_are_read_in_chunks_between_the_steps_of_other_streams(model_tok):
+@pytest.mark.parametrize("ahead", ["0", "1"], ids=["plain", "ahead"])
+def test_long_prompts_are_read_in_chunks_between_the_steps_of_other_streams(model_tok, ahead, monkeypatch):
     """`prefill_chunk`: a long prompt is read a chunk per engine step while another request streams;
-    both replies are still the reference's."""
+    both replies are still the reference's. Also with the decode steps run one ahead (the GPU's
+    default, QWENLM_PIPELINE=1 here)."""
     model, tok = model_tok
+    monkeypatch.setenv("QWENLM_PIPELINE", ahead)
     app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=256, max_num_seqs=2,
                                                prefill_chunk=8))
     engine = app.state.server.engine
-    assert engine.prefill_chunk == 8
+    assert engine.prefill_chunk == 8 and engine.pipeline == (ahead == "1")
     long = [MSGS[0], {"role": "user", "content": "请把下面的话翻译成英文：" + "今天天气很好，我们去公园散步吧。" * 6}]
     with running_server(app) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
@@ -68,6 +71,7 @@ def test_long_prompts_are_read_in_chunks_between_the_steps_of_other_streams(mode
         assert reply == _expected(model_tok, ids, 24)[0]
     lengths = [len(build_chat_prompt(tok, m, []).ids) for m in (MSGS, long)]
     assert lengths[1] > 64 and engine.stats["prompt_chunks"] == sum(-(-n // 8) for n in lengths)
+    assert (engine.stats["steps_ahead"] > 0) == (ahead == "1")
 
 
 def _two_turns(url: str):
@@ -79,14 +83,16 @@ def _two_turns(url: str):
     return first, turn2, c.chat.completions.create(model="tiny", messages=turn2, temperature=0, max_tokens=12)
 
 
-def test_a_conversations_next_turn_reuses_its_parked_row(model_tok):
+@pytest.mark.parametrize("ahead", ["0", "1"], ids=["plain", "ahead"])
+def test_a_conversations_next_turn_reuses_its_parked_row(model_tok, ahead, monkeypatch):
     """The prefix cache through the API: turn 2 of a conversation (turn 1's messages, its reply and a
     new message) reads only what follows the part it shares with turn 1's tokens; the reply is the
-    reference's; /metrics counts the reused tokens."""
+    reference's; /metrics counts the reused tokens. Also with the decode steps run one ahead."""
     model, tok = model_tok
+    monkeypatch.setenv("QWENLM_PIPELINE", ahead)
     app = create_app(model, tok, ServerOptions(served_model_name="tiny", max_model_len=256, max_num_seqs=2))
     engine = app.state.server.engine
-    assert engine.prefix_cache  # the CPU default
+    assert engine.prefix_cache and engine.pipeline == (ahead == "1")  # (the CPU defaults: on, off)
     engine.prefix_min = 8
     with running_server(app) as url:
         first, turn2, reply = _two_turns(url)

@@ -15,12 +15,22 @@ sampling settings, random generator, stop rules and token budget.
 
 On a CPU, reading prompts is interleaved with decoding: a step reads at most `prefill_chunk` prompt
 tokens, so a long prompt delays the running streams by one chunk per token instead of its whole length.
+
+On a GPU the decode steps run one ahead (`pipeline`): while the device computes step N+1, whose input
+tokens it chose itself at step N, the host hands out step N's tokens, checks the stop rules and
+finishes sequences. A sequence that stops at step N has taken part in step N+1 for nothing (that
+step's token for it is dropped; a sequence that runs out of budget or context at N is a padding row
+in it). The engine runs ahead only between steps that change nothing but the running rows' tokens:
+new requests, aborts and prompts to read wait for the step in flight first, and so do rows that
+need their tokens on the host before the next step (grammars, OpenAI penalties, logprobs, logit bias,
+a dynamic-NTK alpha).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,7 +72,8 @@ class Sequence:
     submitted_at: float = field(default_factory=time.monotonic)
     # engine state
     row: int = -1
-    cached: int = 0  # KV positions filled
+    cached: int = 0  # KV positions filled (by the steps whose tokens have been handed out)
+    inflight: int = 0  # decode steps run for it whose tokens are not handed out yet (BatchEngine.pipeline)
     alpha: float = 1.0
     generator: torch.Generator | None = None
     counts: dict[int, int] = field(default_factory=dict)
@@ -91,7 +102,7 @@ class BatchEngine:
     def __init__(self, model, max_num_seqs: int = 8, max_model_len: int = 4096, max_queue: int = 256,
                  vocab_limit: int | None = None, cuda_graphs: bool | None = None, fixed_shapes: bool | None = None,
                  bucket: int = 256, batch_prefill: bool | None = None, max_prefill_tokens: int = 8192,
-                 prefill_chunk: int | None = None, prefix_cache: bool | None = None):
+                 prefill_chunk: int | None = None, prefix_cache: bool | None = None, pipeline: bool | None = None):
         if max_num_seqs < 1 or max_model_len < 2:
             raise ValueError("max_num_seqs must be >= 1 and max_model_len >= 2")
         self.model, self.cfg = model, model.config
@@ -121,6 +132,13 @@ class BatchEngine:
         self._warm_stream = None
         self._buf: dict[str, torch.Tensor] | None = None
         self.sampler = RowSampler(max_num_seqs, self.device, vocab_limit)
+        # Decode steps run one ahead (see the module's doc): on CUDA by default. On a CPU the host is
+        # what computes the step, so nothing overlaps there. QWENLM_PIPELINE=0 or 1 sets the default.
+        if pipeline is None:
+            env = os.environ.get("QWENLM_PIPELINE", "")
+            pipeline = env == "1" or (self.device.type == "cuda" and env != "0")
+        self.pipeline = bool(pipeline) and not self._packs
+        self._ahead: dict | None = None  # the step in flight: its rows, which of them are live, tokens
         # Prompts arriving together are prefilled in one forward pass (right-padded, up to
         # `max_prefill_tokens` padded tokens) on GPU; one at a time on the fused CPU path, whose per-row
         # kernels then give a request the same numbers alone or in a crowd.
@@ -282,6 +300,7 @@ class BatchEngine:
                 self.active = []
                 self.admitted.clear()
                 self._parked.clear()
+                self._ahead = None
         for seq in list(self.active) + list(self.admitted) + list(self.waiting):
             seq.finish_reason = "abort"
             seq.emit(None, "abort")
@@ -289,6 +308,8 @@ class BatchEngine:
     def step(self, new: list[Sequence] = ()) -> None:
         """Drop aborted sequences, admit the new ones, read prompts (all of them, or up to
         `prefill_chunk` tokens), then one decode step for the running ones."""
+        if self._ahead is not None and (new or self.admitted or any(s.aborted for s in self.active)):
+            self._land()  # (the rows change: the step in flight hands out its tokens first)
         for seq in [s for s in self.active if s.aborted]:
             self._finish(seq, "abort", emit_none=True)
         self.admitted.extend(new)
@@ -556,12 +577,31 @@ class BatchEngine:
         return ForwardContext(cos=cos, sin=sin, logn=logn, mask=mask, cache=None)
 
     def _decode(self) -> None:
-        m, dev = self.model, self.device
+        """One decode step of the running rows. Run ahead (`pipeline`), it leaves its tokens on the
+        device for the next step and hands out those of the step before it; else it hands out its own."""
         seqs = list(self.active)
-        n = len(seqs)
-        tok = torch.tensor([s.generated[-1] for s in seqs], device=dev)
-        pos = torch.tensor([s.cached for s in seqs], device=dev)  # the new token's slot and position
-        length = max(s.cached for s in seqs) + 1
+        ahead = self._ahead
+        run_ahead = self.pipeline and all(self._may_run_ahead(s) for s in seqs)
+        index = {} if ahead is None else {id(s): j for j, s in enumerate(ahead["seqs"])}
+        if ahead is not None and not (run_ahead and all(id(s) in index for s in seqs)):
+            self._land()  # (`step` hands it out before any row joins: a row outside it is a bug caught here)
+            seqs, ahead = list(self.active), None
+            if not seqs:
+                return
+        n, ids = len(seqs), self.sampler.ids
+        # a row that the step in flight ends by its budget or the context is a padding row of this one
+        ends = [ahead is not None and self._ends_by_length(s) for s in seqs]
+        live = [i for i, e in enumerate(ends) if not e]
+        if not live:
+            self._land()
+            return
+        if ahead is None:
+            tok = ids([s.generated[-1] for s in seqs])
+        else:  # each row's input is the token that the step in flight chose for it, still on the device
+            tok = ahead["tokens"][ids([index[id(s)] for s in seqs])]
+        positions = [self.max_model_len - 1 if e else s.cached + s.inflight for s, e in zip(seqs, ends)]
+        pos = ids(positions)  # the new token's slot and position
+        length = max(positions[i] for i in live) + 1
         alphas = [s.alpha for s in seqs]
         if self.static_shapes:
             logits = self._fixed_shape_step(n, tok, pos, alphas, length)
@@ -572,15 +612,69 @@ class BatchEngine:
             if self._packs:
                 from ..quant.q4 import fused_decode
 
-                valid = torch.arange(self.max_model_len, device=dev)[None] <= pos[:, None]  # (n, S)
-                logits = m.lm_head(fused_decode(m, self._packs, tok, cos, sin, logn, self.kv, pos, valid, length))
+                valid = torch.arange(self.max_model_len, device=self.device)[None] <= pos[:, None]  # (n, S)
+                logits = self.model.lm_head(fused_decode(self.model, self._packs, tok, cos, sin, logn, self.kv, pos,
+                                                         valid, length))
             else:
                 logits = self._rows_step(n, length, tok, pos, cos, sin, logn)
-        for s in seqs:
-            s.cached += 1
         self.stats["steps"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], n)
-        self._sample(seqs, logits.float())
+        if not run_ahead:
+            for s in seqs:
+                s.cached += 1
+            self._sample(seqs, logits.float())
+            return
+        rows = [seqs[i] for i in live]
+        chosen = self.sampler.pick(rows, (logits if len(live) == n else logits[ids(live)]).float())
+        if len(live) < n:  # (indexed like `seqs`; a padding row's entry is never read)
+            chosen = torch.zeros(n, dtype=torch.long, device=self.device).index_copy_(0, ids(live), chosen)
+        for s in rows:
+            s.inflight += 1
+        step = {"seqs": seqs, "live": live, "tokens": chosen, "host": None, "event": None}
+        if self.device.type == "cuda":  # its tokens come to the host while the device goes on
+            step["host"] = torch.empty(n, dtype=torch.long, pin_memory=True)
+            step["host"].copy_(chosen, non_blocking=True)
+            step["event"] = torch.cuda.Event()
+            step["event"].record()
+        self._ahead = step
+        self.stats["steps_ahead"] += 1
+        if ahead is not None:
+            self._land(ahead)
+        if all(s.finish_reason is not None for s in rows):
+            self._ahead = None  # every row of the step in flight stopped meanwhile: nothing of it is wanted
+
+    @staticmethod
+    def _may_run_ahead(seq: Sequence) -> bool:
+        """Whether the step after this one can be queued before `seq`'s token is on the host."""
+        c = seq.cfg
+        return (seq.constraint is None and seq.logprobs is None and not c.logit_bias and seq.alpha == 1.0
+                and not (c.presence_penalty or c.frequency_penalty))
+
+    def _ends_by_length(self, seq: Sequence) -> bool:
+        """Whether handing out the tokens of `seq`'s steps in flight ends it by its budget or the context
+        (as `_take` would find)."""
+        k = seq.inflight
+        return k > 0 and (len(seq.generated) + k >= seq.cfg.max_new_tokens
+                          or seq.cached + k + 1 >= self.max_model_len)
+
+    def _land(self, step: dict | None = None) -> None:
+        """Hand out the tokens of a step run ahead (by default the one in flight, which is then over):
+        each of its live rows that has not finished meanwhile takes its token as `_sample` gives one."""
+        if step is None:
+            step, self._ahead = self._ahead, None
+            if step is None:
+                return
+        if step["event"] is not None:
+            step["event"].synchronize()
+            values = step["host"].tolist()
+        else:
+            values = step["tokens"].tolist()
+        for i in step["live"]:
+            seq = step["seqs"][i]
+            seq.inflight -= 1
+            if seq.finish_reason is None:  # (one that stopped at the step before was in this one for nothing)
+                seq.cached += 1
+                self._take(seq, values[i])
 
     def _rows_step(self, n: int, length: int, tok, pos, cos, sin, logn) -> torch.Tensor:
         """The per-op decode step of rows [0, n) reading slots [0, length): only tensor operations on
@@ -677,20 +771,24 @@ class BatchEngine:
             for i, k, (got, top) in zip(asked, ks, _entries(lp, [chosen[i] for i in asked], max(ks))):
                 seqs[i].token_logprobs.append((got, top[:k]))
         for s, t in zip(seqs, chosen):
-            s.generated.append(t)
-            s.counts[t] = s.counts.get(t, 0) + 1
-            self.stats["generation_tokens"] += 1
-            reason = None
-            if s.stop.done(s.generated):
-                reason = "stop"
-            elif len(s.generated) >= s.cfg.max_new_tokens or s.cached + 1 >= self.max_model_len:
-                reason = "length"
-            if reason is None:
-                s.emit(t, None)
-            else:
-                s.finish_reason = reason
-                self._finish(s, reason)
-                s.emit(t, reason)
+            self._take(s, t)
+
+    def _take(self, s: Sequence, t: int) -> None:
+        """`s` (its step's slot counted in `cached`) gets its next token `t`: stop rules, budget, emit."""
+        s.generated.append(t)
+        s.counts[t] = s.counts.get(t, 0) + 1
+        self.stats["generation_tokens"] += 1
+        reason = None
+        if s.stop.done(s.generated):
+            reason = "stop"
+        elif len(s.generated) >= s.cfg.max_new_tokens or s.cached + 1 >= self.max_model_len:
+            reason = "length"
+        if reason is None:
+            s.emit(t, None)
+        else:
+            s.finish_reason = reason
+            self._finish(s, reason)
+            s.emit(t, reason)
 
     def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """log-softmax over the tokens the model may choose (the vocabulary's padding left out)."""
@@ -713,10 +811,11 @@ class BatchEngine:
         park = self.prefix_cache and seq.cached > 0
         if row != last:
             mover = self.active[last]
+            filled = mover.cached + mover.inflight  # (with the slots its steps in flight write: queued before)
             if park:
-                self.kv.swap_rows(row, last, seq.cached, mover.cached)
+                self.kv.swap_rows(row, last, seq.cached, filled)
             else:
-                self.kv.move_row(last, row, mover.cached)
+                self.kv.move_row(last, row, filled)
             if mover.cfg.repetition_penalty != 1.0:
                 self.sampler.move(last, row)
             self.active[row] = mover

@@ -106,7 +106,9 @@ class KVStore:
                 part[:, a, :, :nb] = part[:, b, :, :nb]
                 part[:, b, :, :na] = keep
         if self.int8:
-            self.k_center[:, [a, b]] = self.k_center[:, [b, a]]
+            keep = self.k_center[:, a].clone()  # (not indexed by a list: that would wait for the device)
+            self.k_center[:, a] = self.k_center[:, b]
+            self.k_center[:, b] = keep
 
     def copy_prefix(self, src: "KVStore", n: int) -> None:
         """Copy slots [0, n) of every row and layer from `src`, a store of the same rows and format."""

@@ -32,33 +32,50 @@ class RowSampler:
         if self.seen is not None:
             self.seen[dst] = self.seen[src]
 
+    def ids(self, values: list[int]) -> torch.Tensor:
+        """`values` as a long tensor on the device. On a GPU through pinned memory without waiting:
+        a plain copy from a Python list would wait for the work already queued (a decode step run
+        ahead, BatchEngine.pipeline)."""
+        t = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def choose(self, seqs, logits: torch.Tensor) -> list[int]:
         """The next token of each of `seqs` (engine Sequences; row i of `logits` is seqs[i]'s)."""
+        constraints = [s.constraint for s in seqs]
+        chosen = self.pick(seqs, logits).tolist()  # (one transfer for all the rows)
+        advance(constraints, chosen)
+        return chosen
+
+    def pick(self, seqs, logits: torch.Tensor) -> torch.Tensor:
+        """`choose`'s tokens as a tensor on the device (B,), queued without waiting for the device when
+        no row has a grammar (which needs the tokens before it) or OpenAI penalties (which count
+        them), and none a logit bias. Grammars are not told the tokens: `choose` does that."""
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit:] = float("-inf")
         for i, s in enumerate(seqs):  # each row's own bias, before anything reads the logits
             if s.cfg.logit_bias:
                 apply_logit_bias(logits[i:i + 1], s.cfg.logit_bias)
-        constraints = [s.constraint for s in seqs]
-        hold(logits, constraints)  # structured output: what a row's grammar does not allow cannot be chosen
-        chosen: list[int | None] = [None] * len(seqs)
+        hold(logits, [s.constraint for s in seqs])  # structured output: what a row's grammar forbids is out
+        n = len(seqs)
         greedy = [i for i, s in enumerate(seqs) if s.plain_greedy]
+        if len(greedy) == n:
+            return logits.argmax(-1)
+        parts = []  # (rows, their tokens)
         if greedy:
-            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
-                chosen[i] = t
+            parts.append((greedy, logits[self.ids(greedy)].argmax(-1)))
         # the other rows in groups of equal settings, each group in one call, each row with a uniform
-        # number from its own generator (so it picks what it would alone); one transfer for all
+        # number from its own generator (so it picks what it would alone)
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(seqs):
-            if chosen[i] is None:
+            if not s.plain_greedy:
                 c = s.cfg
                 groups.setdefault((c.greedy, c.temperature, c.top_p, c.top_k, c.repetition_penalty), []).append(i)
-        picked = []
-        dev = logits.device
         for rows in groups.values():
             cfg = seqs[rows[0]].cfg
-            everyone = len(rows) == len(seqs) and all(s.row == i for i, s in enumerate(seqs))
-            part = logits if everyone else logits[rows]  # (no copy in the common case: one group)
+            everyone = len(rows) == n and all(s.row == i for i, s in enumerate(seqs))
+            part = logits if len(rows) == n else logits[self.ids(rows)]  # (no copy in the common case)
             for j, i in enumerate(rows):  # OpenAI's penalties: only the rows that ask (each its own)
                 c = seqs[i].cfg
                 if seqs[i].counts and (c.presence_penalty or c.frequency_penalty):
@@ -66,17 +83,17 @@ class RowSampler:
                                                              c.frequency_penalty)
             seen = cache_rows = None
             if cfg.repetition_penalty != 1.0:
-                cache_rows = torch.tensor([seqs[i].row for i in rows], device=dev)
+                cache_rows = self.ids([seqs[i].row for i in rows])
                 matrix = self._matrix(logits.shape[-1])
-                seen = matrix[:len(seqs)] if everyone else matrix[cache_rows]
+                seen = matrix[:n] if everyone else matrix[cache_rows]
             u = None if cfg.greedy else torch.cat([uniforms(1, seqs[i].generator, self.device) for i in rows])
             tokens = choose(part, seen, cfg, u)
             if cache_rows is not None:  # the rows have now seen their new tokens
                 self.seen[cache_rows, tokens] = True
-            picked.append((rows, tokens))
-        if picked:
-            flat = torch.cat([t for _, t in picked]).tolist()
-            for i, t in zip([i for rows, _ in picked for i in rows], flat):
-                chosen[i] = t
-        advance(constraints, chosen)
-        return chosen
+            parts.append((rows, tokens))
+        if len(parts) == 1:
+            return parts[0][1]  # (one group of every row, in order)
+        out = torch.empty(n, dtype=torch.long, device=logits.device)
+        for rows, tokens in parts:
+            out[self.ids(rows)] = tokens
+        return out
