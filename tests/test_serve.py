@@ -37,6 +37,11 @@ MSGS = [{"role": "system", "content": "You are a helpful assistant."}, {"role": 
 
 def test_models(client):
     assert [m.id for m in client.models.list()] == ["tiny"]
+    card = client.models.retrieve("tiny")
+    assert card.id == "tiny" and card.object == "model" and card.model_dump()["max_model_len"] > 0
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("Qwen/Qwen-7B-Chat")  # (a name with a slash is one path parameter)
+    assert e.value.body["code"] == "model_not_found" and "'tiny'" in e.value.body["message"]
 
 
 def test_chat_equals_reference(client, model_tok):

@@ -571,11 +571,21 @@ def create_app(model, tokenizer, opts: ServerOptions | None = None, engine: Batc
     async def health():
         return {"status": "ok"}
 
+    def card() -> dict:
+        return {"id": opts.served_model_name, "object": "model", "created": server.created, "owned_by": "qwenlm",
+                "max_model_len": server.engine.max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": opts.served_model_name, "object": "model",
-                                            "created": server.created, "owned_by": "qwenlm",
-                                            "max_model_len": server.engine.max_model_len}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        """One model's card (the client's `models.retrieve`); a name the server does not serve is a 404."""
+        if model != opts.served_model_name:
+            raise APIError(404, f"The model '{model}' does not exist: this server serves "
+                                f"'{opts.served_model_name}'.", param="model", code="model_not_found")
+        return card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
