@@ -171,9 +171,10 @@ def benches(d: str) -> dict:
             print(f"{stem}: {r['dtype']}, weights {r['weight_bytes'] / 2**30:.2f} GiB, KV {r.get('kv_cache')}: "
                   f"{rows}{pre}{hf}")
         for s in r.get("serve") or []:
+            ahead = f", {s['engine_steps_ahead']} of {s['engine_steps']} steps run ahead" if "engine_steps" in s else ""
             print(f"{stem}: {s['concurrency']} streams {s['tokens_per_s']:.1f} tok/s (one at a time "
                   f"{s['one_at_a_time_tokens_per_s']:.1f}), first token p50 {s['ttft_p50_s']:.2f} s, "
-                  f"latency p50 {s['latency_p50_s']:.2f} s")
+                  f"latency p50 {s['latency_p50_s']:.2f} s{ahead}")
             out[f"{stem}@{s['concurrency']}"] = s["tokens_per_s"]
     return out
 

@@ -2,6 +2,7 @@
 weights, shared storage) producing exactly our greedy tokens in fp32."""
 
 import json
+import os
 
 import pytest
 
@@ -49,18 +50,24 @@ def test_bench_bad_arguments(capsys):
 
 
 def test_bench_serve_json(v1_chat_dir):
+    """(With the decode steps run one ahead, the GPU's default: QWENLM_PIPELINE=1.)"""
     import subprocess
     import sys
 
     r = subprocess.run([sys.executable, "-m", "qwenlm", "bench", "-m", v1_chat_dir, "--serve", "1,10",
                         "--serve-tokens", "6", "--prompt-len", "5", "--json"], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, env={**os.environ, "QWENLM_PIPELINE": "1"})
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["serve"]
     assert [x["concurrency"] for x in rows] == [1, 10]
     assert [x["tokens"] for x in rows] == [6, 60]  # ignore_eos: every request gives all its tokens
     assert [x["solo_requests"] for x in rows] == [1, 8]  # one at a time: at most 8 of them
     assert [x["solo_tokens"] for x in rows] == [6, 48]
+    # each one run ahead; at most 5 decode steps a request (the first token is the prompt read's), and
+    # 1 for the level's warm-up request (2 tokens)
+    assert [x["engine_steps"] for x in rows] == [x["engine_steps_ahead"] for x in rows]
+    assert rows[0]["engine_steps"] == 1 + 5 + 5  # (one at a time: nothing shared)
+    assert 1 + 5 * 8 < rows[1]["engine_steps"] <= 1 + 5 * (10 + 8)
     if sys.platform.startswith("linux"):  # each thread's CPU clock: both threads did work for every token
         for x in rows:
             assert 0 < x["http_server_cpu_us_per_token"] < 1e6 and 0 < x["engine_cpu_us_per_token"] < 1e6

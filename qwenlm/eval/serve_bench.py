@@ -235,9 +235,12 @@ def bench_serve(model, tokenizer, levels: list[int], max_tokens: int, prompt_len
         for c in levels:
             progress(f"{c} concurrent stream(s) of {max_tokens} tokens, then {min(c, SOLO_REQUESTS)} of them one "
                      "at a time...")
-            marks = []
+            marks, stats = [], app.state.server.engine.stats
+            before = (stats["steps"], stats["steps_ahead"])
             row = run_level(url, prompts_for(c, prompt_len, model.config.vocab_size, seed=c), max_tokens,
                             on_mark=lambda: marks.append({k: v.seconds() for k, v in clocks.items()}))
+            # decode steps of the level (the one-at-a-time requests' too), and how many ran one ahead
+            row["engine_steps"], row["engine_steps_ahead"] = stats["steps"] - before[0], stats["steps_ahead"] - before[1]
             for k in clocks:
                 a, b = (m[k] for m in marks)
                 row[f"{k}_cpu_us_per_token"] = None if a is None or b is None else (b - a) / row["tokens"] * 1e6
