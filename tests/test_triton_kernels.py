@@ -351,6 +351,41 @@ def test_engines_with_kernel_attention_equal_the_reference(model, kv_cache, monk
     assert fused
 
 
+@pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "ahead"])
+def test_padding_rows_of_a_fixed_shape_step_read_one_slot(model, pipeline, monkeypatch):
+    """Rows padded to a power of two (and, run ahead, rows that the step in flight ends) attend to one
+    slot through the kernel instead of every slot of the step's bucket; the real rows get the
+    reference's tokens."""
+    from qwenlm.kernels import attention
+
+    ends = []
+    real = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention",
+                        lambda q, layer, start, end, length, **kw: (ends.append((end.tolist(), length)),
+                                                                    real(q, layer, start, end, length, **kw))[1])
+    prompts = random_prompts(3, 12, 9)
+    cfgs = [GREEDY.update(max_new_tokens=n) for n in (12, 5, 8)]
+    eng = BatchEngine(model, max_num_seqs=4, max_model_len=48, fixed_shapes=True, bucket=16, pipeline=pipeline)
+    assert eng._kernel_attention
+    outs: dict[int, list[int]] = {}
+    from qwenlm.engine.batch import Sequence
+    from qwenlm.generation import StopChecker
+
+    seqs = [Sequence(p, c, StopChecker(c), lambda t, r, i=i: outs.setdefault(i, []).append(t))
+            for i, (p, c) in enumerate(zip(prompts, cfgs))]
+    with torch.inference_mode():
+        eng.step(seqs)
+        while not eng.idle:
+            eng.step()
+    assert [outs[i] for i in range(3)] == [generate(model, [p], c)[0] for p, c in zip(prompts, cfgs)]
+    steps = ends[::len(model.blocks)]  # (every layer of a step reads the same ranges)
+    assert steps and all(len(e) in (1, 2, 4) for e, _ in steps)
+    padded = [x for e, length in steps for x in e if x == 1]
+    assert padded and all(1 < x <= length for e, length in steps for x in e if x != 1)
+    if pipeline:  # a row that the step in flight ends by its budget is a padding row of the next
+        assert eng.stats["steps_ahead"] and any(e[:2].count(1) for e, _ in steps if len(e) == 4)
+
+
 @pytest.mark.parametrize("n,k", [(96, 1024), (37, 200), (5, 64), (300, 1536)])
 @pytest.mark.parametrize("config", [{}, {"max_block_n": 32, "block_k": 256, "min_block_n": 8}])
 def test_gemv_equals_the_plain_product(n, k, config):

@@ -684,7 +684,9 @@ class BatchEngine:
                              mask=None, cache=None)
         writer = StepWriter(self.kv, n, pos, length)
         if self._kernel_attention:  # Triton: reads the valid slots (and 8-bit codes) directly
-            ctx.decode = KernelAttention(self.kv, writer.write, torch.zeros_like(pos), pos + 1, length,
+            # a padding row (its slot the last, which no sequence fills) reads one slot, not `length`
+            end = torch.where(pos >= self.max_model_len - 1, 1, pos + 1)
+            ctx.decode = KernelAttention(self.kv, writer.write, torch.zeros_like(pos), end, length,
                                          slots=pos if self._fused_rotary else None)
         else:
             ctx.mask = (torch.arange(length, device=dev)[None] <= pos[:, None])[:, None, None, :]
