@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from helpers import greedy_config, random_prompts, sampled_config, tiny_model
+from helpers import drain_batch_engine, greedy_config, random_prompts, sampled_config, tiny_model
 from qwenlm.engine.batch import BadToken, BatchEngine, QueueFull, Sequence
 from qwenlm.generation import StopChecker, generate
 from qwenlm.quant import q4
@@ -649,12 +649,13 @@ def test_a_borrower_lends_nothing_before_its_rest_is_read(model, kv_cache):
     _plain_or_both_ways(model, kv_cache, scenario)
 
 
-def test_warm_up_runs_every_padded_row_count_and_leaves_no_trace(model):
+@pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "ahead"])
+def test_warm_up_runs_every_padded_row_count_and_leaves_no_trace(model, pipeline):
     """The GPU server's warm-up, at the GPU's fixed shapes: each padded row count up to max_num_seqs
-    decodes once (several prompts read together, two positions each); afterwards nothing is parked,
+    decodes (several prompts read together, two positions each); afterwards nothing is parked,
     the counters are as before, and requests get the tokens a fresh engine gives."""
     kw = dict(max_num_seqs=6, max_model_len=64, fixed_shapes=True, batch_prefill=True, prefix_cache=True,
-              prefill_chunk=0, bucket=16)
+              prefill_chunk=0, bucket=16, pipeline=pipeline)
     eng = BatchEngine(model, **kw)
     if eng._packs:
         pytest.skip("the fused CPU path has no fixed shapes")
@@ -789,3 +790,22 @@ def test_a_step_run_ahead_is_not_queued_for_a_row_it_would_end(model, limit):
     n = len(outs[0]["tokens"])
     assert outs[0]["reason"] == ("stop" if limit == "stop" else "length") and n >= 7
     assert eng.stats["steps"] == eng.stats["steps_ahead"] == (n if limit == "stop" else n - 1)
+
+
+def test_a_warm_up_that_fails_to_run_ahead_turns_running_ahead_off(model, caplog):
+    """If a step run ahead fails during the warm-up (on a device where something of it does not work),
+    the log says so, the engine runs its steps one after the other, and requests get their tokens."""
+    eng = BatchEngine(model, max_num_seqs=4, max_model_len=64, fixed_shapes=True, bucket=16, pipeline=True)
+    if eng._packs:
+        pytest.skip("the fused 4-bit CPU path does not run ahead")
+
+    def broken(step=None):
+        raise RuntimeError("no pinned memory here")
+    eng._land = broken
+    with caplog.at_level("WARNING", logger="qwenlm"):
+        eng.warm_up()
+    assert not eng.pipeline and eng.idle and eng._ahead is None and not eng.stats["steps_ahead"]
+    assert "cannot run ahead on this device (RuntimeError: no pinned memory here)" in caplog.text
+    del eng._land
+    prompts = random_prompts(4, 9)
+    assert drain_batch_engine(eng, prompts, GREEDY) == [generate(model, [p], GREEDY)[0] for p in prompts]

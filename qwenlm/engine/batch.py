@@ -189,12 +189,35 @@ class BatchEngine:
         of stalling every stream of the first crowd: torch.compile's variants for one row and for
         several, a CUDA graph per row count at the first slot bucket, Triton's specializations (on the
         H100, 3.5-5 s of first-token wait at the first 8- and 32-stream batches). Leaves no trace: no
-        parked rows, the counters as they were (but `graphs`). Call before `start`. Returns seconds."""
+        parked rows, the counters as they were (but `graphs`). Call before `start`. Returns seconds.
+        Decode steps run ahead (`pipeline`) here too, twice per row count: if that fails on this
+        device, the engine says so in the log and runs its steps one after the other."""
         if self._thread is not None or not self.idle:
             raise RuntimeError("warm_up needs an idle engine that is not running its loop yet")
         t0 = time.perf_counter()
-        before, vocab = self.stats.copy(), self.cfg.vocab_size
-        cfg = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=2, eos_token_id=None,
+        before = self.stats.copy()
+        try:
+            self._warm_up()
+        except Exception as e:
+            if not self.pipeline:
+                raise
+            log.warning("decode steps cannot run ahead on this device (%s: %s); they run one after the other",
+                        type(e).__name__, e)
+            self.pipeline, self._ahead = False, None
+            self.active, self._held = [], []
+            self.admitted.clear()
+            self.waiting.clear()
+            self._parked.clear()
+            self._warm_up()
+        graphs = self.stats["graphs"]
+        self.stats = before
+        if graphs:
+            self.stats["graphs"] = graphs
+        return time.perf_counter() - t0
+
+    def _warm_up(self) -> None:
+        vocab = self.cfg.vocab_size
+        cfg = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=3, eos_token_id=None,
                                pad_token_id=0)
         counts = sorted({min(1 << i, self.max_num_seqs) for i in range(self.max_num_seqs.bit_length() + 1)})
         for n in counts:
@@ -206,11 +229,6 @@ class BatchEngine:
                 while not self.idle:
                     self.step(self.take_waiting())
             self._parked.clear()
-        graphs = self.stats["graphs"]
-        self.stats = before
-        if graphs:
-            self.stats["graphs"] = graphs
-        return time.perf_counter() - t0
 
     def start(self) -> "BatchEngine":
         if self._thread is None:
