@@ -228,7 +228,7 @@ def test_decode_steps_run_ahead_on_cuda_without_waiting_for_the_device(tmp_path)
     tokens: a steady step (no request joining or leaving before it) queues its work without a host
     synchronization (torch's sync debug mode raises on one, such as a plain copy from a Python list),
     and every request gets the tokens the engine gives without running ahead (greedy, penalised and
-    sampled rows; rows ending by an end token, their budget and the context)."""
+    sampled rows; rows ending by an end token, their budget and the context; float and 8-bit caches)."""
     from qwenlm.engine.batch import BatchEngine, Sequence
     from qwenlm.generation import StopChecker
 
@@ -236,8 +236,8 @@ def test_decode_steps_run_ahead_on_cuda_without_waiting_for_the_device(tmp_path)
                                max_new_tokens=30, seed=3, eos_token_id=None, pad_token_id=0)
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 9, 12, 7)]
-    for path in _checkpoints(tmp_path):
-        model = load_model(path, dtype="float32", device="cuda")
+    for path, kv_cache in [(p, kv) for p in _checkpoints(tmp_path) for kv in ("float", "int8")]:
+        model = load_model(path, dtype="float32", device="cuda", kv_cache=kv_cache)
         solo = generate(model, [prompts[0]], GREEDY)[0]
         cfgs = [GREEDY.update(eos_token_id=next(t for t in solo[6:] if t not in solo[:6])),
                 GREEDY.update(repetition_penalty=1.2, max_new_tokens=17), sampled, GREEDY.update(max_new_tokens=60)]
