@@ -809,3 +809,58 @@ def test_a_warm_up_that_fails_to_run_ahead_turns_running_ahead_off(model, caplog
     del eng._land
     prompts = random_prompts(4, 9)
     assert drain_batch_engine(eng, prompts, GREEDY) == [generate(model, [p], GREEDY)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("way", ["gpu-like", "cpu-like"])
+def test_random_traffic_gets_the_same_outputs_run_ahead_or_not(model, way, seed):
+    """Random traffic: arrivals over 30 steps (more than the rows: some wait), prompts that share
+    starts (rows lend them, twins wait for one another), greedy, penalised and sampled rows, rows
+    that need their tokens each step, end tokens taken from the prompt's own greedy reply, budgets
+    and the context, aborts. Every request gets the same tokens and finish reason either way."""
+    import random
+
+    rng = random.Random(seed)
+    base = random_prompts(24)[0]
+    arrivals: dict[int, list] = {}
+    aborts: dict[int, list[int]] = {}
+    k = 0
+    for step in range(30):
+        for _ in range(rng.choice([0, 0, 1, 1, 2])):
+            # (at most 16 tokens: v1's longer prompts get another NTK alpha, and such rows do not run ahead)
+            start = base[:rng.randrange(5, 11)] if rng.random() < 0.4 else []
+            prompt = start + [rng.randrange(1000) for _ in range(rng.randrange(1, 7))]
+            cfg = rng.choice([GREEDY, GREEDY, GREEDY.update(repetition_penalty=1.2),
+                              SAMPLED.update(seed=rng.randrange(99)), GREEDY.update(presence_penalty=0.4)])
+            cfg = cfg.update(max_new_tokens=rng.randrange(1, 30))
+            if rng.random() < 0.35:
+                reply = generate(model, [prompt], cfg.update(max_new_tokens=12))[0]
+                cfg = cfg.update(eos_token_id=rng.choice(reply))
+            arrivals.setdefault(step, []).append((prompt, cfg))
+            if rng.random() < 0.15:
+                aborts.setdefault(step + rng.randrange(1, 8), []).append(k)
+            k += 1
+
+    def run(eng):
+        eng.prefix_min = 4
+        outs, seqs, step = [], [], 0
+        pending = dict(arrivals)
+        while pending or not eng.idle:
+            for prompt, cfg in pending.pop(step, []):
+                outs.append({"tokens": [], "reason": None})
+                seqs.append(_seq(prompt, cfg, outs[-1]))
+                eng.submit(seqs[-1])
+            for i in aborts.get(step, []):
+                if i < len(seqs) and seqs[i].finish_reason is None:
+                    eng.abort(seqs[i])
+            with torch.inference_mode():
+                eng.step(eng.take_waiting())
+            step += 1
+        return outs
+
+    kw = dict(max_num_seqs=4, max_model_len=48, prefix_cache=True)
+    kw.update(fixed_shapes=True, batch_prefill=True, prefill_chunk=0, bucket=16) if way == "gpu-like" else \
+        kw.update(prefill_chunk=8)
+    eng, outs = _ahead_or_not(model, run, **kw)
+    reasons = {o["reason"] for o in outs}
+    assert {"stop", "length"} <= reasons and len(outs) > 12
