@@ -3,6 +3,7 @@ whatever joins or leaves the batch around it (staggered arrivals, different leng
 budgets, per-request sampling), on fp32 models (per-op path) and 4-bit models (fused CPU path)."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -864,3 +865,44 @@ def test_random_traffic_gets_the_same_outputs_run_ahead_or_not(model, way, seed)
     eng, outs = _ahead_or_not(model, run, **kw)
     reasons = {o["reason"] for o in outs}
     assert {"stop", "length"} <= reasons and len(outs) > 12
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "ahead"])
+def test_a_failed_step_fails_its_requests_and_the_loop_serves_the_next(model, pipeline):
+    """A step that raises (a bug) fails the requests it held with "error", forgets every row (none is
+    left running, being read, parked or in flight), and the loop goes on serving."""
+    eng = BatchEngine(model, max_num_seqs=2, max_model_len=64, pipeline=pipeline)
+    real, calls = eng._decode, []
+
+    def decode():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a bug")
+        real()
+    eng._decode = decode
+    done = [threading.Event() for _ in range(2)]
+    outs = [{"tokens": [], "reason": None} for _ in range(2)]
+
+    def submit(i, prompt):
+        def emit(tok, reason):
+            if tok is not None:
+                outs[i]["tokens"].append(tok)
+            if reason is not None:
+                outs[i]["reason"] = reason
+                done[i].set()
+        eng.submit(Sequence(prompt=prompt, cfg=GREEDY, stop=StopChecker(GREEDY), emit=emit))
+
+    p1, p2 = random_prompts(6, 8)
+    eng.start()
+    try:
+        submit(0, p1)
+        assert done[0].wait(60) and outs[0]["reason"] == "error"
+        deadline = time.monotonic() + 10  # (the loop forgets the rows just after it fails the requests)
+        while (eng.active or eng._ahead is not None) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not eng.active and not eng.admitted and not eng._parked and eng._ahead is None
+        submit(1, p2)
+        assert done[1].wait(60)
+    finally:
+        eng.shutdown()
+    assert outs[1] == {"tokens": generate(model, [p2], GREEDY)[0], "reason": "length"}

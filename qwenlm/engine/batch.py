@@ -203,11 +203,9 @@ class BatchEngine:
                 raise
             log.warning("decode steps cannot run ahead on this device (%s: %s); they run one after the other",
                         type(e).__name__, e)
-            self.pipeline, self._ahead = False, None
-            self.active, self._held = [], []
-            self.admitted.clear()
+            self.pipeline = False
             self.waiting.clear()
-            self._parked.clear()
+            self._forget_rows()
             self._warm_up()
         graphs = self.stats["graphs"]
         self.stats = before
@@ -296,6 +294,12 @@ class BatchEngine:
             new.append(self.waiting.popleft())
         return new
 
+    def _forget_rows(self) -> None:
+        """After a failed step: no row holds anything (running, being read, parked, in flight)."""
+        self.active, self._held, self._ahead = [], [], None
+        self.admitted.clear()
+        self._parked.clear()
+
     # ---- the loop -------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -315,10 +319,7 @@ class BatchEngine:
                     if seq.finish_reason is None:
                         seq.finish_reason = "error"
                         seq.emit(None, "error")
-                self.active = []
-                self.admitted.clear()
-                self._parked.clear()
-                self._ahead = None
+                self._forget_rows()
         for seq in list(self.active) + list(self.admitted) + list(self.waiting):
             seq.finish_reason = "abort"
             seq.emit(None, "abort")
