@@ -102,11 +102,32 @@ def test_listen_errors_come_before_the_model_loads(tmp_path):
 
 def test_memory_plan_shrinks_defaults(v1_chat_dir):
     from qwenlm import load_model
+    from qwenlm.errors import UserError
 
     model = load_model(v1_chat_dir, dtype="float32", device="cpu")
-    seqs, length = plan_memory(model, None, None)
+    seqs, length, note = plan_memory(model, None, None)
     assert 1 <= seqs <= 8 and length == min(model.config.seq_length, 4096)
-    assert plan_memory(model, 3, 64) == (3, 64)
+    assert plan_memory(model, 3, 64) == (3, 64, None)
+    # bytes per token: 2 layers x (keys + values) x 32 channels x 4 bytes (fp32), counted here by hand
+    token = 2 * 2 * 32 * 4
+    full = min(model.config.seq_length, 4096)
+    assert full == 4096
+    # memory for 5 sequences of the full context: 5 slots, and the start-up lines say why not 8
+    seqs, length, note = plan_memory(model, None, None, budget=5 * full * token + token)
+    assert (seqs, length) == (5, full) and "5 sequences at a time, not 8" in note
+    assert "--max-model-len 2048 gives 8" in note  # 10 would fit at 2048; the cap is 8
+    # room for 8: no note
+    assert plan_memory(model, None, None, budget=8 * full * token) == (8, full, None)
+    # the sequences asked for, the context left to the default: the context shrinks to a multiple of 256
+    seqs, length, note = plan_memory(model, 6, None, budget=6 * 1000 * token)
+    assert (seqs, length) == (6, 768) and "each sequence has 768 tokens of context instead of 4096" in note
+    assert "--kv-cache int8" in note
+    # ... but not below 256 tokens, and never when the context was asked for too
+    for args, budget in (((6, None), 6 * 255 * token), ((6, 1024), 6 * 1000 * token)):
+        with pytest.raises(UserError, match="Lower --max-num-seqs or --max-model-len."):
+            plan_memory(model, *args, budget=budget)
+    with pytest.raises(UserError, match="one sequence of 4096 tokens needs"):
+        plan_memory(model, None, None, budget=4095 * token)
 
 
 @pytest.mark.slow

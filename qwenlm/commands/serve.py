@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
                    help="sequences decoded together (default: 8 on CPU, 64 on GPU, fewer if memory is short)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context per sequence, prompt + completion (default: the model's, at most 4096 on "
-                        "CPU and 8192 on GPU)")
+                        "CPU and 8192 on GPU; less if --max-num-seqs sequences of it would not fit in memory)")
     p.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait; beyond it: 429")
     p.add_argument("--prefill-chunk", type=_count, default=None, metavar="N",
                    help="prompt tokens read per step between decode steps, so that a long prompt does not "
@@ -113,33 +113,53 @@ def _available_bytes(device) -> int:
     return int(free * 0.85) if device.type == "cuda" else free // 2
 
 
-def plan_memory(model, max_num_seqs: int | None, max_model_len: int | None) -> tuple[int, int]:
-    """Slots and context length that fit: explicit values are checked, defaults shrink to fit."""
+MIN_SHRUNK_LEN = 256  # the shortest context a default may shrink to, to fit the sequences asked for
+
+
+def plan_memory(model, max_num_seqs: int | None, max_model_len: int | None,
+                budget: int | None = None) -> tuple[int, int, str | None]:
+    """(slots, context per slot, a note for the start-up lines or None). Explicit values are checked;
+    defaults shrink to fit `budget` bytes of KV cache (by default what is free): the slots (at most 8 on a
+    CPU, 64 on a GPU) at the default context, or, with the slots given, the context (down to
+    MIN_SHRUNK_LEN tokens, a multiple of 256)."""
     from ..engine.batch import BatchEngine
     from ..errors import UserError
 
     cpu = model.device.type == "cpu"
-    length = max_model_len or min(model.context_window, 4096 if cpu else 8192)
+    full = min(model.context_window, 4096 if cpu else 8192)
+    length = max_model_len or full
     if max_model_len is not None and max_model_len < 16:
         raise UserError("--max-model-len must be at least 16")
     if max_model_len is not None and max_model_len > model.context_window:
         raise UserError(f"--max-model-len {max_model_len} is more than the model's context window "
                         f"({model.context_window} tokens)")
-    per_seq = BatchEngine.kv_bytes_per_token(model) * length
-    budget = _available_bytes(model.device)
-    fit = budget // per_seq
+    if max_num_seqs is not None and max_num_seqs < 1:
+        raise UserError("--max-num-seqs must be at least 1")
+    per_token = BatchEngine.kv_bytes_per_token(model)
+    budget = _available_bytes(model.device) if budget is None else budget
+    free = f"about {budget / 2**30:.1f} GiB is free for the KV cache"
+    int8 = "" if model.kv_int8 else " --kv-cache int8 holds nearly twice the tokens in the same memory."
+    fit = budget // (per_token * length)
     if max_num_seqs is not None:
-        if max_num_seqs < 1:
-            raise UserError("--max-num-seqs must be at least 1")
-        if max_num_seqs > fit:
-            raise UserError(f"{max_num_seqs} sequences of {length} tokens need {max_num_seqs * per_seq / 2**30:.1f} GiB "
-                            f"of KV cache; about {budget / 2**30:.1f} GiB is free. Lower --max-num-seqs or "
-                            f"--max-model-len")
-        return max_num_seqs, length
+        if max_num_seqs <= fit:
+            return max_num_seqs, length, None
+        room = budget // (per_token * max_num_seqs)
+        if max_model_len is None and room >= MIN_SHRUNK_LEN:
+            shrunk = room // 256 * 256
+            return max_num_seqs, shrunk, (f"each sequence has {shrunk} tokens of context instead of {full}: "
+                                          f"{free}. Fewer --max-num-seqs give each more.{int8}")
+        raise UserError(f"{max_num_seqs} sequences of {length} tokens need "
+                        f"{max_num_seqs * per_token * length / 2**30:.1f} GiB of KV cache; {free}. Lower "
+                        f"--max-num-seqs or --max-model-len.{int8}")
     if fit < 1:
-        raise UserError(f"one sequence of {length} tokens needs {per_seq / 2**30:.1f} GiB of KV cache; about "
-                        f"{budget / 2**30:.1f} GiB is free. Lower --max-model-len")
-    return int(min(8 if cpu else 64, fit)), length
+        raise UserError(f"one sequence of {length} tokens needs {per_token * length / 2**30:.1f} GiB of KV cache; "
+                        f"{free}. Lower --max-model-len.{int8}")
+    cap = 8 if cpu else 64
+    if fit >= cap:
+        return cap, length, None
+    more = min(cap, budget // (per_token * 2048)) if length > 2048 else 0
+    hint = f" --max-model-len 2048 gives {more}." if more > fit else ""
+    return int(fit), length, f"{fit} sequences at a time, not {cap}: {free}.{hint}{int8}"
 
 
 def _print_status_lines() -> None:
@@ -164,7 +184,7 @@ def run(args) -> int:
     sock = bind_listener(args.host, args.port)
     port = sock.getsockname()[1]
     model, tokenizer = load_from_args(args)
-    seqs, length = plan_memory(model, args.max_num_seqs, args.max_model_len)
+    seqs, length, note = plan_memory(model, args.max_num_seqs, args.max_model_len)
     name = args.served_model_name or os.path.basename(os.path.normpath(getattr(model, "name_or_path", "qwen")))
     opts = ServerOptions(served_model_name=name, api_key=args.api_key, max_model_len=length, max_num_seqs=seqs,
                          max_queue=args.max_queue, cors_origins=args.allowed_origins or [],
@@ -182,6 +202,7 @@ def run(args) -> int:
     print(f"qwen serve: model {name!r} ({describe(model)}), {seqs} slots x {length} tokens, "
           f"tools in the {app.state.server.tool_format} format\n"
           f"  chat page:  http://{host}:{port}/\n"
-          f"  OpenAI API: http://{host}:{port}/v1  (key: {'required' if args.api_key else 'none'})", flush=True)
+          f"  OpenAI API: http://{host}:{port}/v1  (key: {'required' if args.api_key else 'none'})"
+          + (f"\n  note: {note}" if note else ""), flush=True)
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning")).run(sockets=[sock])
     return 0
