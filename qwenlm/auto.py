@@ -182,6 +182,10 @@ def load_model(path: str, dtype: Any = "auto", device: Any = None, quantize: str
     model.generation_config = GenerationConfig.from_pretrained(path)
     model.name_or_path = path
     model.eval()
+    if dev.type == "cpu":
+        from .memory import reuse_freed_memory
+
+        reuse_freed_memory()
     log.info("loaded %s (%s, %s on %s) in %.1fs", path, config.arch, dt, dev, time.perf_counter() - start)
     return model
 
