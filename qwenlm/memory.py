@@ -53,8 +53,9 @@ def reuse_freed_memory() -> bool:
                 libc = ctypes.CDLL(None)
                 libc.gnu_get_libc_version  # glibc only: mallopt's parameters differ elsewhere
                 m_trim_threshold, m_mmap_threshold = -1, -3
-                _tuned = bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(
-                    libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
+                # (a glibc may refuse a limit above 32 MiB, its own highest: then 32 MiB)
+                limit = any(libc.mallopt(m_mmap_threshold, n) for n in (MMAP_THRESHOLD, 32 << 20))
+                _tuned = limit and bool(libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
             except (OSError, AttributeError):
                 pass
     return _tuned
