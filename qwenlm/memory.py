@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 import torch
 
@@ -48,7 +49,7 @@ def reuse_freed_memory() -> bool:
     global _tuned
     if _tuned is None:
         _tuned = False
-        if os.environ.get("QWENLM_TUNE_MALLOC", "1") != "0":
+        if os.environ.get("QWENLM_TUNE_MALLOC", "1") != "0" and sys.platform.startswith("linux"):
             try:
                 libc = ctypes.CDLL(None)
                 libc.gnu_get_libc_version  # glibc only: mallopt's parameters differ elsewhere
