@@ -17,7 +17,8 @@ import torch
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description="Wall time, system CPU time and minor page faults of reading one prompt "
+                                             "on a CPU (QWENLM_TUNE_MALLOC=0: glibc's malloc as it is set).")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
