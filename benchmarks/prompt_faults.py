@@ -9,7 +9,6 @@ Run it with QWENLM_TUNE_MALLOC=0 and without to compare glibc's defaults with `r
 """
 
 import argparse
-import os
 import resource
 import time
 
@@ -25,12 +24,13 @@ def main() -> None:
 
     import qwenlm
     from qwenlm.engine import get_engine
+    from qwenlm.memory import reuse_freed_memory
 
     torch.set_num_threads(2)
     model, _ = qwenlm.load(None, quantize="auto")
     ids = torch.arange(1000, 1000 + args.prompt_len)[None]
     model.generate(ids, max_new_tokens=1, do_sample=False)  # (one-off work: kernels, first allocations)
-    tuned = os.environ.get("QWENLM_TUNE_MALLOC", "1") != "0"
+    tuned = reuse_freed_memory()  # (what loading did: False with QWENLM_TUNE_MALLOC=0, or without glibc)
     print(f"{args.prompt_len}-token prompt, allocator {'tuned' if tuned else 'as glibc sets it'}:")
     for _ in range(args.rounds):
         get_engine(model).release()

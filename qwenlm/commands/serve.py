@@ -159,7 +159,7 @@ def plan_memory(model, max_num_seqs: int | None, max_model_len: int | None,
         return cap, length, None
     more = min(cap, budget // (per_token * 2048)) if length > 2048 else 0
     hint = f" --max-model-len 2048 gives {more}." if more > fit else ""
-    return int(fit), length, f"{fit} sequences at a time, not {cap}: {free}.{hint}{int8}"
+    return fit, length, f"{fit} sequences at a time, not {cap}: {free}.{hint}{int8}"
 
 
 def _print_status_lines() -> None:
